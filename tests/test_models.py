@@ -1,0 +1,61 @@
+"""The bundled model resolves, converts once (atomically), answers a chat prompt, and is reused."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from dpo_dist import models
+from dpo_dist.config import compose
+
+
+def test_bundled_model_converts_once_answers_and_is_reused():
+    cfg = compose().model
+    path = models.resolve_model_path(cfg)
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    assert os.path.isfile(os.path.join(path, "chat_template.jinja")) or "chat_template" in open(
+        os.path.join(path, "tokenizer_config.json")).read()
+    stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    t = time.time()
+    assert models.resolve_model_path(cfg) == path  # second resolution reuses the converted copy
+    assert time.time() - t < 1.0
+    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
+
+    tokenizer = models.load_tokenizer(cfg, padding_side="left")
+    model = models.load_model(cfg).eval()
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_conversion_is_atomic(tmp_path, monkeypatch):
+    """A conversion that dies half-way leaves no model directory behind."""
+    monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path))
+
+    def explode(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")  # half a model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "convert_gguf", explode)
+    with pytest.raises(KeyboardInterrupt):
+        models.resolve_model_path(compose().model)
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_models_fail_fast_with_a_clear_message(tmp_path):
+    cfg = compose(["model=qwen2.5-0.5b"]).model
+    t = time.time()
+    with pytest.raises(models.ModelNotFound, match="model.path='Qwen/Qwen2.5-0.5B-Instruct'.*allow_download"):
+        models.resolve_model_path(cfg)
+    assert time.time() - t < 10
+    cfg.path = str(tmp_path / "nowhere")
+    with pytest.raises(models.ModelNotFound, match="no such directory"):
+        models.resolve_model_path(cfg)
