@@ -135,10 +135,10 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2
+    # Pairs per forward pass when precomputing reference log-probs (no gradients: can be larger).
+    reference_batch_size: int = 8
     # Warn when logps/chosen has fallen for this many logged steps in a row (collapse watch).
     logps_chosen_patience: int = 5
-    # Stop after this many optimizer steps (tests of kill/resume); -1 never.
-    stop_after_steps: int = -1
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be > 0")

@@ -1,0 +1,282 @@
+"""The one module that touches torch.distributed and DeepSpeed.
+
+Rank and world size come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or, for one task per GPU
+under srun without torchrun, from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). A plain
+``python -m ...`` is world size 1: the same code path, no special case.
+
+The rest of the package sees: ``init()``, ``is_main()``, ``barrier()``, ``all_reduce_sum()``,
+``all_gather_object()``, ``shard_range()``, ``build_engine()``, ``full_state_dict()``, ``shutdown()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from dpo_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env() -> DistEnv:
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        world = int(e["WORLD_SIZE"])
+        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)))
+    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+        ntasks = int(e["SLURM_NTASKS"])
+        nnodes = int(e.get("SLURM_NNODES", "1"))
+        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), max(1, ntasks // nnodes))
+    return DistEnv()
+
+
+_ENV: DistEnv | None = None
+
+
+def env() -> DistEnv:
+    return _ENV if _ENV is not None else read_env()
+
+
+def is_main() -> bool:
+    return env().is_main
+
+
+def device() -> torch.device:
+    return torch.device("cuda", env().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _set_threads(local_world_size: int) -> None:
+    # On CPU, ranks on one node share its cores: N ranks each using every core oversubscribe the
+    # machine and run ~100x slower. torchrun exports OMP_NUM_THREADS=1; honour an explicit value,
+    # otherwise split the cores.
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def init() -> DistEnv:
+    """Initialise the process group (gloo on CPU, nccl on GPU) when world size > 1. Idempotent."""
+    global _ENV
+    e = read_env()
+    _set_threads(e.local_world_size)
+    if e.world_size > 1 and not torch_dist.is_initialized():
+        if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+            _rendezvous_from_slurm(e)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(e.local_rank)
+        torch_dist.init_process_group(backend=backend, rank=e.rank, world_size=e.world_size,
+                                      timeout=datetime.timedelta(minutes=int(os.environ.get("DPO_DIST_TIMEOUT_MIN", "30"))))
+    _ENV = e
+    return e
+
+
+def _rendezvous_from_slurm(e: DistEnv) -> None:
+    """srun without torchrun: the first host of the job is the rendezvous, the port from the job id."""
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        os.environ["MASTER_ADDR"] = first_host(nodelist)
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist such as 'gpu[003-005,010],cpu01' -> 'gpu003' (no scontrol needed)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, rng = head.split("[", 1)
+    first = rng.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalar metrics over ranks (float64, so sums of many values stay exact enough)."""
+    if not torch_dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.to(device())
+    torch_dist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.cpu().tolist())}
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """One object from every rank, in rank order (in-memory messages between our own ranks)."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    if not torch_dist.is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """A contiguous shard of n items; the first n % world_size ranks get one more."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down before the interpreter exits. Exiting with a live gloo group lets
+    its worker threads be destroyed during interpreter teardown, which aborts with "terminate called
+    without an active exception". ``clean``: all ranks finished, so wait for each other first; after
+    an error there is no barrier (the other ranks may never arrive)."""
+    global _ENV, _HF_DS_CONFIG
+    if torch_dist.is_initialized():
+        if clean:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    _ENV = _HF_DS_CONFIG = None
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+def _import_deepspeed():
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce kernel (1-2 min)
+        # that only its inference all-reduce uses; training collectives go through gloo. deepspeed.ops
+        # caches the compatible-op table in the module precisely so it can be edited: mark it absent.
+        ops = deepspeed.ops.__compatible_ops__
+        ops["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, world_size: int,
+                     dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON, generated from the typed config (batch sizes checked against the world)."""
+    accum = train.accumulation_steps(world_size)
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.stage <= 2:
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if ds.stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+            "stage3_max_live_parameters": ds.stage3_max_live_parameters,
+        })
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        # We pass torch's AdamW: on GPUs DeepSpeed would pick it anyway for a client optimizer, and on
+        # the CPU it avoids compiling DeepSpeedCPUAdam for the offload variant.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _ensure_deepspeed_dist():
+    deepspeed = _import_deepspeed()
+    if torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch_dist.get_backend())
+    else:
+        # World size 1: DeepSpeed still wants a process group; a local one-rank group.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return deepspeed
+
+
+def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, config: dict):
+    deepspeed = _ensure_deepspeed_dist()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_HF_DS_CONFIG = None
+
+
+@contextlib.contextmanager
+def zero3_model_loading(ds: DeepSpeedConfig, config: dict):
+    """Under ZeRO-3, from_pretrained builds the model already partitioned across ranks (transformers'
+    HfDeepSpeedConfig hook runs it under deepspeed.zero.Init), so no rank holds the whole model."""
+    global _HF_DS_CONFIG
+    if ds.stage != 3:
+        yield
+        return
+    _ensure_deepspeed_dist()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers keeps only a weak reference to this object: it must stay alive while training.
+    _HF_DS_CONFIG = HfDeepSpeedConfig(config)
+    yield
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on CPU, on rank 0 (None elsewhere). Under ZeRO-3 parameters are
+    gathered one at a time, so no rank ever holds more than one full parameter on the device."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_main() else None
+    deepspeed = _import_deepspeed()
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if is_main():
+                state[name] = param.detach().cpu().clone()
+    persistent = set(module.state_dict().keys())  # skips non-persistent buffers (rotary tables)
+    for name, buf in module.named_buffers():
+        if is_main() and buf is not None and name in persistent:
+            state[name] = buf.detach().cpu().clone()
+    return state if is_main() else None

@@ -1,0 +1,186 @@
+"""Stage 3: reference log-probs, computed once, sharded across ranks, merged and cached.
+
+    python -m dpo_dist.reference run_dir=runs/demo
+    torchrun --nproc_per_node=2 -m dpo_dist.reference run_dir=runs/demo
+
+Each rank scores a contiguous shard of the pairs (chosen and rejected summed response log-probs,
+the same masking as training) and writes a shard file; rank 0 checks that every pair appears
+exactly once and merges them into ``reference/logps.safetensors``. The cache is keyed by a
+fingerprint of (reference model, pairs file, tokenisation settings): a matching cache is reused, a
+stale one is recomputed and never read. Training then needs only the policy in memory.
+
+Under ``deepspeed.stage=3`` the reference model is partitioned across ranks with ZeRO-3 (for
+models that do not fit one device); otherwise each rank holds a plain eval copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpo_dist import dist
+from dpo_dist.artifacts import atomic_path, fingerprint, manifest_matches, read_json, write_json
+from dpo_dist.cli import stage_main
+from dpo_dist.config import Config, ModelConfig
+from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
+from dpo_dist.losses import sequence_logps
+from dpo_dist.models import load_model, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+class StaleReference(RuntimeError):
+    pass
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the reference weights without hashing gigabytes: the resolved path and the
+    size and modification time of every file in it."""
+    path = Path(resolve_model_path(cfg))
+    files = {}
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                files[f.name] = [st.st_size, int(st.st_mtime)]
+    return {"path": str(path), "files": files, "dtype": cfg.dtype}
+
+
+def cache_fingerprint(cfg: Config) -> str:
+    from dpo_dist.artifacts import file_digest
+
+    data = {"max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
+            "truncation": cfg.data.truncation}
+    return fingerprint(model_fingerprint(cfg.model), file_digest(cfg.data.pairs), data)
+
+
+def reference_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "reference"
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+                num_batches: int = 0, filler: TokenizedPair | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of chosen and rejected, each (len(pairs),) float32.
+
+    Pairs are scored in length-sorted batches (less padding) and returned in input order. Under
+    ZeRO-3 every rank must run the same number of forward passes (parameter gathers are collective):
+    ``num_batches`` extends the loop with forwards on ``filler`` whose results are discarded."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chosen = torch.zeros(len(pairs), dtype=torch.float32)
+    rejected = torch.zeros(len(pairs), dtype=torch.float32)
+    dev = dist.device()
+    for b in range(max(len(batches), num_batches)):
+        idx = batches[b] if b < len(batches) else []
+        batch = collate_pairs([pairs[i] for i in idx] if idx else [filler], pad_id)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        if idx:
+            chosen[idx] = logps[: len(idx)].float().cpu()
+            rejected[idx] = logps[len(idx):].float().cpu()
+    return chosen, rejected
+
+
+def run(cfg: Config) -> Path:
+    """Compute (or reuse) the reference cache; returns the merged safetensors path."""
+    denv = dist.init()
+    out_dir = reference_dir(cfg)
+    merged, manifest = out_dir / "logps.safetensors", out_dir / "manifest.json"
+    fp = cache_fingerprint(cfg) if denv.is_main else None
+    fp = dist.broadcast_object(fp)
+    if manifest_matches(manifest, fp) and merged.is_file():
+        log.info("reference log-probs: reusing %s (fingerprint %s)", merged, fp)
+        return merged
+    if manifest.is_file() and denv.is_main:
+        log.warning("reference log-probs at %s are stale (fingerprint %s != %s): recomputing",
+                    merged, read_json(manifest).get("fingerprint"), fp)
+
+    tokenizer = load_tokenizer(cfg.model)
+    records = read_preferences(cfg.data.pairs)
+    pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
+    shard = dist.shard_range(len(pairs), denv.rank, denv.world_size)
+    shard_path = out_dir / "shards" / f"{fp}-rank{denv.rank:03d}-of-{denv.world_size:03d}.safetensors"
+    zero3 = cfg.deepspeed.stage == 3 and denv.world_size > 1
+
+    t0 = time.time()
+    need = not shard_path.is_file()
+    if zero3:  # ranks of a ZeRO-3 model compute together or not at all
+        need = any(dist.all_gather_object(need))
+    if need:
+        model = _load_reference_model(cfg, denv.world_size)
+        batch_size = cfg.train.reference_batch_size
+        num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
+        chosen, rejected = score_pairs(model, [pairs[i] for i in shard], tokenizer.pad_token_id, batch_size,
+                                       num_batches, filler=pairs[0] if pairs else None)
+        del model
+        with atomic_path(shard_path) as tmp:
+            save_file({"chosen": chosen, "rejected": rejected,
+                       "index": torch.tensor(list(shard), dtype=torch.long)}, str(tmp))
+    else:
+        log.info("rank %d: reusing finished shard %s", denv.rank, shard_path)
+    dist.barrier()
+
+    if denv.is_main:
+        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0)
+    dist.barrier()
+    return merged
+
+
+def _load_reference_model(cfg: Config, world_size: int):
+    model = load_model(cfg.model, device=dist.device() if cfg.deepspeed.stage != 3 or world_size == 1 else "cpu").eval()
+    if cfg.deepspeed.stage == 3 and world_size > 1:
+        # ZeRO-3 inference: parameters partitioned across ranks and gathered layer by layer.
+        ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                  "bf16": {"enabled": model.dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
+        engine = dist.build_engine(model, None, None, ds_cfg)
+        engine.eval()
+        return engine
+    return model
+
+
+def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path, manifest: Path, stats, seconds: float) -> None:
+    n = len(ids)
+    chosen = torch.full((n,), float("nan"))
+    rejected = torch.full((n,), float("nan"))
+    seen = torch.zeros(n, dtype=torch.long)
+    for r in range(world_size):
+        part = load_file(str(out_dir / "shards" / f"{fp}-rank{r:03d}-of-{world_size:03d}.safetensors"))
+        chosen[part["index"]] = part["chosen"]
+        rejected[part["index"]] = part["rejected"]
+        seen[part["index"]] += 1
+    if not torch.all(seen == 1):
+        bad = [ids[i] for i in torch.nonzero(seen != 1).flatten().tolist()[:5]]
+        raise RuntimeError(f"reference shards do not cover every pair exactly once (e.g. {bad})")
+    with atomic_path(merged) as tmp:
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
+    write_json(manifest, {"fingerprint": fp, "ids": ids, "num_pairs": n, "world_size": world_size,
+                          "tokenize": {"kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped},
+                          "seconds": round(seconds, 2)})
+    log.info("reference log-probs: %d pairs merged from %d shard(s) into %s", n, world_size, merged)
+
+
+def load(cfg: Config, pair_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached reference log-probs for these pairs, refusing a stale or mismatched cache."""
+    out_dir = reference_dir(cfg)
+    manifest = out_dir / "manifest.json"
+    fp = cache_fingerprint(cfg)
+    if not manifest_matches(manifest, fp):
+        raise StaleReference(f"{manifest}: no reference cache for fingerprint {fp}; run `python -m dpo_dist.reference` "
+                             f"with the same model and data settings")
+    ids = read_json(manifest)["ids"]
+    if ids != pair_ids:
+        raise StaleReference(f"{manifest}: the cached pair ids differ from the training pairs")
+    t = load_file(str(out_dir / "logps.safetensors"))
+    return t["chosen"], t["rejected"]
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Stage 4: DPO training with DeepSpeed ZeRO (stage 2, 3, CPU offload).
+
+    python -m dpo_dist.train run_dir=runs/demo
+    torchrun --nproc_per_node=2 -m dpo_dist.train run_dir=runs/demo deepspeed=zero3
+    python -m dpo_dist.train -m loss.beta=0.05,0.1 optim.lr=5e-7,1e-6      # Hydra sweep
+
+Setup -> loop -> save, top to bottom. The reference log-probs come from the cache written by
+``dpo_dist.reference`` (computed first if missing or stale, and the reference model freed before the
+policy loads), so only the policy is resident while training. Chosen and rejected of a micro-batch
+go through the model in one forward pass. Metrics use TRL's names and are averaged over the global
+batch across ranks. A checkpoint is written every ``train.save_every`` steps and at the end; a
+re-run resumes from the latest. SIGTERM or SIGUSR1 (Slurm's warning before the time limit) make
+every rank stop at the next step boundary, after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dpo_dist import checkpoint, dist, reference
+from dpo_dist.artifacts import fingerprint, read_json, write_json
+from dpo_dist.cli import stage_main
+from dpo_dist.config import Config, ConfigError, OptimConfig
+from dpo_dist.data import collate_pairs, global_batches, micro_batches, read_preferences, tokenize_pairs
+from dpo_dist.losses import dpo_loss, sequence_logps
+from dpo_dist.models import load_model, load_tokenizer, torch_dtype
+from dpo_dist.tracking import Tracker
+
+log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 124  # what a preempted run exits with, so a Slurm script knows to requeue
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Preempted(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+def training_fingerprint(cfg: Config, reference_fp: str) -> str:
+    """What the checkpoints depend on. Logging and saving cadence are left out: changing them and
+    re-running resumes instead of refusing."""
+    train = {k: v for k, v in asdict(cfg.train).items()
+             if k not in ("log_every", "save_every", "keep_checkpoints", "logps_chosen_patience", "reference_batch_size")}
+    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, asdict(cfg.deepspeed))
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    warmup = int(optim.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if optim.scheduler == "cosine" else 1 - progress
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+    return f
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; acted on at the next optimizer-step boundary by every rank at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        self.requested = True
+
+
+class CollapseWatch:
+    """Warn when logps/chosen falls for `patience` logged steps in a row: the chosen answer is getting
+    less likely even as the margin grows, the first sign of the likelihood-displacement collapse."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.history, self.warned = patience, [], False
+
+    def update(self, logps_chosen: float, step: int) -> None:
+        self.history.append(logps_chosen)
+        recent = self.history[-(self.patience + 1):]
+        falling = len(recent) == self.patience + 1 and all(b < a for a, b in zip(recent, recent[1:]))
+        if falling and not self.warned:
+            log.warning("logps/chosen has fallen for %d steps in a row (%.3f -> %.3f at step %d): the chosen answers "
+                        "are losing likelihood. Consider a lower optim.lr, a larger loss.rpo_alpha, or loss=ipo.",
+                        self.patience, recent[0], recent[-1], step)
+        self.warned = falling
+
+
+def run(cfg: Config) -> dict:
+    denv = dist.init()
+    out_dir = Path(cfg.run_dir) / "train"
+    ckpt_dir, final_dir, summary_path = out_dir / "checkpoints", out_dir / "final", out_dir / "summary.json"
+    accum = cfg.train.accumulation_steps(denv.world_size)
+
+    reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
+    ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
+    train_fp = training_fingerprint(cfg, ref_fp)
+    if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
+        log.info("training already finished with these settings: %s", final_dir)
+        return read_json(summary_path)["metrics"]
+    _claim_checkpoints(ckpt_dir, train_fp, denv.is_main)
+
+    tokenizer = load_tokenizer(cfg.model)
+    pairs, stats = tokenize_pairs(read_preferences(cfg.data.pairs), tokenizer, cfg.data)
+    ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs])
+    steps_per_epoch = len(pairs) // cfg.train.global_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
+                          f"{len(pairs)} usable pairs in {cfg.data.pairs}")
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    if denv.is_main:
+        log.info("pairs: %d kept, %d truncated, %d dropped; %d steps (%d per epoch), global batch %d = %d x %d x %d ranks",
+                 stats.kept, stats.truncated, stats.dropped, total_steps, steps_per_epoch,
+                 cfg.train.global_batch_size, cfg.train.micro_batch_size, accum, denv.world_size)
+
+    dtype = torch_dtype(cfg.model.dtype)
+    ds_config = dist.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, denv.world_size, dtype)
+    with dist.zero3_model_loading(cfg.deepspeed, ds_config):
+        model = load_model(cfg.model)
+    _prepare_for_training(model, cfg.model.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
+                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    engine = dist.build_engine(model, optimizer, scheduler, ds_config)
+
+    client_state = checkpoint.resume(engine, ckpt_dir) or {}
+    start_step = int(client_state.get("step", 0))
+    run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    tracker = Tracker(out_dir, cfg.wandb, run_config, name=f"{Path(cfg.run_dir).name}-{train_fp}", resume_step=start_step)
+    stop, watch = StopFlag(), CollapseWatch(cfg.train.logps_chosen_patience)
+    pad_id, dev = tokenizer.pad_token_id, dist.device()
+    metrics: dict = {}
+
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        batch_ids = global_batches(len(pairs), cfg.train.global_batch_size, cfg.train.seed, epoch)[k]
+        started = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
+            batch = {key: v.to(dev) for key, v in collate_pairs([pairs[i] for i in mb], pad_id).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logps, lengths = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+            n = len(mb)
+            out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
+                           lengths[:n], lengths[n:], cfg.loss)
+            engine.backward(out.losses.mean())
+            engine.step()
+            _accumulate(sums, out, logps.detach(), lengths, n, batch["attention_mask"])
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        sums["stop"] = float(stop.requested)
+        total = dist.all_reduce_sum(sums)
+        metrics = _step_metrics(total, grad_norm, scheduler.get_last_lr()[0], epoch, time.perf_counter() - started)
+
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            last = checkpoint.latest_step(ckpt_dir)
+            raise TrainingDiverged(f"step {step + 1}: loss={metrics['loss']} grad_norm={grad_norm} is not finite; "
+                                   f"stopped without saving. Last good checkpoint: "
+                                   f"{ckpt_dir / checkpoint.tag(last) if last else 'none'}")
+        watch.update(metrics["logps/chosen"], step + 1)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            tracker.log(metrics, step + 1)
+        preempted = total["stop"] > 0
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps or preempted:
+            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints)
+        if preempted and step + 1 < total_steps:
+            log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
+            tracker.finish()
+            raise Preempted()
+
+    checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
+    if denv.is_main:
+        write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
+                                  "world_size": denv.world_size, "pairs": stats.kept})
+    tracker.finish()
+    dist.barrier()
+    return metrics
+
+
+def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool) -> None:
+    """Checkpoints belong to one set of settings: resuming another run's optimizer state would be a
+    silent mix of two experiments."""
+    owner = ckpt_dir / "fingerprint.json"
+    if owner.is_file() and read_json(owner).get("fingerprint") != train_fp:
+        raise ConfigError(f"run_dir: {ckpt_dir} holds checkpoints of a run with other settings "
+                          f"({read_json(owner).get('fingerprint')} != {train_fp}); use a new run_dir or remove them")
+    if is_main and not owner.is_file():
+        write_json(owner, {"fingerprint": train_fp})
+    dist.barrier()
+
+
+def _prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    # Dropout would make policy != reference at step 0 and add noise DPO's log-ratios do not need.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, n: int, attention_mask: torch.Tensor) -> None:
+    sums["n"] += n
+    sums["loss"] += out.losses.detach().sum().item()
+    sums["rewards/chosen"] += out.chosen_rewards.sum().item()
+    sums["rewards/rejected"] += out.rejected_rewards.sum().item()
+    sums["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
+    sums["logps/chosen"] += logps[:n].sum().item()
+    sums["logps/rejected"] += logps[n:].sum().item()
+    sums["nll/chosen"] += (-logps[:n] / lengths[:n].clamp(min=1)).sum().item()
+    sums["tokens"] += attention_mask.sum().item()
+    sums["response_tokens"] += lengths.sum().item()
+
+
+def _step_metrics(total: dict, grad_norm: float, lr: float, epoch: int, seconds: float) -> dict:
+    n = total["n"]
+    m = {k: total[k] / n for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                   "logps/chosen", "logps/rejected", "nll/chosen")}
+    m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+    m.update({"grad_norm": grad_norm, "lr": lr, "epoch": epoch, "tokens_per_s": total["tokens"] / seconds,
+              "response_tokens_per_s": total["response_tokens"] / seconds, "step_seconds": seconds})
+    return m
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
