@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -160,3 +161,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_for_files(paths: list[Path], timeout: float | None = None) -> None:
+    """Block until every path exists: how rank 0 waits for other ranks' shards in stages that keep
+    no process group. The timeout (DPO_DIST_SHARD_TIMEOUT seconds, default a day) names the missing."""
+    timeout = float(os.environ.get("DPO_DIST_SHARD_TIMEOUT", 24 * 3600)) if timeout is None else timeout
+    deadline = time.time() + timeout
+    while not all(Path(p).is_file() for p in paths):
+        if time.time() > deadline:
+            raise TimeoutError(f"shards missing after {timeout:.0f}s: {[str(p) for p in paths if not Path(p).is_file()]}")
+        time.sleep(1.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -210,10 +210,20 @@ class GenerationConfig:
     # Context distillation: when set, chosen-side candidates are sampled with this system prompt
     # while the stored training prompt keeps its own condition.
     chosen_system_prompt: Optional[str] = None
+    # Response-prefix distillation: chosen-side candidates start with one of these openers (by the
+    # prompt's language, "en" or "zh") and the model continues on-policy. Small models follow an
+    # identity system prompt only a few percent of the time; a forced opener makes every chosen
+    # candidate claim the identity while the rest of the answer stays the model's own.
+    chosen_prefixes: Dict[str, List[str]] = field(default_factory=dict)
+    num_chosen_candidates: int = 2
     # vLLM only.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 2048
+    # CUDA graphs / torch.compile pay off on GPUs; on the CPU compiling costs ~80 s and gains nothing.
+    enforce_eager: bool = False
+    # vLLM's CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
+    cpu_kv_cache_gib: int = 1
 
     def __post_init__(self) -> None:
         _require(self.backend in ("hf", "vllm"), "generation.backend", f"{self.backend!r} is not hf or vllm")
@@ -222,6 +232,10 @@ class GenerationConfig:
         _require(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
         _require(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
         _require(self.batch_size > 0, "generation.batch_size", "must be > 0")
+        _require(self.num_chosen_candidates >= 1, "generation.num_chosen_candidates", "must be >= 1")
+        for lang, prefixes in self.chosen_prefixes.items():
+            _require(len(prefixes) > 0 and all(p.strip() for p in prefixes), f"generation.chosen_prefixes.{lang}",
+                     "needs at least one non-empty opener")
 
 
 @dataclass

@@ -75,12 +75,14 @@ def _set_threads(local_world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
-def init() -> DistEnv:
-    """Initialise the process group (gloo on CPU, nccl on GPU) when world size > 1. Idempotent."""
+def init(process_group: bool = True) -> DistEnv:
+    """Set this rank's threads and, when world size > 1, join the process group (gloo on CPU, nccl
+    on GPU). Idempotent. Stages that must not own a process group (vLLM sets up its own) pass
+    ``process_group=False`` and synchronise through files."""
     global _ENV
     e = read_env()
     _set_threads(e.local_world_size)
-    if e.world_size > 1 and not torch_dist.is_initialized():
+    if process_group and e.world_size > 1 and not torch_dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
             _rendezvous_from_slurm(e)
         backend = "nccl" if torch.cuda.is_available() else "gloo"

