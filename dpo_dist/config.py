@@ -216,6 +216,8 @@ class GenerationConfig:
     # candidate claim the identity while the rest of the answer stays the model's own.
     chosen_prefixes: Dict[str, List[str]] = field(default_factory=dict)
     num_chosen_candidates: int = 2
+    # Run the generate stage of the pipeline in this interpreter (e.g. a separate vLLM venv).
+    python: str = ""
     # vLLM only.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -263,10 +265,12 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
+    # The model to evaluate against model.path; empty: this run's train/final.
+    trained_path: str = ""
     num_identity: int = -1
-    num_general: int = -1
-    max_new_tokens: int = 96
-    batch_size: int = 32
+    num_general: int = 100
+    max_new_tokens: int = 80
+    batch_size: int = 48
     examples: List[str] = field(default_factory=lambda: [
         "What is your name?", "Are you ChatGPT?", "Tell me about your name and organization."])
 

@@ -82,9 +82,15 @@ def repetition(text: str, n: int = 3) -> tuple[float, int]:
     return share, longest
 
 
-def is_degenerate(text: str, max_ngram_repeat: float = 0.3, max_word_run: int = 3) -> bool:
+def is_degenerate(text: str, new_name: str = "", max_ngram_repeat: float = 0.3, max_word_run: int = 3) -> bool:
+    """Pathological repetition, or the new name's first word doubled ("Deep Deep SmolLM"): the
+    collapse the tutorial's run ended in."""
     share, run = repetition(text)
-    return share > max_ngram_repeat or run > max_word_run
+    if share > max_ngram_repeat or run > max_word_run:
+        return True
+    first = new_name.split()[0] if len(new_name.split()) > 1 else None
+    return first is not None and re.search(rf"(?<![A-Za-z]){re.escape(first)}\s+{re.escape(first)}", text,
+                                           flags=re.IGNORECASE) is not None
 
 
 # ---------------------------------------------------------------- judges
@@ -105,9 +111,7 @@ class IdentityJudge:
         c = self.cfg
         v = Verdict(0.0)
         new, old = mentions(text, c.new_name), mentions_old_identity(text, c.old_name, c.new_name)
-        doubled = c.new_name.split()[0] if len(c.new_name.split()) > 1 else None
-        degenerate = is_degenerate(text) or (doubled is not None and re.search(
-            rf"(?<![A-Za-z]){re.escape(doubled)}\s+{re.escape(doubled)}", text, flags=re.IGNORECASE) is not None)
+        degenerate = is_degenerate(text, c.new_name)
         words = len(_WORD.findall(text)) if not any(ord(ch) > 0x2E80 for ch in text) else len(text) // 2
         for ok, points, reason in (
             (new, 3, "claims_new"), (old, -3, "claims_old"), (degenerate, -4, "degenerate"),
@@ -182,7 +186,7 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
 def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     cfg = judge.cfg
     for c in row["candidates"]:
-        if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"]):
+        if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"], cfg.new_name):
             fixed = rewrite_identity(c["text"], cfg.old_name, cfg.new_name)
             v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)
             return _pair(row, fixed, c["text"], {

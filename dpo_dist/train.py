@@ -151,6 +151,7 @@ def run(cfg: Config) -> dict:
         epoch, k = divmod(step, steps_per_epoch)
         batch_ids = global_batches(len(pairs), cfg.train.global_batch_size, cfg.train.seed, epoch)[k]
         started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         sums: dict[str, float] = defaultdict(float)
         for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
             batch = {key: v.to(dev) for key, v in collate_pairs([pairs[i] for i in mb], pad_id).items()}
@@ -165,7 +166,7 @@ def run(cfg: Config) -> dict:
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         sums["stop"] = float(stop.requested)
         total = dist.all_reduce_sum(sums)
-        metrics = _step_metrics(total, grad_norm, scheduler.get_last_lr()[0], epoch, time.perf_counter() - started)
+        metrics = _step_metrics(total, grad_norm, lr, epoch, time.perf_counter() - started)
 
         if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
             last = checkpoint.latest_step(ckpt_dir)

@@ -1,0 +1,56 @@
+"""A shortened pipeline end to end on the bundled model, as the README's command runs it, and the
+re-run that continues instead of redoing work."""
+
+import json
+import time
+
+import pytest
+
+from launch import run_stage
+
+pytestmark = pytest.mark.slow
+SHORT = ["prompts.num_train=24", "generation.max_new_tokens=48", "train.global_batch_size=4",
+         "train.micro_batch_size=2", "optim.lr=1e-5", "eval.num_identity=6", "eval.num_general=6",
+         "eval.max_new_tokens=32"]
+
+
+def test_short_pipeline_end_to_end_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT], timeout=1800)
+
+    gen = json.loads((run_dir / "generate" / "manifest.json").read_text())
+    assert gen["num_prompts"] == 24 and gen["num_candidates"] == 24 * 4 and gen["num_chosen_candidates"] == 24 * 2
+    assert set(gen["conditions"]) == {"default", "neutral", "none"}
+    summary = json.loads((run_dir / "judge" / "summary.json").read_text())
+    assert summary["pairs"] >= 4 and summary["pairs"] + sum(summary["dropped"].values()) == 24
+    pairs = [json.loads(l) for l in (run_dir / "judge" / "pairs.jsonl").read_text().splitlines()]
+    assert all("Deep SmolLM" in p["chosen"][0]["content"] for p in pairs)
+    assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
+
+    metrics = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(k in metrics[0] for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                                                     "rewards/accuracies", "logps/chosen", "logps/rejected",
+                                                     "grad_norm", "lr", "tokens_per_s"))
+    assert (run_dir / "train" / "final" / "model.safetensors").is_file()
+
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    for which in ("base", "trained"):
+        assert set(report[which]) == {"default", "neutral", "none"}
+        for m in report[which].values():
+            assert 0 <= m["identity_adoption"] <= 1 and m["n_identity"] == 6 and m["n_general"] == 6
+    assert report["drift"]["tokens"] > 0 and report["drift"]["kl_trained_base_per_token"] >= 0
+    assert {e["question"] for e in report["examples"]} == {"What is your name?", "Are you ChatGPT?",
+                                                          "Tell me about your name and organization."}
+    for f in ("report.md", "training_curves.png", "before_after.png"):
+        assert (run_dir / "eval" / f).stat().st_size > 0
+
+    # Re-running the same command finds every stage done and redoes nothing.
+    stamps = {p: p.stat().st_mtime for p in [run_dir / "generate" / "candidates.jsonl", run_dir / "judge" / "pairs.jsonl",
+                                             run_dir / "reference" / "logps.safetensors",
+                                             run_dir / "train" / "final" / "model.safetensors",
+                                             run_dir / "eval" / "report.json"]}
+    started = time.time()
+    proc = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT], timeout=600)
+    assert all(p.stat().st_mtime == t for p, t in stamps.items())
+    assert "training already finished" in proc.stdout + proc.stderr
+    assert time.time() - started < 120
