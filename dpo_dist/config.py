@@ -205,7 +205,8 @@ class GenerationConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 96
-    batch_size: int = 32
+    # Rows (prompts x candidates) per decoding batch: CPU decoding is ~1.7x faster at 128 than 32.
+    batch_size: int = 128
     seed: int = 0
     # Context distillation: when set, chosen-side candidates are sampled with this system prompt
     # while the stored training prompt keeps its own condition.
@@ -270,7 +271,7 @@ class EvalConfig:
     num_identity: int = -1
     num_general: int = 100
     max_new_tokens: int = 80
-    batch_size: int = 48
+    batch_size: int = 128
     examples: List[str] = field(default_factory=lambda: [
         "What is your name?", "Are you ChatGPT?", "Tell me about your name and organization."])
 

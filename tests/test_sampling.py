@@ -42,3 +42,19 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {int(sampling._sample(logits, 1.0, 0.7, [torch.Generator().manual_seed(s)])) for s in range(200)}
     assert seen == {0, 1}
+
+
+def test_flat_distributions_fall_back_to_the_full_nucleus():
+    """A row whose top candidates do not reach top_p is sampled from the whole sorted vocabulary."""
+    vocab = 5000
+    flat = torch.zeros(1, vocab)  # uniform: the top 1,024 hold ~20% of the mass
+    peaked = torch.full((1, vocab), -30.0)
+    peaked[0, 7] = 0.0
+    logits = torch.cat([flat, peaked])
+    seen_flat = set()
+    for s in range(60):
+        g = [torch.Generator().manual_seed(s), torch.Generator().manual_seed(1000 + s)]
+        pick = sampling._sample(logits, 1.0, 0.9, g)
+        assert int(pick[1]) == 7
+        seen_flat.add(int(pick[0]))
+    assert max(seen_flat) >= 1024 or len(seen_flat) > 50  # draws from beyond the top-k window
