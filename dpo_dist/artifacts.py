@@ -24,9 +24,17 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file owner-only; give the finished artifact the permissions open() would.
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
@@ -148,6 +156,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp is owner-only; others on a cluster must read the model
     try:
         yield tmp
         if path.exists():

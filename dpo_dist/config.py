@@ -137,7 +137,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Pairs per forward pass when precomputing reference log-probs (no gradients: can be larger).
     reference_batch_size: int = 8
-    # Warn when logps/chosen has fallen for this many logged steps in a row (collapse watch).
+    # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).
     logps_chosen_patience: int = 5
 
     def __post_init__(self) -> None:
@@ -146,6 +146,8 @@ class TrainConfig:
         _require(self.gradient_accumulation_steps is None or self.gradient_accumulation_steps > 0,
                  "train.gradient_accumulation_steps", "must be > 0")
         _require(self.epochs > 0, "train.epochs", "must be > 0")
+        _require(self.log_every > 0, "train.log_every", "must be > 0")
+        _require(self.save_every > 0, "train.save_every", "must be > 0")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Accumulation steps for this world size; raises ConfigError if the batch sizes disagree."""

@@ -9,8 +9,9 @@ A preference record is the conversational format TRL and ``datasets`` use, plus 
      "meta": {...}}                                    # optional: judge scores, reasons
 
 Tokenisation renders the prompt with the model's chat template once (with the generation prompt)
-and appends each response's tokens plus the end-of-turn token, so the loss sees exactly the tokens
-the model produced when sampling. Only response tokens count in the loss.
+and appends each response's tokens plus the end-of-turn token (the response text is re-tokenised, so
+its tokens can differ from the sampled ones where a tokenizer has several spellings of one string).
+Only response tokens count in the loss.
 """
 
 from __future__ import annotations

@@ -267,6 +267,12 @@ def zero3_model_loading(ds: DeepSpeedConfig, config: dict):
     yield
 
 
+def end_zero3_model_loading() -> None:
+    """Switch transformers' ZeRO-3 hook off again, so models loaded later (evaluation) are plain."""
+    global _HF_DS_CONFIG
+    _HF_DS_CONFIG = None
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on CPU, on rank 0 (None elsewhere). Under ZeRO-3 parameters are
     gathered one at a time, so no rank ever holds more than one full parameter on the device."""

@@ -128,8 +128,11 @@ def make_backend(cfg: Config):
 
 
 def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> str:
-    gen = {k: v for k, v in asdict(cfg.generation).items() if k not in ("batch_size", "gpu_memory_utilization")}
-    return fingerprint(model_fp, gen, [(r["id"], r["messages"]) for r in records])
+    # Settings that change what is sampled; batch sizes, engine memory and the interpreter do not.
+    gen = {k: v for k, v in asdict(cfg.generation).items()
+           if k not in ("batch_size", "gpu_memory_utilization", "python", "enforce_eager", "cpu_kv_cache_gib",
+                        "tensor_parallel_size", "max_model_len")}
+    return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"]) for r in records])
 
 
 def run(cfg: Config) -> Path:
@@ -166,7 +169,7 @@ def _generate_shard(cfg: Config, shard: list[dict], shard_path: Path, tokenizer)
     sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""))]
     if gen.chosen_system_prompt or gen.chosen_prefixes:
         sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen)))
-    bar = tqdm(total=len(shard) * len(sides), desc="generate", disable=not dist.read_env().is_main, unit="prompt")
+    bar = tqdm(total=len(shard) * len(sides), desc="generate", disable=not dist.is_main(), unit="prompt")
     out = [dict(r) for r in shard]
     for key, n, side in sides:
         prompts = [side(r) for r in shard]

@@ -6,7 +6,7 @@
 
 Rule judge (identity): +3 claims the new name, -3 claims the old one, -4 degenerate text
 (repetition, a word repeated in a row, a doubled prefix such as "Deep Deep"), -2 cut off before the
-end-of-turn token, -1 outside the length bounds, +/-1 for the new/old creator when configured. The
+end-of-turn token, -1 outside the length bounds, -1 for naming an old creator when configured. The
 best candidate becomes chosen and the worst rejected. A prompt is dropped, and counted by reason,
 when best and worst tie, or when the best does not satisfy the rule (claims the new name, not the
 old, fluent, finished). With context-distillation candidates (``chosen_candidates``), chosen comes
@@ -27,7 +27,7 @@ import logging
 import re
 import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist import dist
@@ -103,9 +103,8 @@ class Verdict:
 
 
 class IdentityJudge:
-    def __init__(self, cfg: JudgeConfig, new_creator: str = ""):
+    def __init__(self, cfg: JudgeConfig):
         self.cfg = cfg
-        self.new_creator = new_creator
 
     def __call__(self, text: str, finished: bool) -> Verdict:
         c = self.cfg
@@ -117,7 +116,6 @@ class IdentityJudge:
             (new, 3, "claims_new"), (old, -3, "claims_old"), (degenerate, -4, "degenerate"),
             (not finished, -2, "unfinished"), (not c.min_words <= words <= c.max_words, -1, "length"),
             (any(mentions(text, oc) for oc in c.old_creators), -1, "old_creator"),
-            (bool(self.new_creator) and mentions(text, self.new_creator), 1, "new_creator"),
         ):
             if ok:
                 v.score += points
@@ -219,7 +217,12 @@ def run(cfg: Config) -> Path:
     candidates = Path(cfg.run_dir) / "generate" / "candidates.jsonl"
     out_dir = Path(cfg.run_dir) / "judge"
     pairs_path, summary_path = out_dir / "pairs.jsonl", out_dir / "summary.json"
-    fp = fingerprint(file_digest(candidates), asdict(cfg.judge))
+    settings = {k: v for k, v in asdict(cfg.judge).items() if k != "batch_size"}
+    weights = None
+    if cfg.judge.kind == "reward_model":
+        from dpo_dist.reference import model_fingerprint
+        weights = model_fingerprint(replace(cfg.model, path=cfg.judge.reward_model_path))
+    fp = fingerprint(file_digest(candidates), settings, weights)
     if manifest_matches(summary_path, fp) and pairs_path.is_file():
         log.info("pairs: reusing %s (fingerprint %s)", pairs_path, fp)
         return pairs_path

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 
 from hydra.core.hydra_config import HydraConfig
@@ -38,12 +39,16 @@ def run(cfg: Config) -> dict:
         return result
 
     stage("generate", _generate)
-    stage("judge", judge.run)
-    # Ranks other than 0 left generate/judge early; joining the process group waits for rank 0.
+    # Generation keeps no process group (vLLM owns one); join ours now, so no rank judges or trains
+    # before rank 0 has merged every shard.
     dist.init()
     dist.barrier()
-    stage("train", train.run)  # computes or reuses the reference log-probs first
+    stage("judge", judge.run)
     dist.barrier()
+    stage("train", train.run)  # computes or reuses the reference log-probs first
+    # Evaluation runs on rank 0 alone: leave the process group first, so the other ranks exit now
+    # instead of waiting in a collective that could time out while rank 0 evaluates.
+    dist.shutdown()
     report = stage("evaluate", evaluate.run)
     if dist.is_main():
         log.info("pipeline finished in %.1fs: %s", sum(timings.values()), timings)
@@ -57,12 +62,15 @@ def run(cfg: Config) -> dict:
 
 
 def _generate(cfg: Config):
-    if not cfg.generation.python:
+    """In this process for the hf backend. vLLM runs in a process of its own (``generation.python``,
+    or this interpreter): it sets up its own process group and device placement, and must not leave
+    them -- or its memory -- behind for training."""
+    if cfg.generation.backend != "vllm" and not cfg.generation.python:
         return generate.run(cfg)
+    python = cfg.generation.python or sys.executable
     overrides = list(HydraConfig.get().overrides.task) + [f"run_dir={cfg.run_dir}"]
-    cmd = [cfg.generation.python, "-m", "dpo_dist.generate", *overrides]
-    log.info("generate stage in %s", cfg.generation.python)
-    subprocess.run(cmd, check=True)
+    log.info("generate stage in %s", python)
+    subprocess.run([python, "-m", "dpo_dist.generate", *overrides], check=True)
 
 
 main = stage_main(run)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_dist import dist
-from dpo_dist.artifacts import atomic_path, fingerprint, manifest_matches, read_json, write_json
+from dpo_dist.artifacts import atomic_path, file_digest, fingerprint, manifest_matches, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ModelConfig
 from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
@@ -51,8 +51,6 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
 
 
 def cache_fingerprint(cfg: Config) -> str:
-    from dpo_dist.artifacts import file_digest
-
     data = {"max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
             "truncation": cfg.data.truncation}
     return fingerprint(model_fingerprint(cfg.model), file_digest(cfg.data.pairs), data)
@@ -165,11 +163,11 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
     log.info("reference log-probs: %d pairs merged from %d shard(s) into %s", n, world_size, merged)
 
 
-def load(cfg: Config, pair_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached reference log-probs for these pairs, refusing a stale or mismatched cache."""
+def load(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached reference log-probs for these pairs, refusing a stale or mismatched cache. ``fp``
+    is the fingerprint rank 0 computed and broadcast, so every rank judges the cache alike."""
     out_dir = reference_dir(cfg)
     manifest = out_dir / "manifest.json"
-    fp = cache_fingerprint(cfg)
     if not manifest_matches(manifest, fp):
         raise StaleReference(f"{manifest}: no reference cache for fingerprint {fp}; run `python -m dpo_dist.reference` "
                              f"with the same model and data settings")

@@ -51,9 +51,13 @@ class Preempted(SystemExit):
 def training_fingerprint(cfg: Config, reference_fp: str) -> str:
     """What the checkpoints depend on. Logging and saving cadence are left out: changing them and
     re-running resumes instead of refusing."""
+    # Micro-batch and accumulation split the same global batch (tests show they train alike), and
+    # bucket sizes only change communication; the ZeRO stage and offload change the checkpoint layout.
     train = {k: v for k, v in asdict(cfg.train).items()
-             if k not in ("log_every", "save_every", "keep_checkpoints", "logps_chosen_patience", "reference_batch_size")}
-    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, asdict(cfg.deepspeed))
+             if k not in ("log_every", "save_every", "keep_checkpoints", "logps_chosen_patience", "reference_batch_size",
+                          "micro_batch_size", "gradient_accumulation_steps")}
+    ds = {k: getattr(cfg.deepspeed, k) for k in ("stage", "offload_optimizer", "offload_param")}
+    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, ds)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -118,7 +122,7 @@ def run(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     pairs, stats = tokenize_pairs(read_preferences(cfg.data.pairs), tokenizer, cfg.data)
-    ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs])
+    ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs], ref_fp)
     steps_per_epoch = len(pairs) // cfg.train.global_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
@@ -141,11 +145,11 @@ def run(cfg: Config) -> dict:
 
     client_state = checkpoint.resume(engine, ckpt_dir) or {}
     start_step = int(client_state.get("step", 0))
+    metrics: dict = dict(client_state.get("metrics", {}))  # a resume at the last step still has them
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     tracker = Tracker(out_dir, cfg.wandb, run_config, name=f"{Path(cfg.run_dir).name}-{train_fp}", resume_step=start_step)
     stop, watch = StopFlag(), CollapseWatch(cfg.train.logps_chosen_patience)
     pad_id, dev = tokenizer.pad_token_id, dist.device()
-    metrics: dict = {}
 
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -178,13 +182,14 @@ def run(cfg: Config) -> dict:
             tracker.log(metrics, step + 1)
         preempted = total["stop"] > 0
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps or preempted:
-            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints)
+            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "metrics": metrics}, cfg.train.keep_checkpoints)
         if preempted and step + 1 < total_steps:
             log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
             tracker.finish()
             raise Preempted()
 
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
+    dist.end_zero3_model_loading()
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
                                   "world_size": denv.world_size, "pairs": stats.kept})
