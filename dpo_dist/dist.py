@@ -236,6 +236,13 @@ def _ensure_deepspeed_dist():
     return deepspeed
 
 
+def zero3_inference_config(dtype: torch.dtype) -> dict:
+    """DeepSpeed config for a forward-only ZeRO-3 model (the reference log-prob pass)."""
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 1 << 30}
+
+
 def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, config: dict):
     deepspeed = _ensure_deepspeed_dist()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)

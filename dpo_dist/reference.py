@@ -28,7 +28,7 @@ from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ModelConfig
 from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
 from dpo_dist.losses import sequence_logps
-from dpo_dist.models import load_model, load_tokenizer, resolve_model_path
+from dpo_dist.models import load_model, load_tokenizer, resolve_model_path, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,17 @@ def run(cfg: Config) -> Path:
 
 
 def _load_reference_model(cfg: Config, world_size: int):
-    model = load_model(cfg.model, device=dist.device() if cfg.deepspeed.stage != 3 or world_size == 1 else "cpu").eval()
-    if cfg.deepspeed.stage == 3 and world_size > 1:
-        # ZeRO-3 inference: parameters partitioned across ranks and gathered layer by layer.
-        ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-                  "bf16": {"enabled": model.dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
-        engine = dist.build_engine(model, None, None, ds_cfg)
-        engine.eval()
-        return engine
-    return model
+    if cfg.deepspeed.stage != 3 or world_size == 1:
+        return load_model(cfg.model, device=dist.device()).eval()
+    # ZeRO-3 inference: built already partitioned across ranks (no rank loads the whole model) and
+    # gathered layer by layer in the forward pass.
+    ds_cfg = dist.zero3_inference_config(torch_dtype(cfg.model.dtype))
+    with dist.zero3_model_loading(cfg.deepspeed, ds_cfg):
+        model = load_model(cfg.model, device="cpu").eval()
+    engine = dist.build_engine(model, None, None, ds_cfg)
+    dist.end_zero3_model_loading()
+    engine.eval()
+    return engine
 
 
 def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path, manifest: Path, stats, seconds: float) -> None:

@@ -32,9 +32,11 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            # W&B refuses steps below a run's last one, so after a resume the re-logged steps would be
+            # dropped: a resumed run logs under its own id (the name stays, plus where it resumed).
+            run_id = name.replace("/", "-") + (f"-resumed{resume_step}" if resume_step else "")
             self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name,
-                                     dir=str(out_dir), config=run_config, resume="allow",
-                                     id=name.replace("/", "-"))
+                                     dir=str(out_dir), config=run_config, resume="allow", id=run_id)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint we resumed from: they will be logged again."""
