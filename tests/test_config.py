@@ -29,8 +29,11 @@ def test_defaults():
     assert cfg.model.path == "bundled:smollm2-135m"
     assert cfg.judge.new_name == "Deep SmolLM"
     assert cfg.loss.rpo_alpha > 0 and cfg.loss.beta == 0.1
-    assert 5e-7 <= cfg.optim.lr <= 1e-5
+    assert 1e-6 <= cfg.optim.lr <= 5e-5  # the bundled 135M model's own default
     assert cfg.model.trust_remote_code is False
+    qwen = compose(["model=qwen2.5-0.5b"])
+    assert qwen.optim.lr == 1e-6 and qwen.loss.beta == 0.1  # literature default for full fine-tuning
+    assert compose(["model=qwen2.5-0.5b", "optim.lr=5e-7"]).optim.lr == 5e-7  # the command line wins
 
 
 def test_misspelled_key_fails_naming_it():
