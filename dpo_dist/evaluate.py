@@ -32,7 +32,7 @@ from dpo_dist.config import CONDITIONS, Config
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
 from dpo_dist.losses import token_logps
-from dpo_dist.models import cache_dir, load_model, load_tokenizer, resolve_model_path
+from dpo_dist.models import cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,6 @@ def answer(model, tokenizer, prompts: list[dict], cfg: Config) -> list[dict]:
 
 def cached_answers(cfg: Config, model_path: str, prompts: list[dict], tokenizer) -> list[dict]:
     """Answers of a model, cached by (weights, prompts, decoding settings)."""
-    from dpo_dist.reference import model_fingerprint
-
     mcfg = replace(cfg.model, path=model_path)
     fp = fingerprint(model_fingerprint(mcfg), [(p["id"], p["messages"]) for p in prompts], cfg.eval.max_new_tokens)
     path = cache_dir() / "eval" / f"{fp}.json"
@@ -137,8 +135,6 @@ def run(cfg: Config) -> dict:
         raise FileNotFoundError(f"eval.trained_path={trained_path!r}: no trained model there; run training first")
     if not e.is_main:
         return {}  # one process evaluates; other ranks of a torchrun launch have nothing to do
-    from dpo_dist.reference import model_fingerprint
-
     fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(replace(cfg.model, path=trained_path)),
                      asdict(cfg.eval), asdict(cfg.prompts), cfg.judge.old_name, cfg.judge.new_name)
     if manifest_matches(out_dir / "report.json", fp):

@@ -29,7 +29,7 @@ from dpo_dist.artifacts import fingerprint, manifest_matches, read_jsonl, wait_f
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt
-from dpo_dist.models import load_model, load_tokenizer, resolve_model_path
+from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,6 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
 
 
 def run(cfg: Config) -> Path:
-    from dpo_dist.reference import model_fingerprint
-
     e = dist.init(process_group=False)
     out_dir = Path(cfg.run_dir) / "generate"
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"

@@ -35,6 +35,7 @@ from dpo_dist.artifacts import (file_digest, fingerprint, manifest_matches, read
                                 write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, JudgeConfig
+from dpo_dist.models import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +215,14 @@ def _distribution(values: list[float]) -> dict:
 
 def run(cfg: Config) -> Path:
     e = dist.init(process_group=False)
+    if cfg.judge.kind != "reward_model" and not e.is_main:
+        return Path(cfg.run_dir) / "judge" / "pairs.jsonl"  # rule judging is cheap: rank 0 does all of it
     candidates = Path(cfg.run_dir) / "generate" / "candidates.jsonl"
     out_dir = Path(cfg.run_dir) / "judge"
     pairs_path, summary_path = out_dir / "pairs.jsonl", out_dir / "summary.json"
     settings = {k: v for k, v in asdict(cfg.judge).items() if k != "batch_size"}
     weights = None
     if cfg.judge.kind == "reward_model":
-        from dpo_dist.reference import model_fingerprint
         weights = model_fingerprint(replace(cfg.model, path=cfg.judge.reward_model_path))
     fp = fingerprint(file_digest(candidates), settings, weights)
     if manifest_matches(summary_path, fp) and pairs_path.is_file():
@@ -235,9 +237,7 @@ def run(cfg: Config) -> Path:
     else:
         judge = IdentityJudge(cfg.judge)
         pick = pair_correction if cfg.judge.method == "correction" else pair_best_worst
-        results = [pick(r, judge) for r in rows] if e.is_main else []
-        if not e.is_main:
-            return pairs_path  # rule judging is cheap: rank 0 does all of it
+        results = [pick(r, judge) for r in rows]
 
     pairs = [p for p, _ in results if p is not None]
     reasons = Counter(reason for _, reason in results)

@@ -73,6 +73,19 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         ) from None
 
 
+def model_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies a model's weights without hashing gigabytes: the resolved path and the
+    size and modification time of every file in it."""
+    path = Path(resolve_model_path(cfg))
+    files = {}
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                files[f.name] = [st.st_size, int(st.st_mtime)]
+    return {"path": str(path), "files": files, "dtype": cfg.dtype}
+
+
 def _bundled_gguf(name: str) -> Path:
     if name not in BUNDLED:
         raise ModelNotFound(f"model.path='bundled:{name}': no bundled model of that name; known: {sorted(BUNDLED)}")

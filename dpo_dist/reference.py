@@ -25,29 +25,16 @@ from safetensors.torch import load_file, save_file
 from dpo_dist import dist
 from dpo_dist.artifacts import atomic_path, file_digest, fingerprint, manifest_matches, read_json, write_json
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, ModelConfig
+from dpo_dist.config import Config
 from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
 from dpo_dist.losses import sequence_logps
-from dpo_dist.models import load_model, load_tokenizer, resolve_model_path, torch_dtype
+from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
 
 log = logging.getLogger(__name__)
 
 
 class StaleReference(RuntimeError):
     pass
-
-
-def model_fingerprint(cfg: ModelConfig) -> dict:
-    """What identifies the reference weights without hashing gigabytes: the resolved path and the
-    size and modification time of every file in it."""
-    path = Path(resolve_model_path(cfg))
-    files = {}
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"path": str(path), "files": files, "dtype": cfg.dtype}
 
 
 def cache_fingerprint(cfg: Config) -> str:
