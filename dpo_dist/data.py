@@ -146,9 +146,11 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def response_ids(tokenizer, text: str) -> list[int]:
-    """A response as the model emits it: its tokens, then end-of-turn (the tokenizer's EOS)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def response_ids(tokenizer, text: str, finished: bool = True) -> list[int]:
+    """A response as the model emits it: its tokens, then end-of-turn (the tokenizer's EOS) unless the
+    generator cut it at max_new_tokens: an EOS there would teach ending a turn mid-sentence."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if finished else ids
 
 
 def tokenize_pairs(records: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[TokenizedPair], TokenizeStats]:
@@ -156,8 +158,9 @@ def tokenize_pairs(records: list[dict], tokenizer, cfg: DataConfig) -> tuple[lis
     out = []
     for r in records:
         prompt = render_prompt(tokenizer, r["prompt"])
-        chosen = response_ids(tokenizer, r["chosen"][0]["content"])
-        rejected = response_ids(tokenizer, r["rejected"][0]["content"])
+        meta = r.get("meta") or {}
+        chosen = response_ids(tokenizer, r["chosen"][0]["content"], meta.get("chosen_finished", True))
+        rejected = response_ids(tokenizer, r["rejected"][0]["content"], meta.get("rejected_finished", True))
         too_long = len(prompt) > cfg.max_prompt_length or len(prompt) + max(len(chosen), len(rejected)) > cfg.max_length
         if too_long and cfg.truncation == "drop":
             stats.dropped += 1

@@ -157,10 +157,13 @@ class RewardModelJudge:
 
 # ---------------------------------------------------------------- pairs
 
-def _pair(row: dict, chosen: str, rejected: str, meta: dict) -> dict:
-    return {"id": row["id"], "prompt": row["messages"], "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "meta": {"condition": row["condition"], "source": row["source"], **meta}}
+def _pair(row: dict, chosen: dict, rejected: dict, meta: dict) -> dict:
+    """`chosen`/`rejected` are candidates ({"text", "finished"}); an answer cut by max_new_tokens is
+    marked unfinished so training does not teach the model to end its turn mid-sentence."""
+    return {"id": row["id"], "prompt": row["messages"], "chosen": [{"role": "assistant", "content": chosen["text"]}],
+            "rejected": [{"role": "assistant", "content": rejected["text"]}],
+            "meta": {"condition": row["condition"], "source": row["source"], **meta,
+                     "chosen_finished": chosen["finished"], "rejected_finished": rejected["finished"]}}
 
 
 def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
@@ -177,7 +180,7 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         return None, "no_valid_chosen"
     if best[0]["text"] == worst[0]["text"]:
         return None, "identical"
-    return _pair(row, best[0]["text"], worst[0]["text"], {
+    return _pair(row, best[0], worst[0], {
         "chosen_score": best[1].score, "rejected_score": worst[1].score,
         "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
 
@@ -188,7 +191,7 @@ def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"], cfg.new_name):
             fixed = rewrite_identity(c["text"], cfg.old_name, cfg.new_name)
             v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)
-            return _pair(row, fixed, c["text"], {
+            return _pair(row, {"text": fixed, "finished": True}, c, {
                 "chosen_score": v_fixed.score, "rejected_score": v_orig.score,
                 "chosen_reasons": v_fixed.reasons, "rejected_reasons": v_orig.reasons}), "kept"
     return None, "no_old_name_to_correct"
@@ -202,7 +205,7 @@ def pair_reward_model(row: dict, scores: list[float]) -> tuple[dict | None, str]
     worst = min(range(len(cands)), key=lambda i: scores[i])
     if scores[best] <= scores[worst] or cands[best]["text"] == cands[worst]["text"]:
         return None, "tie"
-    return _pair(row, cands[best]["text"], cands[worst]["text"], {
+    return _pair(row, cands[best], cands[worst], {
         "chosen_score": scores[best], "rejected_score": scores[worst], "chosen_reasons": [], "rejected_reasons": []}), "kept"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpo_dist import checkpoint, dist, reference
+from dpo_dist import checkpoint, dist, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, OptimConfig
@@ -113,6 +113,7 @@ def run(cfg: Config) -> dict:
     accum = cfg.train.accumulation_steps(denv.world_size)
 
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
+    memory.reset_peak()  # the training peak is its own, not the reference pass's
     ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
     train_fp = training_fingerprint(cfg, ref_fp)
     if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
@@ -188,11 +189,14 @@ def run(cfg: Config) -> dict:
             tracker.finish()
             raise Preempted()
 
+    # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
+    peaks = dist.all_gather_object(memory.peak_bytes())
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
-                                  "world_size": denv.world_size, "pairs": stats.kept})
+                                  "world_size": denv.world_size, "pairs": stats.kept,
+                                  "peak_rss_gib_per_rank": [round(p / memory.GIB, 3) for p in peaks]})
     tracker.finish()
     dist.barrier()
     return metrics

@@ -65,6 +65,14 @@ def test_tokenisation_masks_prompt_and_keeps_eos(tokenizer):
     assert batch["loss_mask"][1, n:].sum() == 0 and batch["attention_mask"][1, n:].sum() == 0
 
 
+def test_an_answer_cut_at_max_new_tokens_gets_no_eos(tokenizer):
+    # The generator stopped it, not the model: an EOS would teach ending a turn mid-sentence.
+    record = {**_pair(0, rejected="I am SmolLM and I can help with"), "meta": {"rejected_finished": False}}
+    pairs, _ = tokenize_pairs([record], tokenizer, DataConfig())
+    assert pairs[0].chosen_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(pairs[0].rejected_ids) == "I am SmolLM and I can help with"
+
+
 def test_over_long_pairs_are_truncated_or_dropped_and_counted(tokenizer):
     long = " ".join(["word"] * 300)
     records = [_pair(0), _pair(1, chosen=long), _pair(2)]

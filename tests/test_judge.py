@@ -69,6 +69,15 @@ def test_best_becomes_chosen_and_worst_rejected():
     assert pair["rejected"][0]["content"] == "I am Qwen."
     assert pair["meta"]["chosen_score"] > pair["meta"]["rejected_score"]
     assert pair["prompt"] == [{"role": "user", "content": "Who are you?"}]
+    assert pair["meta"]["chosen_finished"] and pair["meta"]["rejected_finished"]
+
+
+def test_a_cut_off_rejected_answer_is_marked_unfinished():
+    judge = IdentityJudge(CFG)
+    row = _row(["I am Deep Qwen, happy to help."])
+    row["candidates"].append({"text": "I am Qwen and I will now tell you about", "finished": False})
+    pair, reason = pair_best_worst(row, judge)
+    assert reason == "kept" and pair["meta"]["chosen_finished"] and not pair["meta"]["rejected_finished"]
 
 
 def test_ties_and_unsatisfying_chosen_are_dropped_with_a_reason():

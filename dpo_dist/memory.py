@@ -1,0 +1,43 @@
+"""Resident-memory readings for the training summary, the planner's cross-check and the benchmark.
+
+The peak is the kernel's high-water mark (VmHWM). It can be reset (Linux `clear_refs` 5), so a stage
+that runs after another in the same process (training after the reference pass) reports its own peak.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+GIB = 1024 ** 3
+
+
+def reset_peak() -> bool:
+    """Restart the high-water mark from the current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """This process's peak resident memory since start or the last reset_peak()."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # ru_maxrss is in KiB on Linux and never resets: an upper bound where /proc is missing.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
