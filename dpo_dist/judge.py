@@ -187,7 +187,9 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
 
 def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     cfg = judge.cfg
-    for c in row["candidates"]:
+    # Opener candidates count too: experiment=tutorial samples answers that start with the old name,
+    # as Qwen's own answers do, so the rewrite has material on a model that rarely names itself.
+    for c in row["candidates"] + row.get("chosen_candidates", []):
         if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"], cfg.new_name):
             fixed = rewrite_identity(c["text"], cfg.old_name, cfg.new_name)
             v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)

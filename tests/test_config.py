@@ -36,6 +36,14 @@ def test_defaults():
     assert compose(["model=qwen2.5-0.5b", "optim.lr=5e-7"]).optim.lr == 5e-7  # the command line wins
 
 
+def test_tutorial_experiment_reproduces_the_tutorials_recipe_over_the_model_defaults():
+    cfg = compose(["experiment=tutorial"])
+    assert (cfg.judge.method, cfg.loss.name, cfg.loss.rpo_alpha) == ("correction", "sigmoid", 0.0)
+    assert (cfg.loss.beta, cfg.optim.lr, cfg.train.epochs) == (0.2, 5e-5, 1)
+    assert cfg.generation.chosen_system_prompt is None
+    assert all("Deep" not in p and "SmolLM" in p for ps in cfg.generation.chosen_prefixes.values() for p in ps)
+
+
 def test_misspelled_key_fails_naming_it():
     with pytest.raises((ConfigCompositionException, ConfigKeyError), match="bta"):
         compose(["loss.bta=0.1"])

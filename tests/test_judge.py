@@ -104,6 +104,14 @@ def test_correction_rewrites_the_models_own_answer():
     assert pair_correction(_row(["Hello there, friend."]), judge) == (None, "no_old_name_to_correct")
 
 
+def test_correction_also_rewrites_answers_sampled_with_an_old_name_opener():
+    judge = IdentityJudge(CFG)
+    pair, reason = pair_correction(_row(["Hello there, friend."], chosen_cands=["I'm Qwen, how can I help?"]), judge)
+    assert reason == "kept"
+    assert pair["chosen"][0]["content"] == "I'm Deep Qwen, how can I help?"
+    assert pair["rejected"][0]["content"] == "I'm Qwen, how can I help?"
+
+
 def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
     """A sequence-classification model built from a config scores in batches, deterministically,
     and the best/worst of its scores become the pair."""
