@@ -172,6 +172,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def shard_path(directory: Path, fp: str, rank: int, world_size: int, suffix: str = ".jsonl") -> Path:
+    """Where one rank writes its part of a sharded stage (generate, judge, reference). Keyed by the
+    stage's fingerprint and the world size: a re-run with the same inputs reuses finished shards, and
+    shards of other settings or another world size are never mixed in."""
+    return Path(directory) / "shards" / f"{fp}-rank{rank:03d}-of-{world_size:03d}{suffix}"
+
+
+def gather_jsonl_shards(directory: Path, fp: str, world_size: int) -> list[dict]:
+    """Rank 0: wait for every rank's JSONL shard, then their records in rank order."""
+    paths = [shard_path(directory, fp, r, world_size) for r in range(world_size)]
+    wait_for_files(paths)
+    return [row for p in paths for row in read_jsonl(p)]
+
+
 def wait_for_files(paths: list[Path], timeout: float | None = None) -> None:
     """Block until every path exists: how rank 0 waits for other ranks' shards in stages that keep
     no process group. The timeout (DPO_DIST_SHARD_TIMEOUT seconds, default a day) names the missing."""

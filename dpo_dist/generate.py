@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dpo_dist import dist
-from dpo_dist.artifacts import fingerprint, manifest_matches, read_jsonl, wait_for_files, write_json, write_jsonl
+from dpo_dist.artifacts import fingerprint, gather_jsonl_shards, manifest_matches, shard_path, write_json, write_jsonl
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt
@@ -146,20 +146,20 @@ def run(cfg: Config) -> Path:
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
         return merged
 
-    shard_path = out_dir / "shards" / f"{fp}-rank{e.rank:03d}-of-{e.world_size:03d}.jsonl"
+    mine = shard_path(out_dir, fp, e.rank, e.world_size)
     shard = [records[i] for i in dist.shard_range(len(records), e.rank, e.world_size)]
     t0 = time.time()
-    if shard_path.is_file():
-        log.info("rank %d: reusing finished shard %s", e.rank, shard_path)
+    if mine.is_file():
+        log.info("rank %d: reusing finished shard %s", e.rank, mine)
     else:
-        _generate_shard(cfg, shard, shard_path, tokenizer)
+        _generate_shard(cfg, shard, mine, tokenizer)
     seconds = time.time() - t0
     if e.is_main:
         _merge(out_dir, fp, records, e.world_size, merged, manifest, cfg, seconds)
     return merged
 
 
-def _generate_shard(cfg: Config, shard: list[dict], shard_path: Path, tokenizer) -> None:
+def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer) -> None:
     from tqdm import tqdm
 
     gen = cfg.generation
@@ -180,14 +180,12 @@ def _generate_shard(cfg: Config, shard: list[dict], shard_path: Path, tokenizer)
                                                 skip_special_tokens=True).strip(),
                        "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
     bar.close()
-    write_jsonl(shard_path, out)
+    write_jsonl(out_path, out)
 
 
 def _merge(out_dir: Path, fp: str, records: list[dict], world_size: int, merged: Path, manifest: Path,
            cfg: Config, seconds: float) -> None:
-    shards = [out_dir / "shards" / f"{fp}-rank{r:03d}-of-{world_size:03d}.jsonl" for r in range(world_size)]
-    wait_for_files(shards)
-    rows = [row for s in shards for row in read_jsonl(s)]
+    rows = gather_jsonl_shards(out_dir, fp, world_size)
     ids = [row["id"] for row in rows]
     expected = [r["id"] for r in records]
     if sorted(ids) != sorted(expected) or len(set(ids)) != len(ids):

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist import dist
-from dpo_dist.artifacts import (file_digest, fingerprint, manifest_matches, read_jsonl, wait_for_files, write_json,
-                                write_jsonl)
+from dpo_dist.artifacts import (file_digest, fingerprint, gather_jsonl_shards, manifest_matches, read_jsonl, shard_path,
+                                write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, JudgeConfig
 from dpo_dist.models import model_fingerprint
@@ -262,8 +262,7 @@ def run(cfg: Config) -> Path:
 
 def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: str, e) -> list | None:
     """Each rank scores its shard of the candidates; rank 0 waits for all shards and pairs them."""
-    shard_path = lambda r: out_dir / "shards" / f"{fp}-rank{r:03d}-of-{e.world_size:03d}.jsonl"
-    mine = shard_path(e.rank)
+    mine = shard_path(out_dir, fp, e.rank, e.world_size)
     if not mine.is_file():
         judge = RewardModelJudge(cfg.judge, cfg.model.trust_remote_code)
         shard = [rows[i] for i in dist.shard_range(len(rows), e.rank, e.world_size)]
@@ -272,9 +271,7 @@ def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: s
         write_jsonl(mine, [{"id": r["id"], "scores": [next(scores) for _ in r["candidates"]]} for r in shard])
     if not e.is_main:
         return None
-    paths = [shard_path(r) for r in range(e.world_size)]
-    wait_for_files(paths)
-    scores = {s["id"]: s["scores"] for p in paths for s in read_jsonl(p)}
+    scores = {s["id"]: s["scores"] for s in gather_jsonl_shards(out_dir, fp, e.world_size)}
     return [pair_reward_model(r, scores[r["id"]]) for r in rows]
 
 

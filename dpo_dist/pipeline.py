@@ -17,10 +17,12 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
 from dpo_dist import dist, evaluate, generate, judge, train
+from dpo_dist.artifacts import write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config
 
@@ -52,6 +54,8 @@ def run(cfg: Config) -> dict:
     report = stage("evaluate", evaluate.run)
     if dist.is_main():
         log.info("pipeline finished in %.1fs: %s", sum(timings.values()), timings)
+        # Seconds per stage of this invocation (a stage skipped as already done counts its check).
+        write_json(Path(cfg.run_dir) / "pipeline_timings.json", {**timings, "total": round(sum(timings.values()), 1)})
         if report:
             for cond, m in report["trained"].items():
                 log.info("  %-8s identity adoption %5.1f%% (base %5.1f%%)  leakage %4.1f%%  degeneration %4.1f%% (base %4.1f%%)",

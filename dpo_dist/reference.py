@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_dist import dist
-from dpo_dist.artifacts import atomic_path, file_digest, fingerprint, manifest_matches, read_json, write_json
+from dpo_dist.artifacts import (atomic_path, file_digest, fingerprint, manifest_matches, read_json, shard_path,
+                                write_json)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config
 from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
@@ -90,11 +91,11 @@ def run(cfg: Config) -> Path:
     records = read_preferences(cfg.data.pairs)
     pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
     shard = dist.shard_range(len(pairs), denv.rank, denv.world_size)
-    shard_path = out_dir / "shards" / f"{fp}-rank{denv.rank:03d}-of-{denv.world_size:03d}.safetensors"
+    mine = shard_path(out_dir, fp, denv.rank, denv.world_size, ".safetensors")
     zero3 = cfg.deepspeed.stage == 3 and denv.world_size > 1
 
     t0 = time.time()
-    need = not shard_path.is_file()
+    need = not mine.is_file()
     if zero3:  # ranks of a ZeRO-3 model compute together or not at all
         need = any(dist.all_gather_object(need))
     if need:
@@ -104,11 +105,11 @@ def run(cfg: Config) -> Path:
         chosen, rejected = score_pairs(model, [pairs[i] for i in shard], tokenizer.pad_token_id, batch_size,
                                        num_batches, filler=pairs[0] if pairs else None)
         del model
-        with atomic_path(shard_path) as tmp:
+        with atomic_path(mine) as tmp:
             save_file({"chosen": chosen, "rejected": rejected,
                        "index": torch.tensor(list(shard), dtype=torch.long)}, str(tmp))
     else:
-        log.info("rank %d: reusing finished shard %s", denv.rank, shard_path)
+        log.info("rank %d: reusing finished shard %s", denv.rank, mine)
     dist.barrier()
 
     if denv.is_main:
@@ -137,7 +138,7 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
     rejected = torch.full((n,), float("nan"))
     seen = torch.zeros(n, dtype=torch.long)
     for r in range(world_size):
-        part = load_file(str(out_dir / "shards" / f"{fp}-rank{r:03d}-of-{world_size:03d}.safetensors"))
+        part = load_file(str(shard_path(out_dir, fp, r, world_size, ".safetensors")))
         chosen[part["index"]] = part["chosen"]
         rejected[part["index"]] = part["rejected"]
         seen[part["index"]] += 1
