@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 
 from dpo_dist.artifacts import read_jsonl
-from dpo_dist.config import DataConfig
+from dpo_dist.config import ConfigError, DataConfig
 
 ROLES = ("system", "user", "assistant")
 SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general")
@@ -51,6 +51,17 @@ def load_prompt_set(name_or_path: str, limit: int = -1) -> list[dict]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{path}: duplicate prompt id {dup!r}")
     return records[:limit] if limit >= 0 else records
+
+
+def split_general(name_or_path: str, num_eval: int, num_train: int) -> tuple[list[dict], list[dict]]:
+    """The general set split so training never sees an evaluation prompt: evaluation takes the first
+    `num_eval` records (all but the training ones when -1), training the last `num_train`."""
+    records = load_prompt_set(name_or_path)
+    num_eval = len(records) - num_train if num_eval < 0 else num_eval
+    if num_eval + num_train > len(records):
+        raise ConfigError(f"prompts.num_train_general: {num_train} training prompts plus eval.num_general={num_eval} "
+                          f"exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
+    return records[:num_eval], records[len(records) - num_train:]
 
 
 def template_injects_default_system(tokenizer) -> bool:
@@ -202,6 +213,58 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torc
             seqs.append(p.prompt_ids + response)
             masks.append([0] * len(p.prompt_ids) + [1] * len(response))
     return pad_sequences(seqs, masks, pad_id)
+
+
+def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A micro-batch packed into ONE row in which each prompt appears once (prefix sharing, as in
+    Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing").
+
+    Row layout: [prompt_1 chosen_1 rejected_1 prompt_2 chosen_2 rejected_2 ...]. The attention mask
+    lets a response see its own prompt and its own earlier tokens, never the other response or
+    another pair, and the rejected response's positions restart where the prompt ends, so every
+    token has exactly the context it has in ``collate_pairs``' stacked layout. The prompt runs
+    forward (and backward, with the gradients of both responses) once instead of twice, and nothing
+    is padded. Scoring the same pairs as ``collate_pairs`` gives the same log-probs up to float
+    rounding (tests/test_losses.py).
+
+    Returns:
+      input_ids, position_ids: (1, row_len).
+      attention_mask: (1, 1, row_len, row_len), additive (0 where a query may attend a key, the
+        dtype's minimum elsewhere) so both sdpa and eager attention apply it as is.
+      logit_positions: (num_response_tokens,) the row positions whose logits predict a response
+        token, in the order of ``labels``. A pair's last prompt position appears twice: it predicts
+        the first chosen and the first rejected token.
+      labels: (num_response_tokens,) the response tokens.
+      sequence_index: (num_response_tokens,) the sequence each label belongs to: chosen of pair i
+        is i, rejected is len(pairs) + i (the row order of ``collate_pairs``).
+    """
+    n = len(pairs)
+    ids, positions, pair_of, branch_of = [], [], [], []
+    logit_positions, labels, sequence_index = [], [], []
+    for i, p in enumerate(pairs):
+        start, prompt_len = len(ids), len(p.prompt_ids)
+        ids += p.prompt_ids
+        positions += range(prompt_len)
+        branch_of += [0] * prompt_len
+        for branch, response, seq in ((1, p.chosen_ids, i), (2, p.rejected_ids, n + i)):
+            first = len(ids)
+            ids += response
+            positions += range(prompt_len, prompt_len + len(response))
+            branch_of += [branch] * len(response)
+            # Token j of the response is predicted at the position before it: the prompt's last for j = 0.
+            logit_positions += [start + prompt_len - 1] + list(range(first, first + len(response) - 1))
+            labels += response
+            sequence_index += [seq] * len(response)
+        pair_of += [i] * (len(ids) - start)
+    pair = torch.tensor(pair_of)
+    branch = torch.tensor(branch_of)
+    order = torch.arange(len(ids))
+    allowed = ((pair[:, None] == pair[None, :]) & (order[None, :] <= order[:, None])
+               & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "attention_mask": mask[None, None], "logit_positions": torch.tensor(logit_positions),
+            "labels": torch.tensor(labels), "sequence_index": torch.tensor(sequence_index)}
 
 
 def global_batches(num_examples: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

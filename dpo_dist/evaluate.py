@@ -29,7 +29,7 @@ from dpo_dist import dist, sampling
 from dpo_dist.artifacts import fingerprint, manifest_matches, read_json, write_json, write_text
 from dpo_dist.cli import stage_main
 from dpo_dist.config import CONDITIONS, Config
-from dpo_dist.data import build_messages, load_prompt_set, render_prompt
+from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
 from dpo_dist.losses import token_logps
 from dpo_dist.models import cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
     """Every (question, condition) to answer: identity questions, general instructions, examples."""
     sets = [("identity", load_prompt_set(cfg.prompts.eval_identity, cfg.eval.num_identity)),
-            ("general", load_prompt_set(cfg.prompts.general, cfg.eval.num_general)),
+            ("general", split_general(cfg.prompts.general, cfg.eval.num_general, cfg.prompts.num_train_general)[0]),
             ("example", [{"id": f"example-{i}", "prompt": q} for i, q in enumerate(cfg.eval.examples)])]
     return [{"id": f"{r['id']}-{cond}", "kind": kind, "condition": cond, "question": r["prompt"],
              "messages": build_messages(r["prompt"], cond, cfg.prompts.neutral_system_prompt, tokenizer)}

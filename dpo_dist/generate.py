@@ -28,17 +28,18 @@ from dpo_dist import dist
 from dpo_dist.artifacts import fingerprint, gather_jsonl_shards, manifest_matches, shard_path, write_json, write_jsonl
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
-from dpo_dist.data import build_messages, load_prompt_set, render_prompt
+from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 
-def training_prompts(cfg: PromptsConfig, tokenizer) -> list[dict]:
-    """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions)."""
+def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -> list[dict]:
+    """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions).
+    General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones."""
     out = []
     identity = load_prompt_set(cfg.train, cfg.num_train)
-    general = load_prompt_set(cfg.general, cfg.num_train_general) if cfg.num_train_general > 0 else []
+    general = split_general(cfg.general, num_eval_general, cfg.num_train_general)[1] if cfg.num_train_general > 0 else []
     for source, records in (("identity", identity), ("general", general)):
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]
@@ -140,7 +141,7 @@ def run(cfg: Config) -> Path:
     out_dir = Path(cfg.run_dir) / "generate"
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    records = training_prompts(cfg.prompts, tokenizer)
+    records = training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
     fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model))
     if manifest_matches(manifest, fp) and merged.is_file():
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)

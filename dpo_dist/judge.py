@@ -12,6 +12,10 @@ when best and worst tie, or when the best does not satisfy the rule (claims the 
 old, fluent, finished). With context-distillation candidates (``chosen_candidates``), chosen comes
 from those and rejected from the model's own answers to the training prompt.
 
+General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
+is its own best plain answer (no identity named, not degenerate), rejected preferably an answer
+sampled with the identity opener, i.e. the unprompted self-introduction counted as leakage.
+
 Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
 name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
 
@@ -124,6 +128,19 @@ class IdentityJudge:
         v.satisfies = new and not old and not degenerate and finished
         return v
 
+    def general(self, text: str, finished: bool) -> Verdict:
+        """An answer to a general instruction, where naming the new identity unprompted is a leak.
+        A cut-off answer may still be chosen: it carries no EOS into training (data.response_ids)."""
+        c = self.cfg
+        v = Verdict(0.0)
+        leak, degenerate = mentions(text, c.new_name), is_degenerate(text, c.new_name)
+        for ok, points, reason in ((leak, -3, "leak"), (degenerate, -4, "degenerate"), (not finished, -2, "unfinished")):
+            if ok:
+                v.score += points
+                v.reasons.append(reason)
+        v.satisfies = not leak and not degenerate
+        return v
+
 
 class RewardModelJudge:
     """Scores (prompt messages, response) with a sequence-classification model, in batches."""
@@ -168,6 +185,8 @@ def _pair(row: dict, chosen: dict, rejected: dict, meta: dict) -> dict:
 
 def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     """A pair (or None) and the reason: 'kept' or why it was dropped."""
+    if row.get("source") == "general":
+        return pair_general(row, judge)
     own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
     pool = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])] or own
     if not own or not pool:
@@ -180,6 +199,25 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         return None, "no_valid_chosen"
     if best[0]["text"] == worst[0]["text"]:
         return None, "identical"
+    return _pair(row, best[0], worst[0], {
+        "chosen_score": best[1].score, "rejected_score": worst[1].score,
+        "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
+
+
+def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
+    """A general instruction keeps the model's own behaviour: chosen is its best plain answer (no
+    identity, not degenerate), rejected preferably an answer sampled with the identity opener -- the
+    unprompted "I'm Deep SmolLM, ..." that the evaluation counts as leakage."""
+    own = [(c, judge.general(c["text"], c["finished"])) for c in row["candidates"]]
+    leaks = [(c, judge.general(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])]
+    if not own:
+        return None, "no_candidates"
+    best = max(own, key=lambda cv: cv[1].score)
+    worst = min(leaks or own, key=lambda cv: cv[1].score)
+    if not best[1].satisfies:
+        return None, "no_valid_chosen"
+    if best[1].score <= worst[1].score:
+        return None, "tie"
     return _pair(row, best[0], worst[0], {
         "chosen_score": best[1].score, "rejected_score": worst[1].score,
         "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
@@ -251,6 +289,7 @@ def run(cfg: Config) -> Path:
         "fingerprint": fp, "prompts": len(rows), "pairs": len(pairs),
         "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"},
         "by_condition": dict(Counter(p["meta"]["condition"] for p in pairs)),
+        "by_source": dict(Counter(p["meta"]["source"] for p in pairs)),
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
         "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
         "judge": asdict(cfg.judge),

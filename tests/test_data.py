@@ -6,8 +6,9 @@ import pytest
 
 from dpo_dist.artifacts import DataError, read_jsonl, write_jsonl
 from dpo_dist.config import DataConfig
+from dpo_dist.config import ConfigError
 from dpo_dist.data import (build_messages, collate_pairs, global_batches, micro_batches, read_preferences,
-                           template_injects_default_system, tokenize_pairs)
+                           split_general, template_injects_default_system, tokenize_pairs)
 
 
 def _pair(i, chosen="I am Deep SmolLM.", rejected="I am SmolLM."):
@@ -99,3 +100,12 @@ def test_batches_do_not_depend_on_world_size():
     one_rank = [i for mb in micro_batches(batches[0], 0, 1, 2) for i in mb]
     two_ranks = [i for r in range(2) for mb in micro_batches(batches[0], r, 2, 2) for i in mb]
     assert one_rank == two_ranks == batches[0]
+
+
+def test_general_prompts_for_training_never_include_evaluation_ones():
+    evaluation, training = split_general("general", 100, 60)
+    assert len(evaluation) == 100 and len(training) == 60
+    assert not {r["id"] for r in evaluation} & {r["id"] for r in training}
+    assert split_general("general", 100, 0)[1] == []
+    with pytest.raises(ConfigError, match="prompts.num_train_general"):
+        split_general("general", 350, 60)
