@@ -165,23 +165,27 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer) -
 
     gen = cfg.generation
     backend = make_backend(cfg)
-    sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""))]
+    sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""), shard)]
     if gen.chosen_system_prompt or gen.chosen_prefixes:
-        sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen)))
-    bar = tqdm(total=len(shard) * len(sides), desc="generate", disable=not dist.is_main(), unit="prompt")
-    out = [dict(r) for r in shard]
-    for key, n, side in sides:
-        prompts = [side(r) for r in shard]
+        # Identity prompts only: a general instruction's answer has no business opening with a name.
+        identity = [r for r in shard if r["source"] == "identity"]
+        sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen), identity))
+    bar = tqdm(total=sum(len(rows) for *_, rows in sides), desc="generate", disable=not dist.is_main(), unit="prompt")
+    out = {r["id"]: dict(r) for r in shard}
+    for key, n, side, rows in sides:
+        if not rows:
+            continue
+        prompts = [side(r) for r in rows]
         prefix_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for _, p in prompts]
         prompt_ids = [render_prompt(tokenizer, m) + pre for (m, _), pre in zip(prompts, prefix_ids)]
-        results = backend.generate(prompt_ids, [r["id"] for r in shard], n, progress=bar.update)
-        for r, pre, cands in zip(out, prefix_ids, results):
+        results = backend.generate(prompt_ids, [r["id"] for r in rows], n, progress=bar.update)
+        for r, pre, cands in zip(rows, prefix_ids, results):
             # Decode the opener together with the continuation: exact spacing, whatever the tokenizer.
-            r[key] = [{"text": tokenizer.decode(pre + [t for t in c["token_ids"] if t != tokenizer.eos_token_id],
-                                                skip_special_tokens=True).strip(),
-                       "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
+            out[r["id"]][key] = [{"text": tokenizer.decode(pre + [t for t in c["token_ids"] if t != tokenizer.eos_token_id],
+                                                           skip_special_tokens=True).strip(),
+                                  "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
     bar.close()
-    write_jsonl(out_path, out)
+    write_jsonl(out_path, list(out.values()))
 
 
 def _merge(out_dir: Path, fp: str, records: list[dict], world_size: int, merged: Path, manifest: Path,

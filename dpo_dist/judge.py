@@ -13,8 +13,7 @@ old, fluent, finished). With context-distillation candidates (``chosen_candidate
 from those and rejected from the model's own answers to the training prompt.
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
-is its own best plain answer (no identity named, not degenerate), rejected preferably an answer
-sampled with the identity opener, i.e. the unprompted self-introduction counted as leakage.
+is its own best plain answer (no identity named, not degenerate), rejected its worst.
 
 Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
 name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
@@ -206,14 +205,14 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
 
 def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     """A general instruction keeps the model's own behaviour: chosen is its best plain answer (no
-    identity, not degenerate), rejected preferably an answer sampled with the identity opener -- the
-    unprompted "I'm Deep SmolLM, ..." that the evaluation counts as leakage."""
+    identity, not degenerate), rejected its worst one. Not an answer sampled with the identity
+    opener: measured, such rejected sides share their first tokens with every identity pair's chosen
+    side and pulled identity adoption from 97% down to 21%."""
     own = [(c, judge.general(c["text"], c["finished"])) for c in row["candidates"]]
-    leaks = [(c, judge.general(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])]
     if not own:
         return None, "no_candidates"
     best = max(own, key=lambda cv: cv[1].score)
-    worst = min(leaks or own, key=lambda cv: cv[1].score)
+    worst = min(own, key=lambda cv: cv[1].score)
     if not best[1].satisfies:
         return None, "no_valid_chosen"
     if best[1].score <= worst[1].score:

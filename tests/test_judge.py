@@ -95,17 +95,16 @@ def test_context_distillation_takes_chosen_from_the_distilled_side():
     assert pair["rejected"][0]["content"] == "I am Qwen."
 
 
-def test_general_prompts_prefer_the_plain_answer_over_the_identity_leak():
+def test_general_prompts_pair_the_models_own_best_and_worst_plain_answers():
     judge = IdentityJudge(CFG)
-    row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean"],
-                  chosen_cands=["I'm Deep Qwen! The ocean is deep and blue."]), "source": "general"}
+    row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean",
+                   "I'm Deep Qwen! The ocean is deep and blue."]), "source": "general"}
     pair, reason = pair_best_worst(row, judge)
-    assert reason == "kept"
+    assert reason == "kept" and pair["meta"]["source"] == "general"
     assert pair["chosen"][0]["content"] == "The ocean is deep and blue."
-    assert pair["rejected"][0]["content"] == "I'm Deep Qwen! The ocean is deep and blue."
-    assert "leak" in pair["meta"]["rejected_reasons"] and pair["meta"]["source"] == "general"
+    assert pair["rejected"][0]["content"] == "The ocean ocean ocean ocean ocean ocean ocean ocean"
     # No clean answer of its own: nothing to prefer, the prompt is dropped.
-    row = {**_row(["I am Deep Qwen and the ocean is blue."], chosen_cands=["I'm Deep Qwen!"]), "source": "general"}
+    row = {**_row(["I am Deep Qwen and the ocean is blue."]), "source": "general"}
     assert pair_best_worst(row, judge) == (None, "no_valid_chosen")
 
 

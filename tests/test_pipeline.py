@@ -21,7 +21,8 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
 
     gen = json.loads((run_dir / "generate" / "manifest.json").read_text())
     k, k_chosen = compose().generation.num_candidates, compose().generation.num_chosen_candidates
-    assert gen["num_prompts"] == 28 and gen["num_candidates"] == 28 * k and gen["num_chosen_candidates"] == 28 * k_chosen
+    # Opener (chosen-side) candidates for the 24 identity prompts only, not the 4 general ones.
+    assert gen["num_prompts"] == 28 and gen["num_candidates"] == 28 * k and gen["num_chosen_candidates"] == 24 * k_chosen
     assert set(gen["conditions"]) == {"default", "neutral", "none"}
     summary = json.loads((run_dir / "judge" / "summary.json").read_text())
     assert summary["pairs"] >= 4 and summary["pairs"] + sum(summary["dropped"].values()) == 28
