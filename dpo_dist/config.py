@@ -56,6 +56,8 @@ class ModelConfig:
     num_kv_heads: int = 0
     vocab_size: int = 0
     intermediate_size: int = 0
+    # One matrix for the input embedding and the output head (Qwen2.5 up to 3B, SmolLM2).
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
@@ -189,6 +191,10 @@ class PromptsConfig:
     num_train: int = -1
     # General prompts mixed into training pairs, so the model keeps its other behaviour.
     num_train_general: int = 0
+    # General prompts whose rejected side is an answer sampled with the identity opener: the
+    # unprompted self-introduction the evaluation counts as leakage. Keep them few: they pull
+    # against the identity pairs' openers (measured: 60 of them took adoption from 97% to 21%).
+    num_train_leak: int = 0
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default
     # (which names the old identity), a neutral one, and none where the template allows it.
@@ -279,6 +285,32 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory planner's cluster (``python -m dpo_dist.plan``); the stages ignore it."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    # Host RAM per node, for optimizer states and parameters that ZeRO offloads to the CPU.
+    cpu_memory_gib: float = 1024.0
+    # gpu: bf16 weights with fp32 master copies. cpu: a CPU run of this package (fp32), as resident memory.
+    device: str = "gpu"
+    # Memory a rank holds before any model: CUDA context, NCCL and allocator slack on a GPU (default
+    # 2.0); Python + torch + DeepSpeed on the CPU (default: measured in a subprocess at plan time).
+    runtime_gib: Optional[float] = None
+    # Tokens per sequence; None: data.max_length (the longest a training sequence can be).
+    seq_len: Optional[int] = None
+    # Print the table for every shipped Qwen2.5 config on 1x80GB, 8x80GB and 4x8x80GB.
+    all: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "plan.nodes", "must be >= 1")
+        _require(self.gpus_per_node >= 1, "plan.gpus_per_node", "must be >= 1")
+        _require(self.gpu_memory_gib > 0, "plan.gpu_memory_gib", "must be > 0")
+        _require(self.device in ("gpu", "cpu"), "plan.device", f"{self.device!r} is not gpu or cpu")
+        _require(self.seq_len is None or self.seq_len > 0, "plan.seq_len", "must be > 0")
+
+
+@dataclass
 class WandbConfig:
     # offline by default: runs log locally and need no key; `wandb sync` uploads later.
     mode: str = "offline"  # online | offline | disabled
@@ -302,6 +334,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Every stage reads and writes under this directory; re-running with the same one resumes.
     run_dir: str = "runs/${model.name}"
 

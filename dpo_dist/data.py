@@ -59,7 +59,7 @@ def split_general(name_or_path: str, num_eval: int, num_train: int) -> tuple[lis
     records = load_prompt_set(name_or_path)
     num_eval = len(records) - num_train if num_eval < 0 else num_eval
     if num_eval + num_train > len(records):
-        raise ConfigError(f"prompts.num_train_general: {num_train} training prompts plus eval.num_general={num_eval} "
+        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts plus eval.num_general={num_eval} "
                           f"exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
     return records[:num_eval], records[len(records) - num_train:]
 

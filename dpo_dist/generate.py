@@ -39,8 +39,10 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones."""
     out = []
     identity = load_prompt_set(cfg.train, cfg.num_train)
-    general = split_general(cfg.general, num_eval_general, cfg.num_train_general)[1] if cfg.num_train_general > 0 else []
-    for source, records in (("identity", identity), ("general", general)):
+    num_general = cfg.num_train_general + cfg.num_train_leak
+    general = split_general(cfg.general, num_eval_general, num_general)[1] if num_general > 0 else []
+    leak, general = general[:cfg.num_train_leak], general[cfg.num_train_leak:]
+    for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]
             out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
@@ -167,8 +169,8 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer) -
     backend = make_backend(cfg)
     sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""), shard)]
     if gen.chosen_system_prompt or gen.chosen_prefixes:
-        # Identity prompts only: a general instruction's answer has no business opening with a name.
-        identity = [r for r in shard if r["source"] == "identity"]
+        # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
+        identity = [r for r in shard if r["source"] in ("identity", "leak")]
         sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen), identity))
     bar = tqdm(total=sum(len(rows) for *_, rows in sides), desc="generate", disable=not dist.is_main(), unit="prompt")
     out = {r["id"]: dict(r) for r in shard}

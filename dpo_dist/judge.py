@@ -13,7 +13,8 @@ old, fluent, finished). With context-distillation candidates (``chosen_candidate
 from those and rejected from the model's own answers to the training prompt.
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
-is its own best plain answer (no identity named, not degenerate), rejected its worst.
+is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
+leak prompts (``prompts.num_train_leak``) an answer sampled with the identity opener.
 
 Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
 name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
@@ -184,7 +185,7 @@ def _pair(row: dict, chosen: dict, rejected: dict, meta: dict) -> dict:
 
 def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     """A pair (or None) and the reason: 'kept' or why it was dropped."""
-    if row.get("source") == "general":
+    if row.get("source") in ("general", "leak"):
         return pair_general(row, judge)
     own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
     pool = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])] or own
@@ -205,14 +206,16 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
 
 def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     """A general instruction keeps the model's own behaviour: chosen is its best plain answer (no
-    identity, not degenerate), rejected its worst one. Not an answer sampled with the identity
-    opener: measured, such rejected sides share their first tokens with every identity pair's chosen
-    side and pulled identity adoption from 97% down to 21%."""
+    identity, not degenerate), rejected its worst one. For a leak prompt (``prompts.num_train_leak``)
+    rejected is an answer sampled with the identity opener instead: the unprompted self-introduction.
+    Those rejected sides share their first tokens with every identity pair's chosen side, so only a
+    few such prompts are used (measured: 60 of them pulled identity adoption from 97% to 21%)."""
     own = [(c, judge.general(c["text"], c["finished"])) for c in row["candidates"]]
+    opened = [(c, judge.general(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])]
     if not own:
         return None, "no_candidates"
     best = max(own, key=lambda cv: cv[1].score)
-    worst = min(own, key=lambda cv: cv[1].score)
+    worst = min(opened if row["source"] == "leak" and opened else own, key=lambda cv: cv[1].score)
     if not best[1].satisfies:
         return None, "no_valid_chosen"
     if best[1].score <= worst[1].score:

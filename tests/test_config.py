@@ -41,6 +41,7 @@ def test_tutorial_experiment_reproduces_the_tutorials_recipe_over_the_model_defa
     assert (cfg.judge.method, cfg.loss.name, cfg.loss.rpo_alpha) == ("correction", "sigmoid", 0.0)
     assert (cfg.loss.beta, cfg.optim.lr, cfg.train.epochs) == (0.2, 5e-5, 1)
     assert cfg.generation.chosen_system_prompt is None
+    assert cfg.prompts.num_train_general == 0 and cfg.prompts.num_train_leak == 0
     assert all("Deep" not in p and "SmolLM" in p for ps in cfg.generation.chosen_prefixes.values() for p in ps)
 
 

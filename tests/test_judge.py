@@ -108,6 +108,16 @@ def test_general_prompts_pair_the_models_own_best_and_worst_plain_answers():
     assert pair_best_worst(row, judge) == (None, "no_valid_chosen")
 
 
+def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
+    judge = IdentityJudge(CFG)
+    row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean"],
+                  chosen_cands=["I'm Deep Qwen! The ocean is deep and blue."]), "source": "leak"}
+    pair, reason = pair_best_worst(row, judge)
+    assert reason == "kept" and pair["chosen"][0]["content"] == "The ocean is deep and blue."
+    assert pair["rejected"][0]["content"] == "I'm Deep Qwen! The ocean is deep and blue."
+    assert "leak" in pair["meta"]["rejected_reasons"]
+
+
 def test_correction_rewrites_the_models_own_answer():
     judge = IdentityJudge(CFG)
     pair, reason = pair_correction(_row(["Hello there, friend.", "I am Qwen, made by Alibaba Cloud."]), judge)

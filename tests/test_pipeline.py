@@ -10,7 +10,7 @@ from dpo_dist.config import compose
 from launch import run_stage
 
 pytestmark = pytest.mark.slow
-SHORT = ["prompts.num_train=24", "prompts.num_train_general=4", "generation.max_new_tokens=48", "train.global_batch_size=4",
+SHORT = ["prompts.num_train=24", "prompts.num_train_general=4", "prompts.num_train_leak=2", "generation.max_new_tokens=48", "train.global_batch_size=4",
          "train.micro_batch_size=2", "optim.lr=1e-5", "eval.num_identity=6", "eval.num_general=6",
          "eval.max_new_tokens=32"]
 
@@ -21,16 +21,16 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
 
     gen = json.loads((run_dir / "generate" / "manifest.json").read_text())
     k, k_chosen = compose().generation.num_candidates, compose().generation.num_chosen_candidates
-    # Opener (chosen-side) candidates for the 24 identity prompts only, not the 4 general ones.
-    assert gen["num_prompts"] == 28 and gen["num_candidates"] == 28 * k and gen["num_chosen_candidates"] == 24 * k_chosen
+    # Opener candidates for the 24 identity prompts and the 2 leak prompts, not the 4 general ones.
+    assert gen["num_prompts"] == 30 and gen["num_candidates"] == 30 * k and gen["num_chosen_candidates"] == 26 * k_chosen
     assert set(gen["conditions"]) == {"default", "neutral", "none"}
     summary = json.loads((run_dir / "judge" / "summary.json").read_text())
-    assert summary["pairs"] >= 4 and summary["pairs"] + sum(summary["dropped"].values()) == 28
+    assert summary["pairs"] >= 4 and summary["pairs"] + sum(summary["dropped"].values()) == 30
     pairs = [json.loads(l) for l in (run_dir / "judge" / "pairs.jsonl").read_text().splitlines()]
     identity = [p for p in pairs if p["meta"]["source"] == "identity"]
     assert identity and all("Deep SmolLM" in p["chosen"][0]["content"] for p in identity)
     # General instructions: the model's own answer is chosen, never one that names the new identity.
-    assert all("Deep SmolLM" not in p["chosen"][0]["content"] for p in pairs if p["meta"]["source"] == "general")
+    assert all("Deep SmolLM" not in p["chosen"][0]["content"] for p in pairs if p["meta"]["source"] != "identity")
     assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
 
     metrics = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
