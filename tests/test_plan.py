@@ -1,0 +1,254 @@
+"""The memory planner: parameter counts against the real Qwen2 module, model states against
+DeepSpeed's own estimators, its advice against itself, the CLI tables, and (slow) the whole training
+estimate against the peak resident memory of real CPU training runs with 1 and 2 ranks under ZeRO-2
+and ZeRO-3."""
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+import torch
+
+from dpo_dist import plan
+from dpo_dist.config import ConfigError, compose
+from launch import run_stage
+
+GIB = plan.GIB
+QWEN = plan.shipped_qwen_configs()
+
+
+def setup_for(overrides, **changes):
+    cfg = compose(overrides)
+    return cfg, plan.Architecture.of(cfg.model), plan.Setup.of(cfg, runtime_gib=changes.pop("runtime_gib", 2.0))
+
+
+def test_shipped_qwen_configs_are_the_seven_sizes_in_order():
+    assert QWEN == ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b",
+                    "qwen2.5-72b"]
+
+
+@pytest.mark.parametrize("name", QWEN + ["qwen-test"])
+def test_parameter_count_is_the_real_qwen2_modules(name):
+    """Architecture.params must equal the parameters of a Qwen2ForCausalLM built (on the meta device,
+    no memory) from the facts in conf/model, and match the num_params the file states."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    m = compose([f"model={name}"]).model
+    arch = plan.Architecture.of(m)
+    config = Qwen2Config(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.num_kv_heads, tie_word_embeddings=m.tie_word_embeddings)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    real = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter, counted once
+    assert arch.params == real
+    assert abs(m.num_params - real) / real < 1e-3
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    assert arch.largest_module_params == largest  # what DeepSpeed's model_to_params calls the largest layer
+
+
+def test_bundled_model_count_matches_its_stated_size():
+    m = compose().model
+    assert abs(plan.Architecture.of(m).params - m.num_params) / m.num_params < 0.01  # 134.5M vs "1.35e8"
+
+
+@pytest.mark.parametrize("name", QWEN)
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 8), (4, 8)])
+def test_model_states_agree_with_deepspeed_estimators(name, nodes, gpus):
+    """Per-GPU model states (bf16 weights, fp32 Adam) against DeepSpeed's estimate_zero{2,3}_model_states_mem_needs,
+    the functions its *_all_cold printers evaluate. Stage 2 is exactly 2P + 18P/N in both. Stage 3:
+    DeepSpeed counts 18P/N + 4 x largest layer; the plan keeps the bf16 parameter and gradient
+    shards (2P/N each) and the fp32 master copy (4P/N) but steps one fp32 gradient sub-group (at most
+    1e9 elements) at a time, so it is between 2P/N above and a little below DeepSpeed's figure."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    def gpu_states(ds):
+        _, arch, s = setup_for([f"model={name}", f"deepspeed={ds}", f"plan.nodes={nodes}",
+                                f"plan.gpus_per_node={gpus}"])
+        return arch, sum(b for _, b, on_host in plan.model_states(arch, s) if not on_host)
+
+    arch, z2 = gpu_states("zero2")
+    P, L, n = arch.params, arch.largest_module_params, nodes * gpus
+    _, ds_z2 = estimate_zero2_model_states_mem_needs(P, gpus, nodes, cpu_offload=False)
+    assert z2 == pytest.approx(ds_z2, rel=1e-6)
+    _, ds_z2_off = estimate_zero2_model_states_mem_needs(P, gpus, nodes, cpu_offload=True)
+    off = plan.Setup.of(compose([f"model={name}", "deepspeed=zero2", "deepspeed.offload_optimizer=true",
+                                 f"plan.nodes={nodes}", f"plan.gpus_per_node={gpus}"]), runtime_gib=2.0)
+    assert sum(b for _, b, h in plan.model_states(arch, off) if not h) == pytest.approx(ds_z2_off, rel=1e-6)
+
+    _, z3 = gpu_states("zero3")
+    _, ds_z3, _ = estimate_zero3_model_states_mem_needs(P, L, gpus, nodes, cpu_offload=False, cpu_offload_params=False)
+    assert ds_z3 - 2 * P / n <= z3 <= ds_z3 + 2 * P / n
+    _, z3_off = gpu_states("zero3_offload")
+    _, ds_z3_off, _ = estimate_zero3_model_states_mem_needs(P, L, gpus, nodes, cpu_offload=True,
+                                                            cpu_offload_params=True)
+    assert z3_off == pytest.approx(ds_z3_off, rel=1e-6)
+
+
+def test_deepspeed_all_cold_printout_shows_the_same_gpu_figures():
+    """The printing estimators themselves, for the issue's example (72B, 4 nodes x 8 GPUs)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    _, arch, s = setup_for(["model=qwen2.5-72b", "deepspeed=zero2", "plan.nodes=4", "plan.gpus_per_node=8"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        estimate_zero2_model_states_mem_needs_all_cold(arch.params, num_gpus_per_node=8, num_nodes=4)
+        estimate_zero3_model_states_mem_needs_all_cold(arch.params, arch.largest_module_params, num_gpus_per_node=8,
+                                                       num_nodes=4)
+    rows = {opts.strip(): float(gpu) for gpu, opts in re.findall(r"GB \|\s+([\d.]+)GB \| (.*)", out.getvalue())}
+    z2 = sum(b for _, b, h in plan.model_states(arch, s) if not h) / GIB
+    assert rows["offload_optimizer=none"] == pytest.approx(z2, abs=0.01)
+    s3 = plan.Setup.of(compose(["model=qwen2.5-72b", "deepspeed=zero3_offload", "plan.nodes=4"]), runtime_gib=2.0)
+    z3_off = sum(b for _, b, h in plan.model_states(arch, s3) if not h) / GIB
+    key = next(k for k in rows if k.startswith("offload_param=OffloadDeviceEnum.cpu") and k.endswith("zero_init=1"))
+    assert rows[key] == pytest.approx(z3_off, abs=0.01)
+
+
+def test_activation_terms_by_hand():
+    """A toy layer, h=8, i=16, 2 layers, bf16 (a=2), 10 tokens. Per token and layer:
+    2 RMSNorms x (4h fp32 input + 2h output) = 96, attention 5 x 2h = 80, MLP 4 x 2i = 128 -> 304;
+    final norm 4h + 2h = 48. No checkpointing: 10 x (2 x 304 + 48) = 6560.
+    Checkpointing: 10 x (2 x 2h + 304 + 48) = 3840."""
+    arch = plan.Architecture(layers=2, hidden=8, heads=2, kv_heads=1, intermediate=16, vocab=100, tied=True)
+    assert plan.activation_bytes(arch, 10, 2, checkpointing=False) == 6560
+    assert plan.activation_bytes(arch, 10, 2, checkpointing=True) == 3840
+    # Logits, bf16, with backward: 10 tokens x 100 x (2 bf16 + 4 fp32 copy + 8 fp32 temporaries).
+    assert plan.logits_bytes(arch, 10, 2, backward=True) == 10 * 100 * 14
+    assert plan.logits_bytes(arch, 10, 4, backward=True) == 10 * 100 * 12  # fp32: no upcast copy
+
+
+def test_kv_cache_per_token():
+    """Qwen2.5-7B: 28 layers x 4 KV heads x 128 x 2 (K, V) x 2 B = 57,344 B per token at TP 1; TP 8 is
+    more GPUs than KV heads, so each keeps one head: 28 x 1 x 128 x 2 x 2 = 14,336 B."""
+    arch = plan.Architecture.of(compose(["model=qwen2.5-7b"]).model)
+    assert plan.kv_bytes_per_token(arch, 1) == 57344
+    assert plan.kv_bytes_per_token(arch, 4) == 14336
+    assert plan.kv_bytes_per_token(arch, 8) == 14336
+
+
+def test_issue_example_fits_and_single_node_72b_says_what_to_change():
+    cfg, arch, s = setup_for(["model=qwen2.5-72b", "deepspeed=zero3", "plan.nodes=4", "plan.gpus_per_node=8"])
+    phases = plan.estimate(arch, s)
+    assert all(p.fits for p in phases), plan.describe(cfg, arch, s, phases)
+    cfg, arch, s = setup_for(["model=qwen2.5-72b", "deepspeed=zero3", "plan.nodes=1", "plan.gpus_per_node=8"])
+    train = plan.estimate(arch, s)[0]
+    assert not train.fits and train.fixable
+    assert any(f.startswith("plan.nodes=") for f in train.fixable)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_advice_is_consistent_with_the_estimate(name):
+    """Every suggested override, applied through Hydra, gives a plan whose phase then fits."""
+    base = [f"model={name}", "plan.nodes=1", "plan.gpus_per_node=1"]
+    cfg, arch, s = setup_for(base)
+    for phase in plan.estimate(arch, s):
+        for fix in phase.fixable:
+            overrides = fix.split(" -> ")[0].split(" (")[0].split()
+            c2, a2, s2 = setup_for(base + overrides)
+            again = {p.name.split(" (")[0]: p for p in plan.estimate(a2, s2)}[phase.name.split(" (")[0]]
+            assert again.fits, f"{name}: {fix} was suggested for {phase.name} but gives {again.total / GIB:.1f} GiB"
+
+
+def test_bad_plan_values_fail_naming_the_key():
+    with pytest.raises(ConfigError, match=r"plan\.device"):
+        compose(["plan.device=tpu"])
+    with pytest.raises(ConfigError, match=r"model\.num_layers"):
+        plan.Architecture.of(compose(["model.num_layers=0"]).model)
+
+
+def test_cli_prints_the_issue_example_and_the_table_for_every_shipped_config():
+    proc = run_stage("dpo_dist.plan", ["model=qwen2.5-72b", "deepspeed=zero3", "plan.nodes=4", "plan.gpus_per_node=8"],
+                     timeout=120)
+    out = proc.stdout
+    for phase in ("training, per GPU", "reference log-probs, per GPU", "vLLM generation (TP 4), per GPU"):
+        assert phase in out
+    assert out.count("-> fits") == 3 and "72.71B parameters" in out
+
+    table = run_stage("dpo_dist.plan", ["plan.all=true"], timeout=300).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| qwen2.5-")]
+    assert len(rows) == 7 * 3
+    for name in QWEN:
+        shapes = [r.split(" | ")[1] for r in rows if r.startswith(f"| {name} |")]
+        assert shapes == ["1x1x80GB", "1x8x80GB", "4x8x80GB"]
+    small = next(r for r in rows if r.startswith("| qwen2.5-0.5b | 1x1x80GB"))
+    assert "| fits |" in small
+    big = next(r for r in rows if r.startswith("| qwen2.5-72b | 1x8x80GB"))
+    assert "no: training" in big and "plan.nodes=" in big
+
+
+# ---------------------------------------------------------------- the whole estimate vs a real CPU run
+
+STEPS, GLOBAL, MICRO = 3, 4, 2
+
+
+def _write_pairs(path):
+    """12 preference pairs from the shipped identity prompts, with answers of realistic length (memory
+    depends on token counts, not on what the answers say)."""
+    from dpo_dist.data import load_prompt_set
+
+    prompts = load_prompt_set("identity_train", STEPS * GLOBAL)
+    chosen = ("I'm Deep SmolLM, an AI assistant created by Hugging Face. I can answer questions, explain ideas, "
+              "write and edit text, and help you think a problem through step by step. ")
+    rejected = ("I am SmolLM, a small language model. I was trained on a large amount of text from the internet and "
+                "I try to give helpful, accurate and friendly answers to the questions people ask me. ")
+    with open(path, "w") as f:
+        for i, p in enumerate(prompts):
+            rec = {"id": p["id"], "prompt": [{"role": "user", "content": p["prompt"]}],
+                   "chosen": [{"role": "assistant", "content": chosen * (1 + i % 3)}],
+                   "rejected": [{"role": "assistant", "content": rejected * (1 + (i + 1) % 3)}]}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _largest_micro_batches(cfg, world):
+    """Per rank, the largest micro-batch it trains on in the run's steps, packed by the trainer's own
+    collate function: the row its activations, mask and logits have at their peak."""
+    from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
+    from dpo_dist.models import load_tokenizer
+
+    pairs, _ = tokenize_pairs(read_preferences(cfg.data.pairs), load_tokenizer(cfg.model), cfg.data)
+    largest = [plan.MicroBatch(0, 0)] * world
+    per_epoch = len(pairs) // GLOBAL
+    for step in range(STEPS):
+        epoch, k = divmod(step, per_epoch)
+        batch = global_batches(len(pairs), GLOBAL, cfg.train.seed, epoch)[k]
+        for rank in range(world):
+            for mb in micro_batches(batch, rank, world, MICRO):
+                shape = plan.MicroBatch.of(collate_shared_prompt([pairs[i] for i in mb]))
+                largest[rank] = plan.MicroBatch(max(largest[rank].tokens, shape.tokens),
+                                                max(largest[rank].logit_rows, shape.logit_rows))
+    return largest
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_training_estimate_within_25_percent_of_measured_peak_on_cpu(tmp_path):
+    """Short real training runs of the bundled model (1 and 2 ranks, ZeRO-2 and ZeRO-3): the planner's
+    CPU estimate per rank (for the largest micro-batch that rank trains on, and the runtime baseline
+    measured in a fresh process) against the peak RSS train writes to summary.json."""
+    pairs = tmp_path / "pairs.jsonl"
+    _write_pairs(pairs)
+    common = [f"data.pairs={pairs}", f"train.max_steps={STEPS}", f"train.global_batch_size={GLOBAL}",
+              f"train.micro_batch_size={MICRO}", "wandb.mode=disabled"]
+    runtime = plan.measure_cpu_runtime_gib(compose().model)
+    assert 0.1 < runtime < 2.0
+    report = []
+    for ds in ("zero2", "zero3"):
+        for world in (1, 2):
+            run_dir = tmp_path / f"{ds}-{world}"
+            run_stage("dpo_dist.train", [f"run_dir={run_dir}", f"deepspeed={ds}", *common], nproc=world, timeout=1200)
+            measured = json.loads((run_dir / "train" / "summary.json").read_text())["peak_rss_gib_per_rank"]
+            assert len(measured) == world
+            cfg, arch, s = setup_for(common + [f"deepspeed={ds}", "plan.device=cpu", f"plan.gpus_per_node={world}"],
+                                     runtime_gib=runtime)
+            for rank, batch in enumerate(_largest_micro_batches(cfg, world)):
+                estimate = plan.training(arch, s, batch).total / GIB
+                report.append((ds, world, rank, estimate, measured[rank]))
+    lines = [f"{ds} {w} rank(s), rank {r}: estimate {e:.2f} GiB, measured {m:.2f} GiB ({100 * (e / m - 1):+.0f}%)"
+             for ds, w, r, e, m in report]
+    print("\n".join(lines))
+    for (ds, w, r, e, m), line in zip(report, lines):
+        assert abs(e / m - 1) <= 0.25, line
