@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,9 @@ def _rendezvous_from_slurm(e: DistEnv) -> None:
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
         os.environ["MASTER_ADDR"] = first_host(nodelist)
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    # What torchrun would have exported: deepspeed.initialize refuses to start without LOCAL_RANK.
+    for key, value in (("RANK", e.rank), ("WORLD_SIZE", e.world_size), ("LOCAL_RANK", e.local_rank)):
+        os.environ.setdefault(key, str(value))
 
 
 def first_host(nodelist: str) -> str:
@@ -164,7 +168,13 @@ def shutdown(clean: bool = True) -> None:
     if torch_dist.is_initialized():
         if clean:
             torch_dist.barrier()
-        torch_dist.destroy_process_group()
+        # DeepSpeed caches the world and data-parallel groups; its own destroy forgets them too, so
+        # the next job in this process (a Hydra sweep with the basic launcher) does not reuse dead ones.
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            torch_dist.destroy_process_group()
     _ENV = _HF_DS_CONFIG = None
 
 

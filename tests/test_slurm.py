@@ -1,0 +1,244 @@
+"""The Slurm scripts on a real Slurm cluster (`bash launch/slurm_local.sh start`: one node, this host).
+
+- The shipped slurm/pipeline.sbatch runs a shortened pipeline on the bundled model with 2 CPU ranks
+  (one srun step per stage, torchrun inside), writing everything into the run directory it is given.
+- The same script with LAUNCHER=srun trains with one Slurm task per rank: rank and world size come
+  from SLURM_PROCID/SLURM_NTASKS, no torchrun.
+- A job signalled mid-training checkpoints and comes back: SIGUSR1 to the batch script (Slurm's
+  time-limit warning, `--signal=B:USR1@N`) makes the script requeue the job; `scontrol requeue`
+  (SIGTERM to every process, as preemption does) makes Slurm requeue it. Each attempt resumes from
+  the checkpoint, and the final metrics equal those of the uninterrupted run.
+- A 2x2 beta/lr Hydra sweep through hydra-submitit-launcher runs as 4 Slurm jobs, each in its own
+  run directory, and `python -m dpo_dist.sweep` tabulates the 4 runs.
+
+Without `sbatch` these tests skip, unless DPO_DIST_REQUIRE_SLURM=1 (CI), where they fail.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import REPO, metrics, stage_env
+from test_pipeline import SHORT as PIPELINE_SHORT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+SBATCH = REPO / "slurm" / "pipeline.sbatch"
+# The shortened pipeline of tests/test_pipeline.py (one definition of "shortened" for both).
+SHORT = [*PIPELINE_SHORT, "wandb.mode=disabled"]
+QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",
+             "Are you ChatGPT?", "Which AI am I talking to?", "Tell me about yourself.", "What model are you?",
+             "Who trained you?", "Say your name.", "Identify yourself, please."]
+# 8 steps of global batch 2 on 2 ranks, a checkpoint every 2 steps; dpo, no warmup, so every step moves.
+TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=2", "train.micro_batch_size=1",
+         "train.max_steps=8", "train.save_every=2", "data.max_length=96", "data.max_prompt_length=64", "wandb.mode=disabled"]
+FINAL = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    problem = None
+    if not shutil.which("sbatch"):
+        problem = "no sbatch on PATH"
+    elif subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
+        problem = "slurmctld is not answering (`scontrol ping`)"
+    if problem:
+        if os.environ.get("DPO_DIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{problem}: start the local cluster with `bash launch/slurm_local.sh start`")
+        pytest.skip(f"{problem} (`bash launch/slurm_local.sh start` runs a one-node cluster here)")
+
+
+def prune(path) -> None:
+    """Drop what a finished run no longer needs here: DeepSpeed checkpoints (~1.6 GB each for the
+    bundled model with AdamW state) and the exported model; keep the summaries, metrics and logs."""
+    for big in [*path.rglob("checkpoints"), *path.rglob("final")]:
+        shutil.rmtree(big, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def prune_after_test(tmp_path):
+    yield
+    prune(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i, q in enumerate(QUESTIONS):
+            f.write(json.dumps({
+                "id": f"p{i:02d}", "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
+                "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i % 3)}, a writer."}]}) + "\n")
+    return path
+
+
+def submit(log, sbatch_options, overrides, **env) -> str:
+    """`sbatch slurm/pipeline.sbatch` from the repository root, as a user submits it; the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_options, str(SBATCH), *overrides],
+                          cwd=REPO, env=dict(stage_env(2), **env), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job_id: str, log, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while (info := job_info(job_id)).get("JobState") not in DONE_STATES:
+        if time.time() > deadline:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} still {info.get('JobState')} after {timeout:.0f}s:\n{tail(log)}")
+        time.sleep(2)
+    return info
+
+
+def wait_until(condition, job_id: str, log, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        state = job_info(job_id).get("JobState")
+        assert state not in DONE_STATES, f"job {job_id} ended ({state}) before {what}:\n{tail(log)}"
+        assert time.time() < deadline, f"no {what} after {timeout:.0f}s:\n{tail(log)}"
+        time.sleep(0.5)
+
+
+def tail(log, n: int = 6000) -> str:
+    return log.read_text()[-n:] if log.is_file() else "(no log)"
+
+
+def assert_completed(info: dict, log) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
+
+
+def latest_checkpoint(run_dir) -> int:
+    latest = run_dir / "train" / "checkpoints" / "latest"
+    m = re.match(r"step-(\d+)", latest.read_text().strip()) if latest.is_file() else None
+    return int(m.group(1)) if m else 0
+
+
+def test_sbatch_pipeline_two_ranks(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(log, ["--cpus-per-task=2"], SHORT, NPROC_PER_NODE="2", RUN_DIR=str(run_dir))
+    assert_completed(wait_for(job, log, timeout=1800), log)
+    out = log.read_text()
+    assert f"job {job} attempt 1" in out and "1 node(s) x 2 rank(s) via torchrun" in out
+    for stage in ("generate", "judge", "train", "evaluate"):
+        assert f"stage {stage}" in out
+    assert "pipeline.sbatch: done" in out
+
+    gen = json.loads((run_dir / "generate" / "manifest.json").read_text())
+    assert gen["num_prompts"] >= 24  # 24 identity prompts, plus the general ones SHORT mixes in
+    pairs = (run_dir / "judge" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) >= 4
+    assert (run_dir / "reference" / "logps.safetensors").stat().st_size > 0
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] >= 1
+    assert all(k in summary["metrics"] for k in FINAL)
+    assert (run_dir / "train" / "final" / "model.safetensors").is_file()  # checked before prune_after_test
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert set(report["trained"]) == {"default", "neutral", "none"}
+    assert all(m["n_identity"] == 6 for m in report["trained"].values())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, pairs_file):
+    """Training alone, one Slurm task per rank (LAUNCHER=srun): no torchrun, rank from SLURM_PROCID."""
+    base = tmp_path_factory.mktemp("srun")
+    run_dir, log = base / "run", base / "job.out"
+    job = submit(log, ["--ntasks-per-node=2", "--cpus-per-task=1"], [f"data.pairs={pairs_file}", *TRAIN],
+                 LAUNCHER="srun", STAGES="train", RUN_DIR=str(run_dir))
+    info = wait_for(job, log, timeout=1200)
+    steps = [r["step"] for r in metrics(run_dir)] if (run_dir / "train" / "metrics.jsonl").is_file() else []
+    prune(base)  # its summary and metrics are all the other tests read
+    return {"info": info, "log": log, "run_dir": run_dir, "steps": steps}
+
+
+def test_srun_tasks_take_rank_and_world_from_slurm(uninterrupted):
+    assert_completed(uninterrupted["info"], uninterrupted["log"])
+    out = uninterrupted["log"].read_text()
+    assert "1 node(s) x 2 rank(s) via srun" in out and "torchrun.sh" not in out
+    summary = json.loads((uninterrupted["run_dir"] / "train" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert uninterrupted["steps"] == list(range(1, 9))
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_metrics(tmp_path, pairs_file, uninterrupted):
+    """Attempt 1 gets SIGUSR1 (as from `--signal=B:USR1@N`) after its first checkpoint: the script
+    requeues the job. Attempt 2 is requeued by `scontrol requeue` after its next checkpoint: Slurm
+    SIGTERMs every process, training checkpoints within KillWait, Slurm requeues. Attempt 3 finishes."""
+    assert_completed(uninterrupted["info"], uninterrupted["log"])
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(log, ["--cpus-per-task=2"], [f"data.pairs={pairs_file}", *TRAIN],
+                 NPROC_PER_NODE="2", STAGES="train", RUN_DIR=str(run_dir))
+
+    wait_until(lambda: latest_checkpoint(run_dir) >= 2, job, log, 900, "first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_until(lambda: "attempt 2" in tail(log, 10**6), job, log, 600, "second attempt after SIGUSR1")
+    first_stop = latest_checkpoint(run_dir)
+    assert 2 < first_stop < 8, f"SIGUSR1 did not stop training between checkpoints (latest step {first_stop})"
+
+    wait_until(lambda: latest_checkpoint(run_dir) > first_stop, job, log, 900, "a checkpoint in attempt 2")
+    before_requeue = latest_checkpoint(run_dir)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    info = wait_for(job, log, timeout=1200)
+    assert_completed(info, log)
+    assert info["Restarts"] == "2"
+
+    out = log.read_text()
+    assert "requeueing job" in out  # attempt 1: the script's own requeue after SIGUSR1
+    assert "received SIGUSR1: checkpointing" in out and "received SIGTERM: checkpointing" in out
+    # Every rank logs where it resumed; one entry per attempt.
+    resumed = list(dict.fromkeys(int(s) for s in re.findall(r"resumed from \S*step-(\d+)", out)))
+    # Attempt 3 resumes from the checkpoint written on SIGTERM, not from the last periodic one.
+    assert len(resumed) == 2 and resumed[0] == first_stop and before_requeue < resumed[1] < 8, (resumed, before_requeue)
+    # Every step ran exactly once: neither attempt started over from step 0.
+    steps = [r["step"] for r in metrics(run_dir)]
+    assert steps == list(range(1, 9)), steps
+    final = json.loads((run_dir / "train" / "summary.json").read_text())["metrics"]
+    expected = json.loads((uninterrupted["run_dir"] / "train" / "summary.json").read_text())["metrics"]
+    for key in FINAL:
+        assert final[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
+
+
+def test_submitit_sweep_runs_four_jobs_and_tabulates_them(tmp_path, pairs_file):
+    if os.environ.get("DPO_DIST_REQUIRE_SLURM") != "1":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e .[slurm]")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "dpo_dist.train", "-m", "hydra/launcher=submitit_slurm",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep_dir}",
+           "loss.beta=0.05,0.1", "optim.lr=1e-6,2e-6", f"data.pairs={pairs_file}", "loss=dpo",
+           "train.global_batch_size=2", "train.micro_batch_size=1", "train.max_steps=2", "data.max_length=96",
+           "data.max_prompt_length=64", "wandb.mode=disabled"]
+    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(2), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    # One Slurm array of four tasks (submitit keeps a folder per task: <array id>_<index>), each
+    # job in its own run directory.
+    tasks = [d.name for d in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", d.name)]
+    assert sorted(t.split("_")[1] for t in tasks) == ["0", "1", "2", "3"], tasks
+    for job in range(4):
+        summary = json.loads((sweep_dir / str(job) / "train" / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 1
+
+    table = subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 4 and "4 runs, 4 finished." in table
+    assert "| job | loss.beta | optim.lr |" in table
+    got = json.loads(subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir), "--json"], cwd=REPO,
+                                    capture_output=True, text=True, check=True).stdout)
+    # Hydra writes the swept values back as it parsed them ("1e-06"): compare numbers.
+    margin = {(float(r["overrides"]["loss.beta"]), float(r["overrides"]["optim.lr"])): r["metrics"]["rewards/margins"]
+              for r in got}
+    assert set(margin) == {(0.05, 1e-6), (0.05, 2e-6), (0.1, 1e-6), (0.1, 2e-6)}
+    # Each job trained with its own settings (not one run copied four times): after one update the
+    # margin grows with the learning rate at either beta.
+    assert margin[(0.05, 2e-6)] > margin[(0.05, 1e-6)] and margin[(0.1, 2e-6)] > margin[(0.1, 1e-6)]
