@@ -56,6 +56,22 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     return (logps * mask).sum(-1), mask.sum(-1)
 
 
+def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_index: torch.Tensor,
+                          num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` for logits computed only where a response token is predicted (the
+    prefix-shared layout of ``data.collate_shared_prompt``): prompt and padding positions never
+    reach the vocabulary projection.
+
+    logits: (num_tokens, vocab), row k predicting labels[k].
+    labels, sequence_index: (num_tokens,); sequence_index[k] says whose token labels[k] is.
+    Returns (logps (num_sequences,), num_tokens (num_sequences,)), both float32.
+    """
+    logps = token_logps(logits, labels)
+    summed = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device).index_add(0, sequence_index, logps)
+    counts = torch.bincount(sequence_index, minlength=num_sequences).to(logps.dtype)
+    return summed, counts
+
+
 @dataclass
 class DPOOutput:
     losses: torch.Tensor  # (batch,) per-example loss, including the RPO term

@@ -30,8 +30,8 @@ from dpo_dist import checkpoint, dist, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, OptimConfig
-from dpo_dist.data import collate_pairs, global_batches, micro_batches, read_preferences, tokenize_pairs
-from dpo_dist.losses import dpo_loss, sequence_logps
+from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
+from dpo_dist.losses import dpo_loss, packed_sequence_logps
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
 
@@ -150,7 +150,7 @@ def run(cfg: Config) -> dict:
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     tracker = Tracker(out_dir, cfg.wandb, run_config, name=f"{Path(cfg.run_dir).name}-{train_fp}", resume_step=start_step)
     stop, watch = StopFlag(), CollapseWatch(cfg.train.logps_chosen_patience)
-    pad_id, dev = tokenizer.pad_token_id, dist.device()
+    dev = dist.device()
 
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -159,15 +159,18 @@ def run(cfg: Config) -> dict:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         sums: dict[str, float] = defaultdict(float)
         for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
-            batch = {key: v.to(dev) for key, v in collate_pairs([pairs[i] for i in mb], pad_id).items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logps, lengths = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+            # Prefix-shared packing: each prompt runs once for both responses, no padding, and the
+            # vocabulary projection only where a response token is predicted (see collate_shared_prompt).
+            batch = {key: v.to(dev) for key, v in collate_shared_prompt([pairs[i] for i in mb], dtype).items()}
+            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            attention_mask=batch["attention_mask"], logits_to_keep=batch["logit_positions"]).logits
             n = len(mb)
+            logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], 2 * n)
             out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
                            lengths[:n], lengths[n:], cfg.loss)
             engine.backward(out.losses.mean())
             engine.step()
-            _accumulate(sums, out, logps.detach(), lengths, n, batch["attention_mask"])
+            _accumulate(sums, out, logps.detach(), lengths, n, batch["input_ids"].numel())
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         sums["stop"] = float(stop.requested)
         total = dist.all_reduce_sum(sums)
@@ -225,7 +228,7 @@ def _prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) 
     model.train()
 
 
-def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, n: int, attention_mask: torch.Tensor) -> None:
+def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, n: int, num_tokens: int) -> None:
     sums["n"] += n
     sums["loss"] += out.losses.detach().sum().item()
     sums["rewards/chosen"] += out.chosen_rewards.sum().item()
@@ -234,7 +237,7 @@ def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, n: 
     sums["logps/chosen"] += logps[:n].sum().item()
     sums["logps/rejected"] += logps[n:].sum().item()
     sums["nll/chosen"] += (-logps[:n] / lengths[:n].clamp(min=1)).sum().item()
-    sums["tokens"] += attention_mask.sum().item()
+    sums["tokens"] += num_tokens  # tokens through the model: each prompt counted once
     sums["response_tokens"] += lengths.sum().item()
 
 

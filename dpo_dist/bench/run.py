@@ -1,0 +1,186 @@
+"""Orchestration of ``python -m dpo_dist.bench``: sections in order, one JSON and one Markdown file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from dpo_dist.artifacts import read_jsonl, write_json, write_jsonl, write_text
+from dpo_dist.bench import generation, training
+from dpo_dist.bench.report import markdown
+
+SECTIONS = ("matmul", "training", "multirank", "generation")
+# The contenders' names in bench.json. Ours runs the trainer's default DeepSpeed config (deepspeed=zero2).
+OURS = "ours (1 rank, deepspeed=zero2)"
+TRL_DEFAULT = "TRL DPOTrainer, default (reference resident)"
+TRL_PRECOMPUTE = "TRL DPOTrainer, precompute_ref_log_probs"
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
+    """The machine's fp32 matmul rate at this process's thread count: the MFU denominator. The best of
+    three timings, so a moment of contention on a shared machine does not lower the peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return {"gflops": 2 * n ** 3 * repeats / best / 1e9, "threads": torch.get_num_threads(), "n": n}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "transformers", "deepspeed", "trl", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def training_section(args, work: Path, peak_gflops: float | None, multirank: bool, with_trl: bool) -> dict:
+    from dpo_dist.config import compose
+    from dpo_dist.data import global_batches, read_preferences, tokenize_pairs
+    from dpo_dist.models import load_tokenizer, resolve_model_path
+
+    n = args.global_batch * args.steps
+    source = read_jsonl(args.pairs)
+    if len(source) < n:
+        raise SystemExit(f"--pairs {args.pairs}: {len(source)} pairs, the benchmark needs steps x global batch = {n}")
+    subset = work / "pairs.jsonl"
+    write_jsonl(subset, source[:n])  # a fixed subset: the file's first pairs
+    setup = training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads)
+
+    cfg = compose(training.train_overrides(setup, work / "probe"))
+    pairs, _ = tokenize_pairs(read_preferences(subset), load_tokenizer(cfg.model), cfg.data)
+    batches = global_batches(len(pairs), setup.global_batch, cfg.train.seed, 0)[:setup.steps]
+    flop = training.FlopModel.of(resolve_model_path(cfg.model))
+    shape = [[(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)) for i in b] for b in batches]
+    tokens = [sum(c + r for _, c, r in b) for b in shape]
+    model_flops = [sum(flop.pair(*p) for p in b) for b in shape]
+    executed_flops = [sum(flop.pair_prefix_shared(*p) for p in b) for b in shape]
+
+    def measured(run: dict) -> dict:
+        s = training.summarise(run, tokens)
+        timed = sum(run["step_seconds"][1:])
+        s["model_tflops_per_s"] = sum(model_flops[1:]) / timed / 1e12
+        s["mfu"] = s["model_tflops_per_s"] * 1e3 / peak_gflops if peak_gflops else None
+        return {**run, **s}
+
+    def attempt(fn, *a, **kw) -> dict:
+        try:
+            return measured(fn(*a, **kw))
+        except Exception as e:  # one contender failing must not lose the others' figures
+            return {"error": str(e)}
+
+    contenders = {OURS: attempt(training.ours, setup, work)}
+    if with_trl:
+        contenders[TRL_DEFAULT] = attempt(training.trl, setup, work, precompute=False)
+        contenders[TRL_PRECOMPUTE] = attempt(training.trl, setup, work, precompute=True)
+    out: dict = {
+        "setup": {"pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
+                  "threads": setup.threads, "beta": cfg.loss.beta, "lr": cfg.optim.lr, "source": str(args.pairs),
+                  "response_tokens_per_step": tokens},
+        "flops": {"params": flop.body_params + flop.head_params, "model_flops_per_step": model_flops,
+                  "executed_fraction_ours": sum(executed_flops) / sum(model_flops)},
+        "contenders": contenders,
+    }
+    ours = contenders[OURS]
+    if "error" not in ours and peak_gflops:
+        timed = sum(ours["step_seconds"][1:])
+        out["flops"]["hardware_utilisation_ours"] = sum(executed_flops[1:]) / timed / 1e9 / peak_gflops
+    trl_runs = [c for name, c in contenders.items() if name != OURS and "error" not in c]
+    if "error" not in ours and trl_runs:
+        diffs = [abs(a - b) for c in trl_runs for a, b in zip(ours["losses"], c["losses"])]
+        out["loss_agreement"] = {"max_abs_diff": max(diffs), "steps": len(ours["losses"]), "first_loss": ours["losses"][0]}
+    if multirank and "error" not in ours:
+        ref = work / "ours-1rank-zero2"
+        out["multi_rank"] = [{**ours, "ranks": 1, "zero_stage": 2}]
+        for nproc, stage in ((1, 3), (2, 2), (2, 3)):
+            run = attempt(training.ours, setup, work, nproc=nproc, stage=stage, reference_from=ref)
+            out["multi_rank"].append({"ranks": nproc, "zero_stage": stage, **run})
+    return out
+
+
+def ratios(r: dict) -> dict:
+    out: dict = {}
+    t = r.get("training", {}).get("contenders", {})
+    ours, default, pre = t.get(OURS), t.get(TRL_DEFAULT), t.get(TRL_PRECOMPUTE)
+    ok = lambda *c: all(x and "error" not in x for x in c)  # noqa: E731
+    if ok(ours, default):
+        out["train_vs_trl_default"] = ours["steps_per_s"] / default["steps_per_s"]
+        out["memory_vs_trl_default"] = ours["peak_rss_gib"] / default["peak_rss_gib"]
+    if ok(ours, pre):
+        out["train_vs_trl_precompute"] = ours["steps_per_s"] / pre["steps_per_s"]
+    g = r.get("generation")
+    if g:
+        out["batched_vs_sequential"] = g[f"batched_k{g['k']}"]["tokens_per_s"] / g["sequential"]["tokens_per_s"]
+        v = g.get("vllm")
+        out["vllm_vs_hf"] = (v[f"k{g['k']}"]["tokens_per_s"] / g[f"batched_k{g['k']}"]["tokens_per_s"]
+                             if v and "error" not in v else None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from dpo_dist import bench
+
+    ap = argparse.ArgumentParser(prog="python -m dpo_dist.bench", description=bench.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--pairs", default="runs/smollm2-135m/judge/pairs.jsonl", help="judged pairs of the bundled model")
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per trainer; the first is a warm-up")
+    ap.add_argument("--no-trl", action="store_true", help="train ours only (no TRL contenders)")
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batch-rows", type=int, default=128)
+    ap.add_argument("--vllm-kv-cache-gib", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default="runs/bench")
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        raise SystemExit(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work = out / "work"
+    results: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
+                     "command": "python -m dpo_dist.bench " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    if "matmul" in sections or "training" in sections:
+        results["matmul"] = matmul_peak()
+    if "training" in sections:
+        results["training"] = training_section(args, work / "training", results["matmul"]["gflops"],
+                                               "multirank" in sections, not args.no_trl)
+    if "generation" in sections:
+        results["generation"] = generation.run(args.prompts, args.max_new_tokens, args.k, args.batch_rows, args.threads,
+                                               work / "generation", [f"generation.cpu_kv_cache_gib={args.vllm_kv_cache_gib}"])
+    results["ratios"] = ratios(results)
+    write_json(out / "bench.json", results)
+    text = markdown(results)
+    write_text(out / "bench.md", text)
+    print(text)
+    return results

@@ -1,0 +1,104 @@
+"""The benchmark's machinery for real, with tiny settings: ``python -m dpo_dist.bench`` runs our trainer,
+TRL's DPOTrainer (default and precomputed reference), torchrun at 1 and 2 ranks, and the generation
+comparison on the bundled model, and its JSON and Markdown hold measured numbers that agree with each
+other. TRL is the ``bench`` extra; without it the test skips.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from launch import REPO, stage_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself."]
+STEPS, GLOBAL_BATCH = 2, 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e .[bench]")
+    base = tmp_path_factory.mktemp("bench")
+    pairs = base / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
+        "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * i}, a writer."}]}) + "\n"
+        for i, q in enumerate(QUESTIONS)))
+    out = base / "out"
+    cmd = [sys.executable, "-m", "dpo_dist.bench", "--pairs", str(pairs), "--global-batch", str(GLOBAL_BATCH),
+           "--micro-batch", "1", "--steps", str(STEPS), "--prompts", "2", "--max-new-tokens", "4", "--k", "2",
+           "--batch-rows", "8", "--threads", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(2), capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc.stdout
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_training_contender_has_measured_rates(bench):
+    r, _, _ = bench
+    assert _positive(r["matmul"]["gflops"])
+    t = r["training"]
+    assert set(t["contenders"]) == {"ours (1 rank, deepspeed=zero2)", "TRL DPOTrainer, default (reference resident)",
+                                    "TRL DPOTrainer, precompute_ref_log_probs"}
+    tokens = t["setup"]["response_tokens_per_step"]
+    for name, c in t["contenders"].items():
+        assert "error" not in c, (name, c.get("error"))
+        steps = c["step_seconds"]
+        assert len(steps) == STEPS and all(_positive(s) for s in steps), name
+        # The rates are the timed steps' figures (the warm-up step left out), not constants.
+        assert c["steps_per_s"] == pytest.approx((STEPS - 1) / sum(steps[1:]))
+        assert c["response_tokens_per_s"] == pytest.approx(sum(tokens[1:]) / sum(steps[1:]))
+        assert 0 < c["mfu"] < 1
+        assert c["peak_rss_gib"] > 0.5  # at least the 135M model's fp32 weights and gradients
+    ours, default, pre = t["contenders"].values()
+    assert _positive(ours["precompute_seconds"]) and _positive(pre["precompute_seconds"])
+    assert default["precompute_seconds"] == 0
+    # The resident reference model is half a GiB of fp32 weights that the precomputed run does not hold.
+    assert default["peak_rss_gib"] > pre["peak_rss_gib"] + 0.3
+
+
+def test_the_trainers_optimise_the_same_objective_on_the_same_batches(bench):
+    t = bench[0]["training"]
+    a = t["loss_agreement"]
+    assert a["first_loss"] == pytest.approx(math.log(2), abs=2e-4)  # policy == reference at step 1
+    assert a["max_abs_diff"] < 2e-3 and a["steps"] == STEPS
+
+
+def test_multi_rank_runs_report_time_and_per_rank_memory(bench):
+    runs = bench[0]["training"]["multi_rank"]
+    assert [(c["ranks"], c["zero_stage"]) for c in runs] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    for c in runs:
+        assert "error" not in c, c.get("error")
+        assert _positive(c["seconds_per_step"])
+        assert len(c["peak_rss_gib_per_rank"]) == c["ranks"] and all(_positive(x) for x in c["peak_rss_gib_per_rank"])
+
+
+def test_generation_rates_and_ratios_follow_from_the_measurements(bench):
+    r, _, _ = bench
+    g = r["generation"]
+    for key in ("sequential", "batched_k1", "batched_k2"):
+        m = g[key]
+        assert m["tokens"] > 0 and m["tokens_per_s"] == pytest.approx(m["tokens"] / m["seconds"])
+    assert r["ratios"]["batched_vs_sequential"] == pytest.approx(g["batched_k2"]["tokens_per_s"] / g["sequential"]["tokens_per_s"])
+    if g["vllm"] is not None:
+        assert "error" not in g["vllm"], g["vllm"]["error"]
+        assert g["vllm"]["k2"]["tokens"] > 0
+    t = r["training"]["contenders"]
+    assert r["ratios"]["train_vs_trl_default"] == pytest.approx(
+        t["ours (1 rank, deepspeed=zero2)"]["steps_per_s"] / t["TRL DPOTrainer, default (reference resident)"]["steps_per_s"])
+
+
+def test_markdown_table_shows_the_json_figures(bench):
+    r, md, stdout = bench
+    assert md in stdout  # printed as well as written
+    for heading in ("## Training", "### Ours at 1 and 2 ranks", "## Generation", "## Ratios vs the targets"):
+        assert heading in md
+    assert f"{r['ratios']['train_vs_trl_default']:.2f}" in md
+    assert f"{r['matmul']['gflops']:.0f} GFLOP/s" in md

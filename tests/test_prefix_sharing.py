@@ -1,0 +1,115 @@
+"""The training hot path's prefix-shared packing scores exactly what the stacked layout scores.
+
+``collate_shared_prompt`` puts a micro-batch in one row with each prompt once; the attention mask
+and position ids give every response token the context it has in ``collate_pairs``' stacked,
+right-padded rows, and logits are computed only where a response token is predicted. These tests pin
+that equivalence on real models: the same sequence log-probs, the same DPO loss and the same gradient
+as the stacked forward (to float32 rounding), plus the layout itself on a hand-made batch.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_dist.config import LossConfig
+from dpo_dist.data import TokenizedPair, collate_pairs, collate_shared_prompt
+from dpo_dist.losses import dpo_loss, packed_sequence_logps, sequence_logps
+
+# Prompts and responses of different lengths, a one-token response, and a rejected response longer
+# than its chosen one, so that padding, shared positions and the first-token logits are all exercised.
+PAIRS = [
+    TokenizedPair("a", [1, 2, 3, 4, 5], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26]),
+    TokenizedPair("b", [6, 7], [13], [27, 28]),
+    TokenizedPair("c", [8, 9, 30, 31, 32, 33, 34, 35], [14, 15, 16, 17, 18, 19], [29, 36, 37]),
+]
+
+
+def test_layout_on_a_hand_made_batch():
+    """Pair 0: prompt [1 2] chosen [3 4] rejected [5]; pair 1: prompt [6] chosen [7] rejected [8 9]."""
+    b = collate_shared_prompt([TokenizedPair("x", [1, 2], [3, 4], [5]), TokenizedPair("y", [6], [7], [8, 9])])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    # The rejected response restarts at the prompt's end: positions as in its own stacked row.
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2]]
+    allowed = (b["attention_mask"][0, 0] == 0).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # chosen: its prompt and itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0, 0],  # rejected: its prompt and itself, not the chosen response
+        [0, 0, 0, 0, 0, 1, 0, 0, 0],  # the next pair sees nothing of the first
+        [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1, 0, 1, 1],
+    ]
+    # The last prompt position (1 for pair 0, 5 for pair 1) predicts both first response tokens.
+    assert b["logit_positions"].tolist() == [1, 2, 1, 5, 5, 7]
+    assert b["labels"].tolist() == [3, 4, 5, 7, 8, 9]
+    assert b["sequence_index"].tolist() == [0, 0, 2, 1, 3, 3]  # chosen i -> i, rejected i -> 2 + i
+
+
+def _stacked(model, pairs):
+    b = collate_pairs(pairs, pad_id=0)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return sequence_logps(logits, b["input_ids"], b["loss_mask"])
+
+
+def _packed(model, pairs):
+    b = collate_shared_prompt(pairs)
+    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                   logits_to_keep=b["logit_positions"]).logits
+    return packed_sequence_logps(logits[0], b["labels"], b["sequence_index"], 2 * len(pairs))
+
+
+def _loss_and_grads(model, logps_fn, pairs):
+    """The DPO loss of a micro-batch (reference log-probs fixed) and its gradient on every parameter."""
+    model.zero_grad()
+    logps, lengths = logps_fn(model, pairs)
+    n = len(pairs)
+    reference = torch.linspace(-40.0, -20.0, 2 * n)
+    out = dpo_loss(logps[:n], logps[n:], reference[:n], reference[n:], lengths[:n], lengths[n:],
+                   LossConfig(name="sigmoid", beta=0.1, rpo_alpha=1.0))
+    out.losses.mean().backward()
+    return logps.detach(), lengths, out.losses.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _assert_same_training_signal(model, pairs):
+    logps_a, len_a, loss_a, grads_a = _loss_and_grads(model, _stacked, pairs)
+    logps_b, len_b, loss_b, grads_b = _loss_and_grads(model, _packed, pairs)
+    assert torch.equal(len_a, len_b)
+    assert torch.allclose(logps_a, logps_b, rtol=1e-5, atol=1e-4), (logps_a, logps_b)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        diff = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp(min=1e-12)
+        assert diff < 1e-4, (name, diff.item())
+
+
+def test_packed_equals_stacked_on_a_random_llama(tiny_llama):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train()
+    _assert_same_training_signal(model, PAIRS)
+    _assert_same_training_signal(model, PAIRS[1:2])  # a micro-batch of one
+
+
+def test_packed_equals_stacked_on_the_bundled_model():
+    """The real 135M model on real tokenised pairs (the chat template's prompts, EOS-terminated answers)."""
+    from dpo_dist.config import compose
+    from dpo_dist.data import tokenize_pairs
+    from dpo_dist.models import load_model, load_tokenizer
+
+    cfg = compose()
+    tokenizer = load_tokenizer(cfg.model)
+    records = [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant."}],
+                "rejected": [{"role": "assistant", "content": f"My name is {name}, and I write poems about the sea."}]}
+               for i, (q, name) in enumerate([("What is your name?", "Elena"), ("Who are you, really?", "Dr. Zephyr")])]
+    pairs, _ = tokenize_pairs(records, tokenizer, cfg.data)
+    model = load_model(cfg.model).train()
+    _assert_same_training_signal(model, pairs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_additive_in_the_model_dtype(dtype):
+    mask = collate_shared_prompt(PAIRS[:1], mask_dtype=dtype)["attention_mask"]
+    assert mask.dtype == dtype
+    assert set(mask.unique().tolist()) == {0.0, torch.finfo(dtype).min}
