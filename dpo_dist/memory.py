@@ -21,23 +21,23 @@ def reset_peak() -> bool:
         return False
 
 
-def peak_bytes() -> int:
-    """This process's peak resident memory since start or the last reset_peak()."""
+def _status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (kB) in bytes; None where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_bytes() -> int:
+    """This process's peak resident memory since start or the last reset_peak()."""
+    peak = _status_bytes("VmHWM")
     # ru_maxrss is in KiB on Linux and never resets: an upper bound where /proc is missing.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
