@@ -44,7 +44,7 @@ def _run_vllm(vllm_python, overrides):
 def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n" for i, q in enumerate(QUESTIONS)))
-    greedy = [f"prompts.train={prompts}", "generation.temperature=0", "generation.num_candidates=1",
+    greedy = [f"prompts.train={prompts}", "prompts.num_train_general=0", "generation.temperature=0", "generation.num_candidates=1",
               "generation.num_chosen_candidates=1", "generation.max_new_tokens=48"]
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'hf'}", *greedy])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 'vllm'}", "generation=vllm", *greedy])
@@ -57,7 +57,7 @@ def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
         mismatched = [i for i in hf if hf[i][key][0]["text"] != vl[i][key][0]["text"]]
         assert not mismatched, {i: (hf[i][key][0]["text"], vl[i][key][0]["text"]) for i in mismatched}
 
-    sampled = [f"prompts.train={prompts}", "generation=vllm", "generation.num_candidates=3",
+    sampled = [f"prompts.train={prompts}", "prompts.num_train_general=0", "generation=vllm", "generation.num_candidates=3",
                "generation.num_chosen_candidates=1", "generation.max_new_tokens=24"]
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's1'}", *sampled])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's2'}", *sampled])
