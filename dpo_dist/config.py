@@ -137,6 +137,10 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2
+    # The exported model is a finished run's product; its DeepSpeed checkpoints (weights plus fp32
+    # optimizer states, ~3x the model again) only serve to resume, so they are removed once the export
+    # and summary are written. true keeps them, with one at the last step, to continue training later.
+    keep_checkpoints_after_export: bool = False
     # Pairs per forward pass when precomputing reference log-probs (no gradients: can be larger).
     reference_batch_size: int = 8
     # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).

@@ -8,15 +8,17 @@ Setup -> loop -> save, top to bottom. The reference log-probs come from the cach
 ``dpo_dist.reference`` (computed first if missing or stale, and the reference model freed before the
 policy loads), so only the policy is resident while training. Chosen and rejected of a micro-batch
 go through the model in one forward pass. Metrics use TRL's names and are averaged over the global
-batch across ranks. A checkpoint is written every ``train.save_every`` steps and at the end; a
-re-run resumes from the latest. SIGTERM or SIGUSR1 (Slurm's warning before the time limit) make
-every rank stop at the next step boundary, after a checkpoint.
+batch across ranks. A checkpoint is written every ``train.save_every`` steps; a re-run resumes from
+the latest. SIGTERM or SIGUSR1 (Slurm's warning before the time limit) make every rank stop at the
+next step boundary, after a checkpoint. A finished run keeps its export and drops its checkpoints
+(``train.keep_checkpoints_after_export``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -54,8 +56,9 @@ def training_fingerprint(cfg: Config, reference_fp: str) -> str:
     # Micro-batch and accumulation split the same global batch (tests show they train alike), and
     # bucket sizes only change communication; the ZeRO stage and offload change the checkpoint layout.
     train = {k: v for k, v in asdict(cfg.train).items()
-             if k not in ("log_every", "save_every", "keep_checkpoints", "logps_chosen_patience", "reference_batch_size",
-                          "micro_batch_size", "gradient_accumulation_steps")}
+             if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
+                          "logps_chosen_patience", "reference_batch_size", "micro_batch_size",
+                          "gradient_accumulation_steps")}
     ds = {k: getattr(cfg.deepspeed, k) for k in ("stage", "offload_optimizer", "offload_param")}
     return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, ds)
 
@@ -118,6 +121,8 @@ def run(cfg: Config) -> dict:
     train_fp = training_fingerprint(cfg, ref_fp)
     if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
         log.info("training already finished with these settings: %s", final_dir)
+        if denv.is_main and not cfg.train.keep_checkpoints_after_export:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run killed right after its summary
         return read_json(summary_path)["metrics"]
     _claim_checkpoints(ckpt_dir, train_fp, denv.is_main)
 
@@ -184,8 +189,10 @@ def run(cfg: Config) -> dict:
         watch.update(metrics["logps/chosen"], step + 1)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
             tracker.log(metrics, step + 1)
-        preempted = total["stop"] > 0
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps or preempted:
+        preempted, last = total["stop"] > 0, step + 1 == total_steps
+        # The last step goes straight to the export; a checkpoint there only serves to continue training.
+        periodic = (step + 1) % cfg.train.save_every == 0 and not last
+        if periodic or preempted or (last and cfg.train.keep_checkpoints_after_export):
             checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "metrics": metrics}, cfg.train.keep_checkpoints)
         if preempted and step + 1 < total_steps:
             log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
@@ -200,6 +207,8 @@ def run(cfg: Config) -> dict:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
                                   "world_size": denv.world_size, "pairs": stats.kept,
                                   "peak_rss_gib_per_rank": [round(p / memory.GIB, 3) for p in peaks]})
+        if not cfg.train.keep_checkpoints_after_export:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()
     dist.barrier()
     return metrics

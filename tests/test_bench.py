@@ -6,12 +6,15 @@ other. TRL is the ``bench`` extra; without it the test skips.
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from launch import REPO, stage_env
+
+from dpo_dist.bench.run import OURS, TRL_DEFAULT, TRL_PRECOMPUTE
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself."]
@@ -34,7 +37,8 @@ def bench(tmp_path_factory):
            "--batch-rows", "8", "--threads", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=stage_env(2), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc.stdout
+    yield json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc.stdout
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _positive(x):
@@ -45,8 +49,7 @@ def test_every_training_contender_has_measured_rates(bench):
     r, _, _ = bench
     assert _positive(r["matmul"]["gflops"])
     t = r["training"]
-    assert set(t["contenders"]) == {"ours (1 rank, deepspeed=zero2)", "TRL DPOTrainer, default (reference resident)",
-                                    "TRL DPOTrainer, precompute_ref_log_probs"}
+    assert set(t["contenders"]) == {OURS, TRL_DEFAULT, TRL_PRECOMPUTE}
     tokens = t["setup"]["response_tokens_per_step"]
     for name, c in t["contenders"].items():
         assert "error" not in c, (name, c.get("error"))
@@ -57,7 +60,8 @@ def test_every_training_contender_has_measured_rates(bench):
         assert c["response_tokens_per_s"] == pytest.approx(sum(tokens[1:]) / sum(steps[1:]))
         assert 0 < c["mfu"] < 1
         assert c["peak_rss_gib"] > 0.5  # at least the 135M model's fp32 weights and gradients
-    ours, default, pre = t["contenders"].values()
+    # bench.json sorts its keys: look the contenders up by name, not by position.
+    ours, default, pre = (t["contenders"][k] for k in (OURS, TRL_DEFAULT, TRL_PRECOMPUTE))
     assert _positive(ours["precompute_seconds"]) and _positive(pre["precompute_seconds"])
     assert default["precompute_seconds"] == 0
     # The resident reference model is half a GiB of fp32 weights that the precomputed run does not hold.
@@ -92,7 +96,7 @@ def test_generation_rates_and_ratios_follow_from_the_measurements(bench):
         assert g["vllm"]["k2"]["tokens"] > 0
     t = r["training"]["contenders"]
     assert r["ratios"]["train_vs_trl_default"] == pytest.approx(
-        t["ours (1 rank, deepspeed=zero2)"]["steps_per_s"] / t["TRL DPOTrainer, default (reference resident)"]["steps_per_s"])
+        t[OURS]["steps_per_s"] / t[TRL_DEFAULT]["steps_per_s"])
 
 
 def test_markdown_table_shows_the_json_figures(bench):

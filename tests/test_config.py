@@ -1,6 +1,5 @@
 """Every YAML under conf/ composes and converts to its dataclass; bad values fail naming the key."""
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException

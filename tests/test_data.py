@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dpo_dist.artifacts import DataError, read_jsonl, write_jsonl
+from dpo_dist.artifacts import DataError, write_jsonl
 from dpo_dist.config import DataConfig
 from dpo_dist.config import ConfigError
 from dpo_dist.data import (build_messages, collate_pairs, global_batches, micro_batches, read_preferences,

@@ -8,7 +8,7 @@ reference precomputation and sharded generation equal the single-rank results.
 
 import json
 import math
-import os
+import shutil
 import signal
 import subprocess
 import time
@@ -49,13 +49,14 @@ def _train(run_dir, pairs, nproc, extra):
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory, pairs_file):
     base = tmp_path_factory.mktemp("curves")
-    return {
+    yield {
         "1rank_mb1x4": _train(base / "a", pairs_file, 1, ["train.micro_batch_size=1"]),
         "1rank_mb4x1": _train(base / "b", pairs_file, 1, ["train.micro_batch_size=4"]),
         "2rank_zero2": _train(base / "c", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero2"]),
         "2rank_zero3": _train(base / "d", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero3"]),
         "dirs": base,
     }
+    shutil.rmtree(base, ignore_errors=True)  # four exported models; the suite's disk is not unlimited
 
 
 def _losses(m):

