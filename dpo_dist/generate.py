@@ -97,13 +97,26 @@ class VLLMBackend:
             # Without this the CPU backend sizes its cache from a fraction of free memory, which
             # fluctuates, and fails at start-up when the fraction is not free.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.gen.cpu_kv_cache_gib))
+            # By default the CPU worker keeps one core for the engine process and binds its threads to
+            # the rest: on a 2-core machine that is half the machine. Give it the rank's own threads.
+            import torch
+
+            threads = torch.get_num_threads()  # set per rank by dist.init
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{e.local_rank * threads}-{(e.local_rank + 1) * threads - 1}")
         from vllm import LLM
 
         path = resolve_model_path(cfg.model)
         self.llm = LLM(model=path, tokenizer=path, dtype="bfloat16" if cuda else "float32", tensor_parallel_size=tp,
                        gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
                        enforce_eager=self.gen.enforce_eager or not cuda, seed=self.gen.seed,
-                       trust_remote_code=cfg.model.trust_remote_code)
+                       trust_remote_code=cfg.model.trust_remote_code,
+                       # Seeded requests on the CPU get an MT19937 torch.Generator, which has no offset;
+                       # after a chunked (partial) prefill vLLM rewinds that offset and the worker dies
+                       # ("CPU Generator does not use offset" -> EngineDeadError) as soon as the waiting
+                       # prompts exceed one step's token budget (4096 on CPU, e.g. 48 prompts x n=4).
+                       # Whole-prompt prefill never rewinds. GPUs keep vLLM's default.
+                       enable_chunked_prefill=None if cuda else False)
 
     def generate(self, prompt_ids: list[list[int]], ids: list[str], n: int, progress=None) -> list[list[dict]]:
         from vllm import SamplingParams

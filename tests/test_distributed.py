@@ -147,7 +147,7 @@ def test_two_rank_generation_covers_the_same_prompts(tmp_path, tiny_llama):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n"
                                for i, q in enumerate(QUESTIONS[:7])))
-    common = [f"model.path={tiny_llama}", f"prompts.train={prompts}", "prompts.num_train_general=0", "generation.max_new_tokens=8",
+    common = [f"model.path={tiny_llama}", f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation.max_new_tokens=8",
               "generation.num_candidates=2"]
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'one'}", *common])
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'two'}", *common], nproc=2)

