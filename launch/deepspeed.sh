@@ -21,32 +21,10 @@
 # so send SIGUSR1 to the whole process group (`kill -USR1 -- -PGID`); Slurm signals every process of
 # a step anyway. SIGTERM to the launcher reaches the workers (DeepSpeed SIGKILLs them 30 s later).
 set -euo pipefail  # no cd: relative paths in the overrides (run_dir=...) stay relative to the caller
-PY="${PYTHON:-python3}"
-
-module=dpo_dist.pipeline
-if [[ $# -gt 0 && $1 =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$ ]]; then
-    module=$1
-    shift
-fi
-
-count_gpus() {
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
-NPROC_PER_NODE="${NPROC_PER_NODE:-$(count_gpus)}"
-[[ $NPROC_PER_NODE -ge 1 ]] || NPROC_PER_NODE=1
-NNODES="${NNODES:-1}"
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # On a CPU node DeepSpeed counts NUMA nodes as its devices unless LOCAL_SIZE says how many ranks.
 export LOCAL_SIZE="$NPROC_PER_NODE"
-
-cores="${SLURM_CPUS_ON_NODE:-$(nproc)}"
-threads=$((cores / NPROC_PER_NODE))
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}"
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # --no_local_rank: DeepSpeed would otherwise append --local_rank=N, which is not a Hydra override.
