@@ -11,7 +11,7 @@ Each stage receives only its own slice (``cfg.loss``, ``cfg.optim`` ...), never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -82,6 +82,18 @@ class DeepSpeedConfig:
                  "parameter offload needs ZeRO stage 3")
         _require(not self.offload_optimizer or self.stage >= 1, "deepspeed.offload_optimizer",
                  "optimizer offload needs ZeRO stage 1 or higher")
+
+    def for_world(self, world_size: int, fp32: bool) -> "DeepSpeedConfig":
+        """The configuration a run of ``world_size`` ranks actually uses. ZeRO stages 1 and 2 partition
+        optimizer states and gradients across data-parallel ranks; one rank has nothing to partition,
+        and with fp32 weights stage 0 gives torch's AdamW the model's own parameters and gradients:
+        no flat fp32 master copy, no gradient buckets. Measured on the bundled model at one CPU rank
+        (README, "Measured"): a quarter less time per step and 1 GiB less memory than stage 2.
+        Mixed precision keeps the configured stage: it needs an fp32 master copy either way, and that
+        path has not been run here."""
+        if world_size == 1 and fp32 and self.stage in (1, 2) and not self.offload_optimizer:
+            return replace(self, stage=0)
+        return self
 
 
 @dataclass

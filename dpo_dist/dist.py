@@ -256,7 +256,22 @@ def zero3_inference_config(dtype: torch.dtype) -> dict:
 def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, config: dict):
     deepspeed = _ensure_deepspeed_dist()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+    if torch_dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        # An all-reduce over one rank would only copy every gradient into a flat bucket and back.
+        # (ZeRO 1-3 move gradients into their partitions in that same call: left on for them.)
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def boundary_grad_norm(engine) -> float | None:
+    """The gradient norm before this accumulation boundary's step, where DeepSpeed does not report it:
+    at stage 0 without mixed precision it clips with that norm and discards it (ZeRO and the bf16/fp16
+    optimizers keep theirs for get_global_grad_norm). Gradients are already averaged across ranks here."""
+    if (engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+            or not engine.is_gradient_accumulation_boundary()):
+        return None
+    norms = [torch.linalg.vector_norm(p.grad) for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _free_port() -> int:

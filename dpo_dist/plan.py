@@ -18,7 +18,9 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   gradient partition (and at stage 3 with offload_param the parameters) to host memory. Stage 3 also
   gathers one module at a time: its weights and their gradients, 2*b * the largest module (the
   embedding, for Qwen). With b=2 this is exactly DeepSpeed's 2P + 18P/N for stage 2, and within
-  2P/N of its 18P/N + 4L for stage 3 (tests/test_plan.py compares them).
+  2P/N of its 18P/N + 4L for stage 3 (tests/test_plan.py compares them). One fp32 rank trains at
+  stage 0 whatever stage 1 or 2 says (DeepSpeedConfig.for_world): weights, their gradients and
+  AdamW's moments, 16P, with no master copy, no buckets and per-tensor step temporaries.
 - communication buckets: the gradient reduce bucket (doubled with overlap_comm) and at stage 3 the
   parameter prefetch bucket, b bytes per element.
 - activations: train.py packs a micro-batch of m pairs into one row (data.collate_shared_prompt):
@@ -132,7 +134,8 @@ class Setup:
     cpu_memory_gib: float
     runtime_gib: float
     weight_bytes: int
-    stage: int
+    stage: int  # the stage the run uses (DeepSpeedConfig.for_world), which may differ from:
+    configured_stage: int
     offload_optimizer: bool
     offload_param: bool
     overlap_comm: bool
@@ -155,9 +158,15 @@ class Setup:
 
     @property
     def deepspeed_name(self) -> str:
+        if self.stage != self.configured_stage:
+            return f"ZeRO-{self.stage} (deepspeed.stage={self.configured_stage} on one fp32 rank)"
         if not self.offload_optimizer:
             return f"ZeRO-{self.stage}"
         return f"ZeRO-{self.stage} + offload " + ("optimizer, params" if self.offload_param else "optimizer")
+
+    def on_nodes(self, nodes: int) -> "Setup":
+        """The same settings on more nodes: more than one rank keeps the configured ZeRO stage."""
+        return dataclasses.replace(self, nodes=nodes, stage=self.configured_stage if nodes * self.gpus_per_node > 1 else self.stage)
 
     @classmethod
     def of(cls, cfg: Config, runtime_gib: float | None = None) -> "Setup":
@@ -165,13 +174,14 @@ class Setup:
         dtype = cfg.model.dtype
         if dtype == "auto":  # what models.torch_dtype picks: bf16 on a GPU, fp32 on the CPU
             dtype = "bfloat16" if p.device == "gpu" else "float32"
+        ds = cfg.deepspeed.for_world(p.nodes * p.gpus_per_node, dtype == "float32")
         runtime = runtime_gib if runtime_gib is not None else p.runtime_gib
         if runtime is None:
             runtime = GPU_RUNTIME_GIB if p.device == "gpu" else measure_cpu_runtime_gib(cfg.model)
         return cls(
             device=p.device, nodes=p.nodes, gpus_per_node=p.gpus_per_node, gpu_memory_gib=p.gpu_memory_gib,
             cpu_memory_gib=p.cpu_memory_gib, runtime_gib=runtime, weight_bytes=4 if dtype == "float32" else 2,
-            stage=ds.stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
+            stage=ds.stage, configured_stage=cfg.deepspeed.stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
             overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
             prefetch_bucket_size=ds.stage3_prefetch_bucket_size, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=p.seq_len or cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -221,6 +231,9 @@ def model_states(arch: Architecture, s: Setup) -> list[tuple[str, float, bool]]:
         (f"parameters ({wname}{', 1/N' if s.stage == 3 else ''})", b * (shard if s.stage == 3 else P), s.offload_param),
         (f"gradients ({wname}{', 1/N' if s.stage >= 2 else ''})", b * (shard if s.stage >= 2 else P), grads_on_host),
     ]
+    if s.stage == 0 and b == 4:
+        # fp32 at stage 0: the optimizer steps the model's own parameters with their own gradients.
+        return terms + [("AdamW moments (fp32)", 8 * P, False)]
     opt = shard if s.stage >= 1 else P
     fp32_grad = min(opt, ZERO3_SUB_GROUP) if s.stage == 3 else opt
     terms += [
@@ -238,6 +251,8 @@ def step_temporaries(arch: Architecture, s: Setup) -> tuple[str, float, bool]:
     """torch AdamW (what train.py passes DeepSpeed, offloaded or not) computes its denominator as
     sqrt(v) / c: two fp32 temporaries the size of the partition it steps (a sub-group at stage 3)."""
     elems = arch.params / s.world if s.stage >= 1 else arch.params
+    if s.stage == 0 and s.weight_bytes == 4:
+        elems = arch.largest_module_params  # torch's AdamW on the model's own tensors, one at a time
     if s.stage == 3:
         elems = min(elems, ZERO3_SUB_GROUP)
     return "AdamW step temporaries", 8 * elems, s.offload_optimizer
@@ -281,6 +296,8 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     ph = Phase("training", unit, _device_budget(s))
     ph.terms += [(label, b) for label, b, on_host in model_states(arch, s) if not on_host]
     buckets = s.weight_bytes * s.reduce_bucket_size * (2 if s.overlap_comm else 1)
+    if s.stage == 0 and s.world == 1:
+        buckets = 0  # dist.build_engine skips the all-reduce over one rank
     if s.stage == 3:
         buckets += s.weight_bytes * s.prefetch_bucket_size
     ph.terms.append(("communication buckets", buckets))
@@ -435,10 +452,10 @@ def _training_fixes(arch: Architecture, s: Setup) -> list[str]:
         candidates.append((f"train.micro_batch_size={mb}", dataclasses.replace(s, micro_batch_size=mb)))
     if s.stage < 3:
         candidates.append(("deepspeed=zero3",
-                           dataclasses.replace(s, stage=3, offload_optimizer=False, offload_param=False)))
+                           dataclasses.replace(s, stage=3, configured_stage=3, offload_optimizer=False, offload_param=False)))
     if not s.offload_param:
         candidates.append(("deepspeed=zero3_offload",
-                           dataclasses.replace(s, stage=3, offload_optimizer=True, offload_param=True)))
+                           dataclasses.replace(s, stage=3, configured_stage=3, offload_optimizer=True, offload_param=True)))
     fixes = []
     for label, c in candidates:
         ok, totals = _training_fits(arch, c)
@@ -449,7 +466,7 @@ def _training_fixes(arch: Architecture, s: Setup) -> list[str]:
     nodes = _nodes_needed(arch, s)
     if nodes:
         fixes.append(f"plan.nodes={nodes} (more GPUs, same settings) -> "
-                     f"{_training_fits(arch, dataclasses.replace(s, nodes=nodes))[1]}")
+                     f"{_training_fits(arch, s.on_nodes(nodes))[1]}")
     if fixes:
         return fixes
     combined, labels = s, []
@@ -466,7 +483,7 @@ def _training_fixes(arch: Architecture, s: Setup) -> list[str]:
 
 def _nodes_needed(arch: Architecture, s: Setup, limit: int = 64) -> int | None:
     for nodes in range(s.nodes + 1, limit + 1):
-        if _training_fits(arch, dataclasses.replace(s, nodes=nodes))[0]:
+        if _training_fits(arch, s.on_nodes(nodes))[0]:
             return nodes
     return None
 

@@ -50,7 +50,7 @@ class Preempted(SystemExit):
         super().__init__(EXIT_PREEMPTED)
 
 
-def training_fingerprint(cfg: Config, reference_fp: str) -> str:
+def training_fingerprint(cfg: Config, reference_fp: str, world_size: int) -> str:
     """What the checkpoints depend on. Logging and saving cadence are left out: changing them and
     re-running resumes instead of refusing."""
     # Micro-batch and accumulation split the same global batch (tests show they train alike), and
@@ -59,7 +59,8 @@ def training_fingerprint(cfg: Config, reference_fp: str) -> str:
              if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
                           "logps_chosen_patience", "reference_batch_size", "micro_batch_size",
                           "gradient_accumulation_steps")}
-    ds = {k: getattr(cfg.deepspeed, k) for k in ("stage", "offload_optimizer", "offload_param")}
+    effective = cfg.deepspeed.for_world(world_size, torch_dtype(cfg.model.dtype) == torch.float32)
+    ds = {k: getattr(effective, k) for k in ("stage", "offload_optimizer", "offload_param")}
     return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, ds)
 
 
@@ -118,7 +119,7 @@ def run(cfg: Config) -> dict:
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
     memory.reset_peak()  # the training peak is its own, not the reference pass's
     ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
-    train_fp = training_fingerprint(cfg, ref_fp)
+    train_fp = training_fingerprint(cfg, ref_fp, denv.world_size)
     if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
         log.info("training already finished with these settings: %s", final_dir)
         if denv.is_main and not cfg.train.keep_checkpoints_after_export:
@@ -140,8 +141,11 @@ def run(cfg: Config) -> dict:
                  cfg.train.global_batch_size, cfg.train.micro_batch_size, accum, denv.world_size)
 
     dtype = torch_dtype(cfg.model.dtype)
-    ds_config = dist.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, denv.world_size, dtype)
-    with dist.zero3_model_loading(cfg.deepspeed, ds_config):
+    ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
+    if ds.stage != cfg.deepspeed.stage and denv.is_main:
+        log.info("one rank, fp32: ZeRO stage %d has nothing to partition; training with stage %d", cfg.deepspeed.stage, ds.stage)
+    ds_config = dist.deepspeed_config(ds, cfg.train, cfg.optim, denv.world_size, dtype)
+    with dist.zero3_model_loading(ds, ds_config):
         model = load_model(cfg.model)
     _prepare_for_training(model, cfg.model.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
@@ -163,6 +167,7 @@ def run(cfg: Config) -> dict:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         sums: dict[str, float] = defaultdict(float)
+        stage0_norm = None
         for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
             # Prefix-shared packing: each prompt runs once for both responses, no padding, and the
             # vocabulary projection only where a response token is predicted (see collate_shared_prompt).
@@ -174,9 +179,10 @@ def run(cfg: Config) -> dict:
             out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
                            lengths[:n], lengths[n:], cfg.loss)
             engine.backward(out.losses.mean())
+            stage0_norm = dist.boundary_grad_norm(engine) or stage0_norm
             engine.step()
             _accumulate(sums, out, logps.detach(), lengths, n, batch["input_ids"].numel())
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        grad_norm = float(engine.get_global_grad_norm() or stage0_norm or 0.0)
         sums["stop"] = float(stop.requested)
         total = dist.all_reduce_sum(sums)
         metrics = _step_metrics(total, grad_norm, lr, epoch, time.perf_counter() - started)
@@ -205,7 +211,7 @@ def run(cfg: Config) -> dict:
     dist.end_zero3_model_loading()
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
-                                  "world_size": denv.world_size, "pairs": stats.kept,
+                                  "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
                                   "peak_rss_gib_per_rank": [round(p / memory.GIB, 3) for p in peaks]})
         if not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -108,10 +108,20 @@ def test_final_model_is_exported_and_loads(curves):
     assert torch.allclose(w2[key], w3[key], atol=1e-4)
 
 
-def test_sigkill_mid_training_resumes_to_the_same_final_loss(curves, pairs_file, tmp_path):
+def test_one_fp32_rank_trains_at_stage_0_and_matches_zero2_at_two_ranks(curves):
+    # deepspeed=zero2 on one rank has nothing to partition (DeepSpeedConfig.for_world); the 1-rank
+    # curves are the stage-0 ones test_two_ranks_match_one_rank compares ZeRO-2 and ZeRO-3 against.
+    stage = {sub: json.loads((curves["dirs"] / sub / "train" / "summary.json").read_text())["zero_stage"]
+             for sub in ("a", "c", "d")}
+    assert stage == {"a": 0, "c": 2, "d": 3}
+
+
+# One rank resumes a stage-0 checkpoint, two ranks a ZeRO-2 one.
+@pytest.mark.parametrize("nproc,same_as", [(1, "1rank_mb1x4"), (2, "2rank_zero2")])
+def test_sigkill_mid_training_resumes_to_the_same_final_loss(curves, pairs_file, tmp_path, nproc, same_as):
     run_dir = tmp_path / "killed"
     args = [f"run_dir={run_dir}", f"data.pairs={pairs_file}", *TRAIN, "train.micro_batch_size=1", "deepspeed=zero2"]
-    proc = subprocess.Popen(stage_command("dpo_dist.train", args, nproc=2), cwd=REPO, env=stage_env(2),
+    proc = subprocess.Popen(stage_command("dpo_dist.train", args, nproc=nproc), cwd=REPO, env=stage_env(nproc),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "train" / "checkpoints" / "latest"
     deadline = time.time() + 600
@@ -121,10 +131,10 @@ def test_sigkill_mid_training_resumes_to_the_same_final_loss(curves, pairs_file,
     kill_tree(proc.pid, signal.SIGKILL)  # torchrun and every rank, no chance to clean up
     proc.wait()
     assert not (run_dir / "train" / "final").exists()
-    run_stage("dpo_dist.train", args, nproc=2)
+    run_stage("dpo_dist.train", args, nproc=nproc)
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3]
-    assert resumed[-1]["loss"] == pytest.approx(curves["2rank_zero2"][-1]["loss"], rel=1e-4, abs=1e-5)
+    assert resumed[-1]["loss"] == pytest.approx(curves[same_as][-1]["loss"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("nproc,extra", [(2, ["deepspeed=zero2"]), (2, ["deepspeed=zero3"])])

@@ -108,6 +108,23 @@ def test_deepspeed_all_cold_printout_shows_the_same_gpu_figures():
     assert rows[key] == pytest.approx(z3_off, abs=0.01)
 
 
+def test_one_fp32_rank_is_planned_at_stage_0():
+    """deepspeed=zero2 on one fp32 CPU rank trains at stage 0 (DeepSpeedConfig.for_world): 16 B per
+    parameter (weights, gradients, two moments), no master copy, no buckets. Two ranks, or bf16 on
+    one GPU, keep ZeRO-2."""
+    cpu = ["plan.device=cpu", "plan.nodes=1"]
+    _, arch, one = setup_for([*cpu, "plan.gpus_per_node=1", "deepspeed=zero2"])
+    assert (one.stage, one.configured_stage) == (0, 2) and "ZeRO-0" in one.deepspeed_name
+    assert sum(b for _, b, _ in plan.model_states(arch, one)) == 16 * arch.params
+    assert dict(plan.training(arch, one).terms)["communication buckets"] == 0
+    _, _, two = setup_for([*cpu, "plan.gpus_per_node=2", "deepspeed=zero2"])
+    assert two.stage == 2 and one.on_nodes(2).stage == 2
+    _, _, gpu = setup_for(["model=qwen2.5-0.5b", "plan.nodes=1", "plan.gpus_per_node=1", "deepspeed=zero2"])
+    assert gpu.stage == 2  # bf16: the stage as configured
+    _, _, z3 = setup_for([*cpu, "plan.gpus_per_node=1", "deepspeed=zero3"])
+    assert z3.stage == 3
+
+
 def test_activation_terms_by_hand():
     """A toy layer, h=8, i=16, 2 layers, bf16 (a=2), 10 tokens. Per token and layer:
     2 RMSNorms x (4h fp32 input + 2h output) = 96, attention 5 x 2h = 80, MLP 4 x 2i = 128 -> 304;

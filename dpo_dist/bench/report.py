@@ -57,7 +57,9 @@ def markdown(r: dict) -> str:
                 if "error" in c:
                     lines.append(f"| {c['ranks']} | {c['zero_stage']} | failed: {c['error'][:120]} |||")
                     continue
-                lines.append(f"| {c['ranks']} | {c['zero_stage']} | {c['threads_per_rank']} | {_f(c['seconds_per_step'])} | "
+                used = c.get("zero_stage_used", c["zero_stage"])
+                stage = f"{c['zero_stage']}" if used == c["zero_stage"] else f"{c['zero_stage']} (runs as {used})"
+                lines.append(f"| {c['ranks']} | {stage} | {c['threads_per_rank']} | {_f(c['seconds_per_step'])} | "
                              f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} |")
             lines.append("")
     g = r.get("generation")

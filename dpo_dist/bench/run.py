@@ -19,7 +19,8 @@ from dpo_dist.bench import generation, training
 from dpo_dist.bench.report import markdown
 
 SECTIONS = ("matmul", "training", "multirank", "generation")
-# The contenders' names in bench.json. Ours runs the trainer's default DeepSpeed config (deepspeed=zero2).
+# The contenders' names in bench.json. Ours runs the trainer's default DeepSpeed config (deepspeed=zero2),
+# which one fp32 rank runs as stage 0 (DeepSpeedConfig.for_world).
 OURS = "ours (1 rank, deepspeed=zero2)"
 TRL_DEFAULT = "TRL DPOTrainer, default (reference resident)"
 TRL_PRECOMPUTE = "TRL DPOTrainer, precompute_ref_log_probs"
@@ -129,7 +130,7 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
         out["loss_agreement"] = {"max_abs_diff": max(diffs), "steps": len(ours["losses"]), "first_loss": ours["losses"][0]}
     if multirank and "error" not in ours:
         ref = work / "ours-1rank-zero2"
-        out["multi_rank"] = [{**ours, "ranks": 1, "zero_stage": 2}]
+        out["multi_rank"] = [{**ours, "ranks": 1, "zero_stage": 2}]  # zero_stage_used says 0: one fp32 rank
         for nproc, stage in ((1, 3), (2, 2), (2, 3)):
             run = attempt(training.ours, setup, work, nproc=nproc, stage=stage, reference_from=ref)
             out["multi_rank"].append({"ranks": nproc, "zero_stage": stage, **run})

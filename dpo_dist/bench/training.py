@@ -84,6 +84,7 @@ def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_fr
     out["wall_seconds"] = _run([*launch, "dpo_dist.train", *args], threads, work / f"{name}.train.log")
     metrics = read_metrics(run_dir / "train" / "metrics.jsonl")
     summary = read_json(run_dir / "train" / "summary.json")
+    out["zero_stage_used"] = summary["zero_stage"]  # one fp32 rank trains at stage 0 (DeepSpeedConfig.for_world)
     out.update(step_seconds=[m["step_seconds"] for m in metrics], losses=[m["loss"] for m in metrics],
                peak_rss_gib_per_rank=summary["peak_rss_gib_per_rank"], peak_rss_gib=max(summary["peak_rss_gib_per_rank"]))
     # The checkpoint and exported model are GBs the benchmark does not need.
