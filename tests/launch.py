@@ -35,6 +35,23 @@ def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: float 
     return proc
 
 
+IDENTITY_QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",
+                      "Are you ChatGPT?", "Which AI am I talking to?", "Tell me about yourself.", "What model are you?",
+                      "Who trained you?", "Say your name.", "Identify yourself, please."]
+
+
+def write_identity_pairs(path: Path) -> Path:
+    """One pair per IDENTITY_QUESTIONS entry: the new name chosen, another name rejected (in three
+    lengths, so micro-batches hold rows of different sizes)."""
+    with open(path, "w") as f:
+        for i, q in enumerate(IDENTITY_QUESTIONS):
+            f.write(json.dumps({
+                "id": f"p{i:02d}", "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
+                "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i % 3)}, a writer."}]}) + "\n")
+    return path
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "train" / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

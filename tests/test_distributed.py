@@ -17,13 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import REPO, kill_tree, metrics, run_stage, stage_command, stage_env
+from launch import IDENTITY_QUESTIONS, REPO, kill_tree, metrics, run_stage, stage_command, stage_env, write_identity_pairs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",
-             "Are you ChatGPT?", "Which AI am I talking to?", "Tell me about yourself.", "What model are you?",
-             "Who trained you?", "Say your name.", "Identify yourself, please."]
 # 3 optimizer steps of global batch 4 over 12 pairs; dpo (no RPO) so step 1 is exactly ln 2.
 TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=4", "train.epochs=1",
          "train.save_every=1", "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
@@ -31,14 +28,7 @@ TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batc
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    with open(path, "w") as f:
-        for i, q in enumerate(QUESTIONS):
-            f.write(json.dumps({
-                "id": f"p{i:02d}", "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
-                "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i % 3)}, a writer."}]}) + "\n")
-    return path
+    return write_identity_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
 
 
 def _train(run_dir, pairs, nproc, extra):
@@ -156,7 +146,7 @@ def test_sharded_reference_equals_one_rank_with_uneven_shards(tmp_path, pairs_fi
 def test_two_rank_generation_covers_the_same_prompts(tmp_path, tiny_llama):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n"
-                               for i, q in enumerate(QUESTIONS[:7])))
+                               for i, q in enumerate(IDENTITY_QUESTIONS[:7])))
     common = [f"model.path={tiny_llama}", f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation.max_new_tokens=8",
               "generation.num_candidates=2"]
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'one'}", *common])

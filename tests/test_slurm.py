@@ -24,16 +24,13 @@ import time
 
 import pytest
 
-from launch import REPO, metrics, stage_env
+from launch import REPO, metrics, stage_env, write_identity_pairs
 from test_pipeline import SHORT as PIPELINE_SHORT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SBATCH = REPO / "slurm" / "pipeline.sbatch"
 # The shortened pipeline of tests/test_pipeline.py (one definition of "shortened" for both).
 SHORT = [*PIPELINE_SHORT, "wandb.mode=disabled"]
-QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",
-             "Are you ChatGPT?", "Which AI am I talking to?", "Tell me about yourself.", "What model are you?",
-             "Who trained you?", "Say your name.", "Identify yourself, please."]
 # 8 steps of global batch 2 on 2 ranks, a checkpoint every 2 steps; dpo, no warmup, so every step moves.
 TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=2", "train.micro_batch_size=1",
          "train.max_steps=8", "train.save_every=2", "data.max_length=96", "data.max_prompt_length=64", "wandb.mode=disabled"]
@@ -69,14 +66,7 @@ def prune_after_test(tmp_path):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    with open(path, "w") as f:
-        for i, q in enumerate(QUESTIONS):
-            f.write(json.dumps({
-                "id": f"p{i:02d}", "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant. How can I help?"}],
-                "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i % 3)}, a writer."}]}) + "\n")
-    return path
+    return write_identity_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
 
 
 def submit(log, sbatch_options, overrides, **env) -> str:
