@@ -170,7 +170,7 @@ class Setup:
 
     @classmethod
     def of(cls, cfg: Config, runtime_gib: float | None = None) -> "Setup":
-        p, ds = cfg.plan, cfg.deepspeed
+        p = cfg.plan
         dtype = cfg.model.dtype
         if dtype == "auto":  # what models.torch_dtype picks: bf16 on a GPU, fp32 on the CPU
             dtype = "bfloat16" if p.device == "gpu" else "float32"

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from dpo_dist import checkpoint, dist, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, ConfigError, OptimConfig
+from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
 from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
 from dpo_dist.losses import dpo_loss, packed_sequence_logps
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
@@ -50,8 +50,9 @@ class Preempted(SystemExit):
         super().__init__(EXIT_PREEMPTED)
 
 
-def training_fingerprint(cfg: Config, reference_fp: str, world_size: int) -> str:
-    """What the checkpoints depend on. Logging and saving cadence are left out: changing them and
+def training_fingerprint(cfg: Config, reference_fp: str, ds: DeepSpeedConfig) -> str:
+    """What the checkpoints depend on, with ``ds`` the DeepSpeed settings the run uses
+    (DeepSpeedConfig.for_world). Logging and saving cadence are left out: changing them and
     re-running resumes instead of refusing."""
     # Micro-batch and accumulation split the same global batch (tests show they train alike), and
     # bucket sizes only change communication; the ZeRO stage and offload change the checkpoint layout.
@@ -59,9 +60,8 @@ def training_fingerprint(cfg: Config, reference_fp: str, world_size: int) -> str
              if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
                           "logps_chosen_patience", "reference_batch_size", "micro_batch_size",
                           "gradient_accumulation_steps")}
-    effective = cfg.deepspeed.for_world(world_size, torch_dtype(cfg.model.dtype) == torch.float32)
-    ds = {k: getattr(effective, k) for k in ("stage", "offload_optimizer", "offload_param")}
-    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, ds)
+    layout = {k: getattr(ds, k) for k in ("stage", "offload_optimizer", "offload_param")}
+    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, layout)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -119,7 +119,9 @@ def run(cfg: Config) -> dict:
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
     memory.reset_peak()  # the training peak is its own, not the reference pass's
     ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
-    train_fp = training_fingerprint(cfg, ref_fp, denv.world_size)
+    dtype = torch_dtype(cfg.model.dtype)
+    ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
+    train_fp = training_fingerprint(cfg, ref_fp, ds)
     if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
         log.info("training already finished with these settings: %s", final_dir)
         if denv.is_main and not cfg.train.keep_checkpoints_after_export:
@@ -140,8 +142,6 @@ def run(cfg: Config) -> dict:
                  stats.kept, stats.truncated, stats.dropped, total_steps, steps_per_epoch,
                  cfg.train.global_batch_size, cfg.train.micro_batch_size, accum, denv.world_size)
 
-    dtype = torch_dtype(cfg.model.dtype)
-    ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
     if ds.stage != cfg.deepspeed.stage and denv.is_main:
         log.info("one rank, fp32: ZeRO stage %d has nothing to partition; training with stage %d", cfg.deepspeed.stage, ds.stage)
     ds_config = dist.deepspeed_config(ds, cfg.train, cfg.optim, denv.world_size, dtype)
