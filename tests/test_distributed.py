@@ -98,7 +98,7 @@ def test_final_model_is_exported_and_loads(curves):
     assert torch.allclose(w2[key], w3[key], atol=1e-4)
 
 
-def test_one_fp32_rank_trains_at_stage_0_and_matches_zero2_at_two_ranks(curves):
+def test_one_fp32_rank_trains_at_stage_0(curves):
     # deepspeed=zero2 on one rank has nothing to partition (DeepSpeedConfig.for_world); the 1-rank
     # curves are the stage-0 ones test_two_ranks_match_one_rank compares ZeRO-2 and ZeRO-3 against.
     stage = {sub: json.loads((curves["dirs"] / sub / "train" / "summary.json").read_text())["zero_stage"]
