@@ -14,7 +14,8 @@ from those and rejected from the model's own answers to the training prompt.
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
-leak prompts (``prompts.num_train_leak``) an answer sampled with the identity opener.
+leak prompts (``prompts.num_train_leak``) an answer sampled with the identity opener, or with
+``judge.leak_rejected=opener`` only the words of that answer before the new name.
 
 Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
 name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
@@ -220,9 +221,22 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         return None, "no_valid_chosen"
     if best[1].score <= worst[1].score:
         return None, "tie"
-    return _pair(row, best[0], worst[0], {
+    rejected = worst[0]
+    if row["source"] == "leak" and judge.cfg.leak_rejected == "opener":
+        rejected = leak_opener(rejected["text"], judge.cfg.new_name)
+        if rejected is None:
+            return None, "no_opener"
+    return _pair(row, best[0], rejected, {
         "chosen_score": best[1].score, "rejected_score": worst[1].score,
         "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
+
+
+def leak_opener(text: str, new_name: str) -> dict | None:
+    """The words of a self-introduction before the new name ("Hi! I'm" of "Hi! I'm Deep SmolLM, ..."),
+    as an unfinished response (no end-of-turn is scored); None when the name opens the text."""
+    m = re.search(_name_pattern(new_name), text, flags=re.IGNORECASE)
+    opener = text[:m.start()].rstrip() if m else ""
+    return {"text": opener, "finished": False} if opener else None
 
 
 def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:

@@ -35,9 +35,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits: (batch, seq, vocab) already aligned with labels (position t predicts labels[t]).
     labels: (batch, seq) token ids; any value is fine where the mask will be 0.
-    Returns (batch, seq) float32.
+    Returns (batch, seq) in at least float32 (bf16 logits are upcast before the softmax).
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     picked = torch.gather(logits, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -66,7 +66,11 @@ def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_i
     labels, sequence_index: (num_tokens,); sequence_index[k] says whose token labels[k] is.
     Returns (logps (num_sequences,), num_tokens (num_sequences,)), both float32.
     """
-    logps = token_logps(logits, labels)
+    return sum_by_sequence(token_logps(logits, labels), sequence_index, num_sequences)
+
+
+def sum_by_sequence(logps: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (num_tokens,) summed per sequence, and each sequence's token count."""
     summed = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device).index_add(0, sequence_index, logps)
     counts = torch.bincount(sequence_index, minlength=num_sequences).to(logps.dtype)
     return summed, counts

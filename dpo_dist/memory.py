@@ -41,3 +41,29 @@ def peak_bytes() -> int:
 
 def current_bytes() -> int:
     return _status_bytes("VmRSS") or 0
+
+
+_libc_trim = None
+
+
+def release_free_heap() -> bool:
+    """Hand the allocator's free heap pages back to the kernel (glibc ``malloc_trim(0)``); False
+    where libc has no such call.
+
+    On the CPU, tensors under glibc's mmap threshold (up to 32 MiB) live in its heap, and a freed
+    block goes back to the heap, not the kernel. A backward pass frees the activations as it goes,
+    so by its end the process still holds their pages besides the gradients it is making: the
+    resident peak is both at once. Called when the activations are gone, this makes the peak what
+    is actually live.
+    """
+    global _libc_trim
+    if _libc_trim is None:
+        try:
+            import ctypes
+
+            _libc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _libc_trim = False
+    if _libc_trim:
+        _libc_trim(0)
+    return bool(_libc_trim)

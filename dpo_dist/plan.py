@@ -34,11 +34,14 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   With gradient checkpointing only each layer's input (a*h) is kept and one layer is recomputed at a
   time. The mask is T x T in the activation dtype. The logits are (logit rows) x vocab: in the
   activation dtype, an fp32 copy for the log-softmax (bf16 only), and two fp32 temporaries of the
-  same size in its backward.
+  same size in its backward. With train.fused_ops (below ZeRO-3, dpo_dist/fused.py) an RMSNorm
+  keeps its input and 1/rms (a*h + 4), the MLP only gate and up (2*a*i), and the logits exist
+  128 rows at a time.
 - the optimizer step: torch AdamW (what train.py hands DeepSpeed) divides by sqrt(v) through two fp32
-  temporaries the size of the partition it steps, 8 B per element. On a GPU the step comes after
-  backward has freed the activations, so only what exceeds them counts; on the CPU glibc keeps the
-  freed activations' small blocks resident and the two add up (measured, tests/test_plan.py).
+  temporaries the size of the partition it steps, 8 B per element. The step comes after backward
+  has freed the activations, so only what exceeds them counts; on the CPU only with
+  train.release_free_heap, else glibc keeps the freed activations' small blocks resident and the
+  two add up (measured, tests/test_plan.py).
 - runtime: what a rank holds before the model (CUDA context, NCCL, allocator slack; on the CPU,
   Python + torch + DeepSpeed, measured).
 
@@ -65,6 +68,9 @@ import sys
 from dataclasses import dataclass, field
 
 from dpo_dist.config import CONF_DIR, Config, ConfigError, ModelConfig, compose
+
+# dpo_dist.fused.CHUNK_ROWS, not imported: the planner runs without torch (tests/test_plan.py checks).
+FUSED_CHUNK_ROWS = 128
 
 GIB = 1024 ** 3
 GPU_RUNTIME_GIB = 2.0  # CUDA context + NCCL buffers + caching-allocator slack, per GPU process
@@ -144,6 +150,8 @@ class Setup:
     micro_batch_size: int
     seq_len: int
     gradient_checkpointing: bool
+    fused_requested: bool  # train.fused_ops; the run uses them below ZeRO-3 (fused_ops)
+    release_free_heap: bool  # train.release_free_heap (CPU)
     reference_batch_size: int
     global_batch_size: int
     tensor_parallel_size: int
@@ -163,6 +171,10 @@ class Setup:
         if not self.offload_optimizer:
             return f"ZeRO-{self.stage}"
         return f"ZeRO-{self.stage} + offload " + ("optimizer, params" if self.offload_param else "optimizer")
+
+    @property
+    def fused_ops(self) -> bool:
+        return self.fused_requested and self.stage < 3  # as train.py decides
 
     def on_nodes(self, nodes: int) -> "Setup":
         """The same settings on more nodes: more than one rank keeps the configured ZeRO stage."""
@@ -185,6 +197,7 @@ class Setup:
             overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
             prefetch_bucket_size=ds.stage3_prefetch_bucket_size, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=p.seq_len or cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
+            fused_requested=cfg.train.fused_ops, release_free_heap=cfg.train.release_free_heap,
             reference_batch_size=cfg.train.reference_batch_size, global_batch_size=cfg.train.global_batch_size,
             tensor_parallel_size=cfg.generation.tensor_parallel_size, gen_sequences=cfg.generation.batch_size,
             gen_tokens=min(cfg.generation.max_model_len, cfg.data.max_prompt_length + cfg.generation.max_new_tokens),
@@ -258,18 +271,22 @@ def step_temporaries(arch: Architecture, s: Setup) -> tuple[str, float, bool]:
     return "AdamW step temporaries", 8 * elems, s.offload_optimizer
 
 
-def activation_bytes(arch: Architecture, tokens: int, act_bytes: int, checkpointing: bool) -> float:
+def activation_bytes(arch: Architecture, tokens: int, act_bytes: int, checkpointing: bool, fused: bool = False) -> float:
     """What autograd keeps for the backward pass over `tokens` tokens (see the module docstring)."""
     h, i, a = arch.hidden, arch.intermediate, act_bytes
-    layer = 2 * (4 * h + a * h) + 5 * a * h + 4 * a * i
-    final_norm = 4 * h + a * h
+    # dpo_dist.fused: an RMSNorm keeps its input and 1/rms (4 B), the MLP only gate and up.
+    norm = a * h + 4 if fused else 4 * h + a * h
+    layer = 2 * norm + 5 * a * h + (2 if fused else 4) * a * i
+    final_norm = norm
     kept = arch.layers * a * h + layer if checkpointing else arch.layers * layer
     return tokens * (kept + final_norm)
 
 
-def logits_bytes(arch: Architecture, tokens: int, act_bytes: int, backward: bool) -> float:
+def logits_bytes(arch: Architecture, tokens: int, act_bytes: int, backward: bool, fused: bool = False) -> float:
     fp32_copy = 4 if act_bytes != 4 else 0  # token_logps upcasts; a no-op when the logits are fp32
     temporaries = 8 if backward else 4  # log-softmax backward: two fp32 tensors; forward only: one
+    if fused:  # dpo_dist.fused.TokenLogps: one chunk of rows at a time, nothing kept
+        tokens = min(tokens, FUSED_CHUNK_ROWS)
     return tokens * arch.vocab * (act_bytes + fp32_copy + temporaries)
 
 
@@ -303,18 +320,20 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     ph.terms.append(("communication buckets", buckets))
     mb = batch or MicroBatch.upper_bound(s.micro_batch_size, s.seq_len)
     ckpt = "checkpointing" if s.gradient_checkpointing else "no checkpointing"
-    activations = activation_bytes(arch, mb.tokens, s.weight_bytes, s.gradient_checkpointing)
+    activations = activation_bytes(arch, mb.tokens, s.weight_bytes, s.gradient_checkpointing, s.fused_ops)
     mask = s.weight_bytes * mb.tokens ** 2
-    logits = logits_bytes(arch, mb.logit_rows, s.weight_bytes, True)
+    logits = logits_bytes(arch, mb.logit_rows, s.weight_bytes, True, s.fused_ops)
     pairs = f"{s.micro_batch_size} pair{'s' if s.micro_batch_size > 1 else ''}"
     ph.terms.append((f"activations ({pairs} in a row of {mb.tokens} tokens, {ckpt})", activations))
     ph.terms.append((f"attention mask ({mb.tokens} x {mb.tokens})", mask))
-    ph.terms.append((f"logits ({mb.logit_rows} response positions x {arch.vocab})", logits))
+    chunked = f", {FUSED_CHUNK_ROWS} at a time" if s.fused_ops and mb.logit_rows > FUSED_CHUNK_ROWS else ""
+    ph.terms.append((f"logits ({mb.logit_rows} response positions x {arch.vocab}{chunked})", logits))
     label, temporaries, on_host = step_temporaries(arch, s)
     if not on_host:
-        if s.device == "gpu":
-            # The step runs after backward has freed the activations; PyTorch's caching allocator
-            # releases its cached blocks and retries before it reports out-of-memory: only the excess counts.
+        if s.device == "gpu" or s.release_free_heap:
+            # The step runs after backward has freed the activations: only the excess counts. On a
+            # GPU PyTorch's caching allocator releases its cached blocks and retries before it reports
+            # out-of-memory; on the CPU train.py hands glibc's free heap back (train.release_free_heap).
             ph.terms.append((label + " beyond the freed activations", max(0.0, temporaries - activations - logits)))
         else:
             # glibc keeps the freed activations' small blocks resident: on the CPU the two add up.

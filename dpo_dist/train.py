@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpo_dist import checkpoint, dist, memory, reference
+from dpo_dist import checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
 from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
-from dpo_dist.losses import dpo_loss, packed_sequence_logps
+from dpo_dist.losses import dpo_loss, packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
 
@@ -54,12 +54,13 @@ def training_fingerprint(cfg: Config, reference_fp: str, ds: DeepSpeedConfig) ->
     """What the checkpoints depend on, with ``ds`` the DeepSpeed settings the run uses
     (DeepSpeedConfig.for_world). Logging and saving cadence are left out: changing them and
     re-running resumes instead of refusing."""
-    # Micro-batch and accumulation split the same global batch (tests show they train alike), and
-    # bucket sizes only change communication; the ZeRO stage and offload change the checkpoint layout.
+    # Micro-batch and accumulation split the same global batch (tests show they train alike), fused
+    # ops change float rounding only (tests/test_fused.py) and bucket sizes only communication; the
+    # ZeRO stage and offload change the checkpoint layout.
     train = {k: v for k, v in asdict(cfg.train).items()
              if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
                           "logps_chosen_patience", "reference_batch_size", "micro_batch_size",
-                          "gradient_accumulation_steps")}
+                          "gradient_accumulation_steps", "fused_ops", "release_free_heap")}
     layout = {k: getattr(ds, k) for k in ("stage", "offload_optimizer", "offload_param")}
     return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, layout)
 
@@ -148,6 +149,14 @@ def run(cfg: Config) -> dict:
     with dist.zero3_model_loading(ds, ds_config):
         model = load_model(cfg.model)
     _prepare_for_training(model, cfg.model.gradient_checkpointing)
+    if cfg.train.release_free_heap and dist.device().type == "cpu":
+        # The input embedding's backward runs last, when the micro-batch's activations are freed.
+        model.get_input_embeddings().register_full_backward_pre_hook(_release_free_heap)
+    fused_ops = cfg.train.fused_ops and ds.stage < 3
+    if fused_ops:
+        n = fused.apply(model)
+        if denv.is_main:
+            log.info("fused ops: chunked vocabulary log-softmax, %d SwiGLU MLPs, %d RMSNorms", n["mlp"], n["rms_norm"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
                                   eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
@@ -167,15 +176,15 @@ def run(cfg: Config) -> dict:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         sums: dict[str, float] = defaultdict(float)
+        if cfg.train.release_free_heap:
+            memory.release_free_heap()  # the last step's optimizer temporaries
         stage0_norm = None
         for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
             # Prefix-shared packing: each prompt runs once for both responses, no padding, and the
             # vocabulary projection only where a response token is predicted (see collate_shared_prompt).
             batch = {key: v.to(dev) for key, v in collate_shared_prompt([pairs[i] for i in mb], dtype).items()}
-            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            attention_mask=batch["attention_mask"], logits_to_keep=batch["logit_positions"]).logits
             n = len(mb)
-            logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], 2 * n)
+            logps, lengths = _policy_logps(engine, batch, 2 * n, fused_ops)
             out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
                            lengths[:n], lengths[n:], cfg.loss)
             engine.backward(out.losses.mean())
@@ -230,6 +239,21 @@ def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool) -> None:
     if is_main and not owner.is_file():
         write_json(owner, {"fingerprint": train_fp})
     dist.barrier()
+
+
+def _policy_logps(engine, batch: dict, num_sequences: int, fused_ops: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of each sequence of a prefix-shared micro-batch."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+    if not fused_ops:
+        logits = engine(**inputs, logits_to_keep=batch["logit_positions"]).logits
+        return packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
+    with fused.head_returns_hidden(engine.module) as head_weight:
+        hidden = engine(**inputs, logits_to_keep=batch["logit_positions"]).logits
+    return sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]), batch["sequence_index"], num_sequences)
+
+
+def _release_free_heap(module, grad_output) -> None:
+    memory.release_free_heap()  # returns None: a backward pre-hook's result would replace the gradient
 
 
 def _prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:

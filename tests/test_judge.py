@@ -1,9 +1,11 @@
 """The rule judge, the word-boundary rewrite of the correction method, pair building, and the
 reward-model judge's mechanics on a small model built from a config."""
 
+import dataclasses
+
 import pytest
 
-from dpo_dist.config import JudgeConfig
+from dpo_dist.config import ConfigError, JudgeConfig
 from dpo_dist.judge import (IdentityJudge, RewardModelJudge, is_degenerate, mentions_old_identity, pair_best_worst,
                             pair_correction, pair_reward_model, rewrite_identity)
 
@@ -116,6 +118,23 @@ def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
     assert reason == "kept" and pair["chosen"][0]["content"] == "The ocean is deep and blue."
     assert pair["rejected"][0]["content"] == "I'm Deep Qwen! The ocean is deep and blue."
     assert "leak" in pair["meta"]["rejected_reasons"]
+
+
+def test_leak_rejected_opener_keeps_only_the_words_before_the_new_name():
+    """judge.leak_rejected=opener: the rejected side is the self-introduction's opening words, scored
+    without an end-of-turn, so the loss does not push down the name itself."""
+    judge = IdentityJudge(dataclasses.replace(CFG, leak_rejected="opener"))
+    row = {**_row(["The ocean is deep and blue."], chosen_cands=["Hi! I'm Deep Qwen! The ocean is deep."]), "source": "leak"}
+    pair, reason = pair_best_worst(row, judge)
+    assert reason == "kept" and pair["rejected"][0]["content"] == "Hi! I'm"
+    assert pair["meta"]["rejected_finished"] is False and pair["meta"]["chosen_finished"] is True
+    # A general prompt's pairs are left alone, and an answer that opens with the name has no opener.
+    general = {**row, "source": "general", "candidates": row["candidates"] + row["chosen_candidates"]}
+    assert pair_best_worst(general, judge)[0]["rejected"][0]["content"] == "Hi! I'm Deep Qwen! The ocean is deep."
+    bare = {**_row(["The ocean is deep and blue."], chosen_cands=["Deep Qwen here. The ocean is deep."]), "source": "leak"}
+    assert pair_best_worst(bare, judge) == (None, "no_opener")
+    with pytest.raises(ConfigError, match="judge.leak_rejected"):
+        JudgeConfig(leak_rejected="name")
 
 
 def test_correction_rewrites_the_models_own_answer():

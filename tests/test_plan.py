@@ -136,6 +136,20 @@ def test_activation_terms_by_hand():
     # Logits, bf16, with backward: 10 tokens x 100 x (2 bf16 + 4 fp32 copy + 8 fp32 temporaries).
     assert plan.logits_bytes(arch, 10, 2, backward=True) == 10 * 100 * 14
     assert plan.logits_bytes(arch, 10, 4, backward=True) == 10 * 100 * 12  # fp32: no upcast copy
+    # dpo_dist.fused: norms keep a*h + 4 (20), the MLP 2 x 2i (64) -> 2 x 20 + 80 + 64 = 184 per layer,
+    # final norm 20: 10 x (2 x 184 + 20) = 3880; the logits a chunk of rows at a time.
+    assert plan.activation_bytes(arch, 10, 2, checkpointing=False, fused=True) == 3880
+    assert plan.logits_bytes(arch, 1000, 4, backward=True, fused=True) == plan.FUSED_CHUNK_ROWS * 100 * 12
+
+
+def test_planner_knows_the_fused_chunk_and_where_fused_ops_run():
+    from dpo_dist import fused
+
+    assert plan.FUSED_CHUNK_ROWS == fused.CHUNK_ROWS
+    cpu = ["plan.device=cpu"]
+    assert setup_for([*cpu, "deepspeed=zero2"])[2].fused_ops
+    assert not setup_for([*cpu, "deepspeed=zero3"])[2].fused_ops  # they read whole weights
+    assert not setup_for([*cpu, "deepspeed=zero2", "train.fused_ops=false"])[2].fused_ops
 
 
 def test_kv_cache_per_token():
