@@ -157,9 +157,9 @@ class TrainConfig:
     reference_batch_size: int = 8
     # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).
     logps_chosen_patience: int = 5
-    # Memory-lean vocabulary projection + log-softmax and SwiGLU MLP in the policy's forward
-    # (dpo_dist/fused.py): the same losses to float rounding, less activation memory. ZeRO-3 runs
-    # without them (they read whole weights).
+    # Memory-lean vocabulary projection + log-softmax, SwiGLU MLPs and RMSNorms in the policy's
+    # forward (dpo_dist/fused.py): the same losses to float rounding, less activation memory. ZeRO-3
+    # runs without them (they read whole weights).
     fused_ops: bool = True
     # CPU only: hand glibc's free heap back to the kernel after each micro-batch's backward
     # (memory.release_free_heap), so the resident peak is what is live. Measured on the bundled

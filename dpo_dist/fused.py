@@ -1,4 +1,4 @@
-"""Memory-lean replacements for two pieces of the policy's forward pass, in plain torch (any device).
+"""Memory-lean replacements for three pieces of the policy's forward pass, in plain torch (any device).
 
 The profile of a training micro-batch (tensors saved for backward per module, a 428-token row,
 SmolLM2-135M: 658 MiB) put 45% of them in the MLPs, 17% in the RMSNorms and 11% in the vocabulary
@@ -9,24 +9,22 @@ projection:
   each chunk again from the hidden states and the per-row logsumexp. Autograd's version keeps the
   whole logits for backward and, at its start, holds the logits' gradient and the softmax
   besides: three (tokens, vocab) fp32 tensors, 71 MiB each for 377 tokens of a 49k vocabulary.
-  The price is the projection run once more in backward (about 4% of a step here).
+  The price is the projection run once more in backward: about 4% of a step's FLOPs here, too
+  little to show in a measured A/B (README, "Measured").
 - ``SwiGLUDown``: down(silu(gate) * up) keeping only gate and up for backward. Autograd also keeps
   silu(gate) and the product (the down projection's input); both are recomputed, elementwise.
 - ``RMSNorm``: keeps its input and 1/rms, not the normalised input as well (17% of the activations).
 
-Both read weights directly, so they need whole weights on every rank: ZeRO stages 0-2, not 3, whose
+All three read weights directly, so they need whole weights on every rank: ZeRO stages 0-2, not 3, whose
 per-module hooks gather a weight only for its own module's forward (``apply`` is not called there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 # Rows of logits made at once: 128 x 49k vocab x 4 B = 25 MiB; 128 x 152k (Qwen) = 78 MiB.
 CHUNK_ROWS = 128
