@@ -176,8 +176,6 @@ def run(cfg: Config) -> dict:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         sums: dict[str, float] = defaultdict(float)
-        if cfg.train.release_free_heap:
-            memory.release_free_heap()  # the last step's optimizer temporaries
         stage0_norm = None
         for mb in micro_batches(batch_ids, denv.rank, denv.world_size, cfg.train.micro_batch_size):
             # Prefix-shared packing: each prompt runs once for both responses, no padding, and the
