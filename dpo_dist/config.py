@@ -153,8 +153,9 @@ class TrainConfig:
     # optimizer states, ~3x the model again) only serve to resume, so they are removed once the export
     # and summary are written. true keeps them, with one at the last step, to continue training later.
     keep_checkpoints_after_export: bool = False
-    # Pairs per forward pass when precomputing reference log-probs (no gradients: can be larger).
-    reference_batch_size: int = 8
+    # Pairs per prefix-shared row when precomputing reference log-probs. A row's attention grows with
+    # the square of its length, so more pairs per row is slower (reference.score_pairs).
+    reference_batch_size: int = 2
     # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).
     logps_chosen_patience: int = 5
     # Memory-lean vocabulary projection + log-softmax, SwiGLU MLPs and RMSNorms in the policy's
@@ -259,9 +260,13 @@ class GenerationConfig:
     enforce_eager: bool = False
     # vLLM's CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
     cpu_kv_cache_gib: int = 1
+    # vLLM's weights and KV cache: auto is bfloat16 on a GPU and float32 on the CPU.
+    vllm_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.backend in ("hf", "vllm"), "generation.backend", f"{self.backend!r} is not hf or vllm")
+        _require(self.vllm_dtype in ("auto", "bfloat16", "float16", "float32"), "generation.vllm_dtype",
+                 f"{self.vllm_dtype!r} is not auto, bfloat16, float16 or float32")
         _require(self.num_candidates >= 1, "generation.num_candidates", "must be >= 1")
         _require(self.temperature >= 0, "generation.temperature", "must be >= 0")
         _require(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
@@ -289,6 +294,11 @@ class JudgeConfig:
     # loss pushes down starting a self-introduction on a general instruction and not the name itself,
     # which every identity pair's chosen side needs.
     leak_rejected: str = "answer"
+    # A general instruction whose plain answers tie (nothing to prefer) still keeps the model's own
+    # behaviour: its best plain answer becomes an anchor, a record whose rejected side equals the
+    # chosen one. DPO's gradient vanishes on it, so only the NLL term on chosen acts: it holds the
+    # model's general answers where they were without pushing down any identity token.
+    general_anchor: bool = False
     # reward_model only
     reward_model_path: str = ""
     batch_size: int = 16

@@ -141,6 +141,8 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    # chosen == rejected (judge.general_anchor): no preference, only the NLL term on chosen trains.
+    anchor: bool = False
 
 
 @dataclass
@@ -184,7 +186,7 @@ def tokenize_pairs(records: list[dict], tokenizer, cfg: DataConfig) -> tuple[lis
             room = cfg.max_length - len(prompt)
             chosen, rejected = chosen[:room], rejected[:room]
         stats.kept += 1
-        out.append(TokenizedPair(r["id"], prompt, chosen, rejected))
+        out.append(TokenizedPair(r["id"], prompt, chosen, rejected, anchor=chosen == rejected))
     return out, stats
 
 
@@ -237,6 +239,9 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
       labels: (num_response_tokens,) the response tokens.
       sequence_index: (num_response_tokens,) the sequence each label belongs to: chosen of pair i
         is i, rejected is len(pairs) + i (the row order of ``collate_pairs``).
+
+    An anchor's rejected side is its chosen side again, so it is left out of the row: its sequence
+    has no tokens, and the caller copies the chosen side's log-probs (``mirror_anchors``).
     """
     n = len(pairs)
     ids, positions, pair_of, branch_of = [], [], [], []
@@ -246,7 +251,8 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
         ids += p.prompt_ids
         positions += range(prompt_len)
         branch_of += [0] * prompt_len
-        for branch, response, seq in ((1, p.chosen_ids, i), (2, p.rejected_ids, n + i)):
+        sides = ((1, p.chosen_ids, i),) if p.anchor else ((1, p.chosen_ids, i), (2, p.rejected_ids, n + i))
+        for branch, response, seq in sides:
             first = len(ids)
             ids += response
             positions += range(prompt_len, prompt_len + len(response))
@@ -265,6 +271,13 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
             "attention_mask": mask[None, None], "logit_positions": torch.tensor(logit_positions),
             "labels": torch.tensor(labels), "sequence_index": torch.tensor(sequence_index)}
+
+
+def mirror_anchors(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """``values`` is (2n,): chosen then rejected, per pair. An anchor's rejected entry becomes its
+    chosen one (the same tensor in the graph), so its preference margin is exactly zero."""
+    n = anchor.numel()
+    return torch.cat([values[:n], torch.where(anchor, values[:n], values[n:])])
 
 
 def global_batches(num_examples: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -107,7 +107,8 @@ class VLLMBackend:
         from vllm import LLM
 
         path = resolve_model_path(cfg.model)
-        self.llm = LLM(model=path, tokenizer=path, dtype="bfloat16" if cuda else "float32", tensor_parallel_size=tp,
+        dtype = self.gen.vllm_dtype if self.gen.vllm_dtype != "auto" else "bfloat16" if cuda else "float32"
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=tp,
                        gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
                        enforce_eager=self.gen.enforce_eager or not cuda, seed=self.gen.seed,
                        trust_remote_code=cfg.model.trust_remote_code,
@@ -148,6 +149,8 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
     gen = {k: v for k, v in asdict(cfg.generation).items()
            if k not in ("batch_size", "gpu_memory_utilization", "python", "enforce_eager", "cpu_kv_cache_gib",
                         "tensor_parallel_size", "max_model_len")}
+    if cfg.generation.backend != "vllm":
+        gen.pop("vllm_dtype")  # the hf backend samples in model.dtype
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"]) for r in records])
 
 

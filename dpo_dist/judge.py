@@ -15,7 +15,9 @@ from those and rejected from the model's own answers to the training prompt.
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
 leak prompts (``prompts.num_train_leak``) an answer sampled with the identity opener, or with
-``judge.leak_rejected=opener`` only the words of that answer before the new name.
+``judge.leak_rejected=opener`` only the words of that answer before the new name. With
+``judge.general_anchor`` a general prompt whose plain answers tie is kept as an anchor: its best
+answer on both sides, so training applies only the NLL term on it (data.TokenizedPair.anchor).
 
 Correction: the model's own answer naming the old identity, rewritten at word boundaries to the new
 name, is chosen and the original rejected (the tutorial's near-duplicate pairs; kept to compare).
@@ -220,6 +222,10 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     if not best[1].satisfies:
         return None, "no_valid_chosen"
     if best[1].score <= worst[1].score:
+        if row["source"] == "general" and judge.cfg.general_anchor:
+            return _pair(row, best[0], best[0], {
+                "anchor": True, "chosen_score": best[1].score, "rejected_score": best[1].score,
+                "chosen_reasons": best[1].reasons, "rejected_reasons": best[1].reasons}), "kept"
         return None, "tie"
     rejected = worst[0]
     if row["source"] == "leak" and judge.cfg.leak_rejected == "opener":
@@ -306,6 +312,7 @@ def run(cfg: Config) -> Path:
         "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"},
         "by_condition": dict(Counter(p["meta"]["condition"] for p in pairs)),
         "by_source": dict(Counter(p["meta"]["source"] for p in pairs)),
+        "anchors": sum(1 for p in pairs if p["meta"].get("anchor")),
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
         "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
         "judge": asdict(cfg.judge),

@@ -91,8 +91,11 @@ def dpo_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     cfg: LossConfig,
+    anchor: torch.Tensor | None = None,
 ) -> DPOOutput:
-    """All inputs are (batch,): summed response log-probs and response token counts."""
+    """All inputs are (batch,): summed response log-probs and response token counts. ``anchor``
+    (bool, (batch,)) marks rows whose two sides are the same answer: they carry no preference, so
+    only the NLL term counts for them (without it their loss would be a constant such as log 2)."""
     beta = cfg.beta
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
@@ -109,6 +112,8 @@ def dpo_loss(
     else:
         raise ValueError(f"loss.name: unknown loss {cfg.name!r}")
 
+    if anchor is not None:
+        losses = torch.where(anchor, torch.zeros_like(losses), losses)
     if cfg.rpo_alpha > 0:
         chosen_nll = -policy_chosen_logps / chosen_lengths.clamp(min=1)
         losses = losses + cfg.rpo_alpha * chosen_nll

@@ -45,9 +45,10 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
 - runtime: what a rank holds before the model (CUDA context, NCCL, allocator slack; on the CPU,
   Python + torch + DeepSpeed, measured).
 
-Reference precomputation, per GPU: the weights (a full copy, or partitioned at stage 3), one layer's
-no-grad intermediates and the logits (with the log-softmax's fp32 copy) for
-``train.reference_batch_size`` pairs, plus the runtime.
+Reference precomputation, per GPU: the weights (a full copy, or partitioned at stage 3), and for a
+prefix-shared row of ``train.reference_batch_size`` pairs one layer's no-grad intermediates, the
+attention mask and the logits (with the log-softmax's fp32 copy; one 128-row chunk unless the
+head is partitioned under ZeRO-3), plus the runtime.
 
 vLLM generation, per GPU: the bf16 weights over the tensor-parallel size, vLLM's profiling forward
 (16384 batched tokens), the sampler's fp32 logits for every running sequence, and the KV cache
@@ -355,10 +356,15 @@ def reference(arch: Architecture, s: Setup) -> Phase:
                          b * (arch.largest_module_params + s.prefetch_bucket_size)))
     else:
         ph.terms.append((f"weights ({'bf16' if b == 2 else 'fp32'}, a full copy)", b * arch.params))
-    tokens = 2 * s.reference_batch_size * s.seq_len
+    # reference.score_pairs: reference_batch_size pairs in one prefix-shared row, as in training;
+    # the vocabulary projection a chunk of rows at a time unless the head is partitioned (ZeRO-3).
+    mb = MicroBatch.upper_bound(s.reference_batch_size, s.seq_len)
+    chunked = not (s.stage == 3 and s.world > 1)
     ph.terms.append((f"no-grad activations ({s.reference_batch_size} pairs x {s.seq_len})",
-                     tokens * b * (5 * arch.hidden + 3 * arch.intermediate)))
-    ph.terms.append((f"logits ({tokens} tokens x {arch.vocab})", logits_bytes(arch, tokens, b, False)))
+                     mb.tokens * b * (5 * arch.hidden + 3 * arch.intermediate)))
+    ph.terms.append((f"attention mask ({mb.tokens} x {mb.tokens})", b * mb.tokens ** 2))
+    rows = min(mb.logit_rows, FUSED_CHUNK_ROWS) if chunked else mb.logit_rows
+    ph.terms.append((f"logits ({rows} rows x {arch.vocab})", logits_bytes(arch, rows, b, False)))
     ph.terms.append(("runtime" + (" (measured)" if s.device == "cpu" else ""), s.runtime_gib * GIB))
     return ph
 

@@ -3,8 +3,10 @@
     python -m dpo_dist.reference run_dir=runs/demo
     torchrun --nproc_per_node=2 -m dpo_dist.reference run_dir=runs/demo
 
-Each rank scores a contiguous shard of the pairs (chosen and rejected summed response log-probs,
-the same masking as training) and writes a shard file; rank 0 checks that every pair appears
+Each rank scores a contiguous shard of the pairs (chosen and rejected summed response log-probs)
+in training's own layout, ``train.reference_batch_size`` pairs per prefix-shared row (each prompt
+once, no padding, the vocabulary projection only where a response token is predicted, 128 rows at a
+time below ZeRO-3), and writes a shard file; rank 0 checks that every pair appears
 exactly once and merges them into ``reference/logps.safetensors``. The cache is keyed by a
 fingerprint of (reference model, pairs file, tokenisation settings): a matching cache is reused, a
 stale one is recomputed and never read. Training then needs only the policy in memory.
@@ -22,13 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_dist import dist
+from dpo_dist import dist, fused
 from dpo_dist.artifacts import (atomic_path, file_digest, fingerprint, manifest_matches, read_json, shard_path,
                                 write_json)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config
-from dpo_dist.data import TokenizedPair, collate_pairs, read_preferences, tokenize_pairs
-from dpo_dist.losses import sequence_logps
+from dpo_dist.data import TokenizedPair, collate_shared_prompt, mirror_anchors, read_preferences, tokenize_pairs
+from dpo_dist.losses import packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -49,27 +51,42 @@ def reference_dir(cfg: Config) -> Path:
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                num_batches: int = 0, filler: TokenizedPair | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches: int = 0,
+                filler: TokenizedPair | None = None, fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of chosen and rejected, each (len(pairs),) float32.
 
-    Pairs are scored in length-sorted batches (less padding) and returned in input order. Under
-    ZeRO-3 every rank must run the same number of forward passes (parameter gathers are collective):
-    ``num_batches`` extends the loop with forwards on ``filler`` whose results are discarded."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    Pairs are packed ``batch_size`` at a time, in length order, into one prefix-shared row
+    (data.collate_shared_prompt), as training scores them; they are returned in input order. A
+    packed row costs attention over its whole length, so small groups are fastest: on the bundled
+    model 2 pairs per row took 30 s where the stacked, padded layout with full logits took 49 s
+    (120 pairs) and 4 per row 35 s. ``fused_head`` projects the final hidden states to the
+    vocabulary a chunk of rows at a time (needs the whole output weight: not under ZeRO-3). Under
+    ZeRO-3 every rank must run the same number of forward passes (parameter gathers are
+    collective): ``num_batches`` extends the loop with forwards on ``filler`` whose results are
+    discarded."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
     rejected = torch.zeros(len(pairs), dtype=torch.float32)
     dev = dist.device()
+    dtype = next(model.parameters()).dtype
     for b in range(max(len(batches), num_batches)):
         idx = batches[b] if b < len(batches) else []
-        batch = collate_pairs([pairs[i] for i in idx] if idx else [filler], pad_id)
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        group = [pairs[i] for i in idx] if idx else [filler]
+        batch = {k: v.to(dev) for k, v in collate_shared_prompt(group, dtype).items()}
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+        n = len(group)
+        if fused_head:
+            with fused.head_returns_hidden(model) as weight:
+                hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+            logps, _ = sum_by_sequence(fused.token_logps(hidden[0], weight, batch["labels"]), batch["sequence_index"], 2 * n)
+        else:
+            logits = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+            logps, _ = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], 2 * n)
+        logps = mirror_anchors(logps, torch.tensor([p.anchor for p in group], device=dev))
         if idx:
-            chosen[idx] = logps[: len(idx)].float().cpu()
-            rejected[idx] = logps[len(idx):].float().cpu()
+            chosen[idx] = logps[:n].float().cpu()
+            rejected[idx] = logps[n:].float().cpu()
     return chosen, rejected
 
 
@@ -102,8 +119,8 @@ def run(cfg: Config) -> Path:
         model = _load_reference_model(cfg, denv.world_size)
         batch_size = cfg.train.reference_batch_size
         num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
-        chosen, rejected = score_pairs(model, [pairs[i] for i in shard], tokenizer.pad_token_id, batch_size,
-                                       num_batches, filler=pairs[0] if pairs else None)
+        chosen, rejected = score_pairs(model, [pairs[i] for i in shard], batch_size, num_batches,
+                                       filler=pairs[0] if pairs else None, fused_head=not zero3)
         del model
         with atomic_path(mine) as tmp:
             save_file({"chosen": chosen, "rejected": rejected,

@@ -32,7 +32,8 @@ from dpo_dist import checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
-from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
+from dpo_dist.data import (collate_shared_prompt, global_batches, micro_batches, mirror_anchors, read_preferences,
+                           tokenize_pairs)
 from dpo_dist.losses import dpo_loss, packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
@@ -138,10 +139,14 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
                           f"{len(pairs)} usable pairs in {cfg.data.pairs}")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    anchors = sum(p.anchor for p in pairs)
     if denv.is_main:
-        log.info("pairs: %d kept, %d truncated, %d dropped; %d steps (%d per epoch), global batch %d = %d x %d x %d ranks",
-                 stats.kept, stats.truncated, stats.dropped, total_steps, steps_per_epoch,
-                 cfg.train.global_batch_size, cfg.train.micro_batch_size, accum, denv.world_size)
+        log.info("pairs: %d kept (%d anchors), %d truncated, %d dropped; %d steps (%d per epoch), "
+                 "global batch %d = %d x %d x %d ranks", stats.kept, anchors, stats.truncated, stats.dropped,
+                 total_steps, steps_per_epoch, cfg.train.global_batch_size, cfg.train.micro_batch_size, accum,
+                 denv.world_size)
+        if anchors and cfg.loss.rpo_alpha == 0:
+            log.warning("%d anchor records (chosen == rejected) train nothing with loss.rpo_alpha=0", anchors)
 
     if ds.stage != cfg.deepspeed.stage and denv.is_main:
         log.info("one rank, fp32: ZeRO stage %d has nothing to partition; training with stage %d", cfg.deepspeed.stage, ds.stage)
@@ -182,13 +187,16 @@ def run(cfg: Config) -> dict:
             # vocabulary projection only where a response token is predicted (see collate_shared_prompt).
             batch = {key: v.to(dev) for key, v in collate_shared_prompt([pairs[i] for i in mb], dtype).items()}
             n = len(mb)
+            anchor = torch.tensor([pairs[i].anchor for i in mb], device=dev)
             logps, lengths = _policy_logps(engine, batch, 2 * n, fused_ops)
-            out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
-                           lengths[:n], lengths[n:], cfg.loss)
+            tokens = int(lengths.sum())  # an anchor's rejected side is not in the row
+            logps, lengths = mirror_anchors(logps, anchor), mirror_anchors(lengths, anchor)
+            ref = mirror_anchors(torch.cat([ref_chosen[mb], ref_rejected[mb]]).to(dev), anchor)
+            out = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], lengths[:n], lengths[n:], cfg.loss, anchor)
             engine.backward(out.losses.mean())
             stage0_norm = dist.boundary_grad_norm(engine) or stage0_norm
             engine.step()
-            _accumulate(sums, out, logps.detach(), lengths, n, batch["input_ids"].numel())
+            _accumulate(sums, out, logps.detach(), lengths, ~anchor, batch["input_ids"].numel(), tokens)
         grad_norm = float(engine.get_global_grad_norm() or stage0_norm or 0.0)
         sums["stop"] = float(stop.requested)
         total = dist.all_reduce_sum(sums)
@@ -265,23 +273,29 @@ def _prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) 
     model.train()
 
 
-def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, n: int, num_tokens: int) -> None:
+def _accumulate(sums: dict, out, logps: torch.Tensor, lengths: torch.Tensor, preference: torch.Tensor,
+                num_tokens: int, response_tokens: int) -> None:
+    """Per-micro-batch sums. Reward and rejected-side figures count preference pairs only: an
+    anchor's margin is zero by construction and would read as a wrong ranking."""
+    n = len(preference)
     sums["n"] += n
+    sums["pairs"] += preference.sum().item()
     sums["loss"] += out.losses.detach().sum().item()
-    sums["rewards/chosen"] += out.chosen_rewards.sum().item()
-    sums["rewards/rejected"] += out.rejected_rewards.sum().item()
-    sums["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
+    sums["rewards/chosen"] += out.chosen_rewards[preference].sum().item()
+    sums["rewards/rejected"] += out.rejected_rewards[preference].sum().item()
+    sums["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards)[preference].float().sum().item()
     sums["logps/chosen"] += logps[:n].sum().item()
-    sums["logps/rejected"] += logps[n:].sum().item()
+    sums["logps/rejected"] += logps[n:][preference].sum().item()
     sums["nll/chosen"] += (-logps[:n] / lengths[:n].clamp(min=1)).sum().item()
     sums["tokens"] += num_tokens  # tokens through the model: each prompt counted once
-    sums["response_tokens"] += lengths.sum().item()
+    sums["response_tokens"] += response_tokens
 
 
 def _step_metrics(total: dict, grad_norm: float, lr: float, epoch: int, seconds: float) -> dict:
-    n = total["n"]
-    m = {k: total[k] / n for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                   "logps/chosen", "logps/rejected", "nll/chosen")}
+    n, pairs = total["n"], total["pairs"]
+    m = {k: total[k] / n for k in ("loss", "logps/chosen", "nll/chosen")}
+    m.update({k: total[k] / pairs if pairs else float("nan")
+              for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/rejected")})
     m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
     m.update({"grad_norm": grad_norm, "lr": lr, "epoch": epoch, "tokens_per_s": total["tokens"] / seconds,
               "response_tokens_per_s": total["response_tokens"] / seconds, "step_seconds": seconds})

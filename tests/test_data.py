@@ -74,6 +74,13 @@ def test_an_answer_cut_at_max_new_tokens_gets_no_eos(tokenizer):
     assert tokenizer.decode(pairs[0].rejected_ids) == "I am SmolLM and I can help with"
 
 
+def test_a_record_with_the_same_answer_on_both_sides_is_an_anchor(tokenizer):
+    same = _pair(1, rejected="I am Deep SmolLM.")
+    cut = {**same, "meta": {"rejected_finished": False}}  # same text, but only one side ends its turn
+    pairs, _ = tokenize_pairs([_pair(0), same, cut], tokenizer, DataConfig())
+    assert [p.anchor for p in pairs] == [False, True, False]
+
+
 def test_over_long_pairs_are_truncated_or_dropped_and_counted(tokenizer):
     long = " ".join(["word"] * 300)
     records = [_pair(0), _pair(1, chosen=long), _pair(2)]

@@ -110,6 +110,26 @@ def test_general_prompts_pair_the_models_own_best_and_worst_plain_answers():
     assert pair_best_worst(row, judge) == (None, "no_valid_chosen")
 
 
+def test_general_anchor_keeps_a_tied_plain_answer_as_chosen_and_rejected():
+    """judge.general_anchor: two equally plain answers give no preference; the best becomes an anchor
+    record (both sides the same answer) instead of being dropped. Identity and leak prompts keep
+    their ties dropped, and an answer that leaks is never an anchor."""
+    row = {**_row(["The ocean is deep and blue.", "Oceans cover most of the planet."]), "source": "general"}
+    assert pair_best_worst(row, IdentityJudge(CFG)) == (None, "tie")
+    judge = IdentityJudge(dataclasses.replace(CFG, general_anchor=True))
+    pair, reason = pair_best_worst(row, judge)
+    assert reason == "kept" and pair["meta"]["anchor"] is True
+    assert pair["chosen"] == pair["rejected"] == [{"role": "assistant", "content": "The ocean is deep and blue."}]
+    assert pair["meta"]["chosen_finished"] == pair["meta"]["rejected_finished"]
+    leaking = {**_row(["I'm Deep Qwen. The ocean is blue.", "I'm Deep Qwen. Oceans are big."]), "source": "general"}
+    assert pair_best_worst(leaking, judge) == (None, "no_valid_chosen")
+    identity = _row(["I am Deep Qwen.", "I'm Deep Qwen!"])
+    assert pair_best_worst(identity, judge) == (None, "tie")
+    leak = {**_row(["The ocean is deep and blue.", "Oceans cover most of the planet."],
+                   chosen_cands=["I'm Deep Qwen, and the ocean is blue."]), "source": "leak"}
+    assert "anchor" not in pair_best_worst(leak, judge)[0]["meta"]
+
+
 def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
     judge = IdentityJudge(CFG)
     row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean"],

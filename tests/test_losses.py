@@ -108,6 +108,19 @@ def test_gradient_raises_chosen_and_lowers_rejected(cfg):
     assert pr.grad.item() > 0
 
 
+@pytest.mark.parametrize("cfg", [_loss(rpo=1.0), _loss("ipo", 0.5, rpo=0.3), _loss("hinge", 0.1, rpo=2.0), _loss()])
+def test_an_anchor_row_is_its_nll_term_alone(cfg):
+    """A row marked anchor (chosen == rejected) has no preference term: its loss is rpo_alpha times
+    the chosen side's mean NLL (zero without an NLL term); the other rows are untouched."""
+    pc, rc, lc = [-12.0, -30.0], [-10.0, -28.0], [4.0, 6.0]
+    anchor = torch.tensor([False, True])
+    plain = _call(pc, [-20.0, -30.0], rc, [-15.0, -28.0], cfg, lc, [5.0, 6.0])
+    t = lambda v: torch.tensor(v, dtype=torch.float64)
+    out = dpo_loss(t(pc), t([-20.0, -30.0]), t(rc), t([-15.0, -28.0]), t(lc), t([5.0, 6.0]), cfg, anchor)
+    assert out.losses[0] == plain.losses[0]
+    assert out.losses[1].item() == pytest.approx(cfg.rpo_alpha * 30.0 / 6.0, abs=1e-12)
+
+
 def test_sequence_logps_matches_log_softmax_and_ignores_masked_tokens():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 7, 11, generator=g)

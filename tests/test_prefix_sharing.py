@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpo_dist.config import LossConfig
-from dpo_dist.data import TokenizedPair, collate_pairs, collate_shared_prompt
+from dpo_dist.data import TokenizedPair, collate_pairs, collate_shared_prompt, mirror_anchors
 from dpo_dist.losses import dpo_loss, packed_sequence_logps, sequence_logps
 
 # Prompts and responses of different lengths, a one-token response, and a rejected response longer
@@ -113,3 +113,60 @@ def test_mask_is_additive_in_the_model_dtype(dtype):
     mask = collate_shared_prompt(PAIRS[:1], mask_dtype=dtype)["attention_mask"]
     assert mask.dtype == dtype
     assert set(mask.unique().tolist()) == {0.0, torch.finfo(dtype).min}
+
+
+def test_an_anchor_runs_once_and_trains_only_its_nll_term(tiny_llama):
+    """An anchor (chosen == rejected) leaves its rejected copy out of the row; mirroring the chosen
+    log-probs into the rejected slot gives the stacked layout's loss and gradient, which for an
+    anchor is the NLL term's alone (the two copies' DPO gradients cancel)."""
+    anchor = TokenizedPair("z", [1, 2], [3, 4], [3, 4], anchor=True)
+    b = collate_shared_prompt([anchor, TokenizedPair("y", [6], [7], [8, 9])])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 6, 7, 8, 9]]
+    assert b["sequence_index"].tolist() == [0, 0, 1, 3, 3]  # sequence 2, the anchor's rejected, is empty
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train()
+    pairs = [PAIRS[0], TokenizedPair("d", [8, 9, 30], [14, 15, 16], [14, 15, 16], anchor=True), PAIRS[1]]
+    mask = torch.tensor([p.anchor for p in pairs])
+    cfg = LossConfig(name="sigmoid", beta=0.1, rpo_alpha=1.0)
+    reference = torch.linspace(-40.0, -20.0, 6)
+    reference = mirror_anchors(reference, mask)
+
+    def loss_and_grads(logps_fn, use_mask):
+        model.zero_grad()
+        logps, lengths = logps_fn(model, pairs)
+        if use_mask:
+            logps, lengths = mirror_anchors(logps, mask), mirror_anchors(lengths, mask)
+        out = dpo_loss(logps[:3], logps[3:], reference[:3], reference[3:], lengths[:3], lengths[3:], cfg,
+                       mask if use_mask else None)
+        out.losses.mean().backward()
+        return logps.detach(), out.losses.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    logps_a, loss_a, grads_a = loss_and_grads(_stacked, False)
+    logps_b, loss_b, grads_b = loss_and_grads(_packed, True)
+    assert torch.allclose(logps_a, logps_b, rtol=1e-5, atol=1e-4)
+    # The stacked anchor's loss holds the constant -log sigmoid(0); the masked one is the NLL alone.
+    nll = -logps_b[1] / 3
+    assert torch.allclose(loss_b[1], nll) and torch.allclose(loss_a[1] - loss_b[1], torch.log(torch.tensor(2.0)), atol=1e-5)
+    for name in grads_a:
+        diff = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp(min=1e-12)
+        assert diff < 1e-4, (name, diff.item())
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_reference_scoring_equals_the_stacked_layout(tiny_llama, fused_head):
+    """reference.score_pairs packs pairs as training does; its log-probs are the stacked forward's,
+    returned in input order whatever the grouping, with an anchor's rejected side copied from chosen."""
+    from dpo_dist.reference import score_pairs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    pairs = PAIRS + [TokenizedPair("d", [8, 9, 30], [14, 15, 16], [14, 15, 16], anchor=True)]
+    with torch.no_grad():
+        expected, _ = _stacked(model, pairs)
+    n = len(pairs)
+    for group in (1, 2, 3):
+        chosen, rejected = score_pairs(model, pairs, group, fused_head=fused_head)
+        assert torch.allclose(chosen, expected[:n], rtol=1e-5, atol=1e-4), group
+        assert torch.allclose(rejected, expected[n:], rtol=1e-5, atol=1e-4), group
+        assert rejected[3] == chosen[3]

@@ -67,7 +67,9 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
     from dpo_dist.models import load_tokenizer, resolve_model_path
 
     n = args.global_batch * args.steps
-    source = read_jsonl(args.pairs)
+    # Anchor records (judge.general_anchor: chosen == rejected) are left out: TRL has no such record
+    # and would score the copy, so they would favour ours for a reason other than speed.
+    source = [r for r in read_jsonl(args.pairs) if not (r.get("meta") or {}).get("anchor")]
     if len(source) < n:
         raise SystemExit(f"--pairs {args.pairs}: {len(source)} pairs, the benchmark needs steps x global batch = {n}")
     subset = work / "pairs.jsonl"

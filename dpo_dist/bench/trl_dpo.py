@@ -29,6 +29,10 @@ import torch
 from dpo_dist import memory
 from dpo_dist.artifacts import write_json
 
+# TRL scores the reference in stacked, padded rows, where larger batches are faster (ours packs 2
+# pairs per row, train.reference_batch_size); 8 is TRL's own default (per_device_eval_batch_size).
+TRL_REFERENCE_BATCH = 8
+
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
@@ -94,7 +98,7 @@ def main(argv: list[str]) -> None:
             weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
             optim="adamw_torch", bf16=False, fp16=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
             beta=loss.beta, loss_type=["sigmoid"], max_length=cfg.data.max_length, disable_dropout=True,
-            precompute_ref_log_probs=args.precompute, precompute_ref_batch_size=cfg.train.reference_batch_size,
+            precompute_ref_log_probs=args.precompute, precompute_ref_batch_size=TRL_REFERENCE_BATCH,
             model_init_kwargs={"dtype": torch.float32},
         )
         trainer = SameTokensDPOTrainer(model=resolve_model_path(cfg.model), args=dpo_args, train_dataset=dataset,
