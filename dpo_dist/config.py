@@ -260,7 +260,8 @@ class GenerationConfig:
     enforce_eager: bool = False
     # vLLM's CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
     cpu_kv_cache_gib: int = 1
-    # vLLM's weights and KV cache: auto is bfloat16 on a GPU and float32 on the CPU.
+    # vLLM's weights and KV cache: auto is bfloat16 on a GPU and float32 on the CPU (bf16 was 2-6x
+    # slower there, README). float16 for GPUs without bf16 (T4, V100).
     vllm_dtype: str = "auto"
 
     def __post_init__(self) -> None:

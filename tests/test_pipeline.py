@@ -31,7 +31,9 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
     assert identity and all("Deep SmolLM" in p["chosen"][0]["content"] for p in identity)
     # General instructions: the model's own answer is chosen, never one that names the new identity.
     assert all("Deep SmolLM" not in p["chosen"][0]["content"] for p in pairs if p["meta"]["source"] != "identity")
-    assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
+    # Only anchors (tied general prompts, judge.general_anchor) have the same answer on both sides.
+    assert all((p["chosen"] == p["rejected"]) == bool(p["meta"].get("anchor")) for p in pairs)
+    assert all(p["meta"]["source"] == "general" for p in pairs if p["meta"].get("anchor"))
 
     metrics = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(k in metrics[0] for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
