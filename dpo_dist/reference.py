@@ -50,6 +50,20 @@ def reference_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) / "reference"
 
 
+def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of each sequence of a prefix-shared row
+    (data.collate_shared_prompt), for the reference pass and for training. ``fused_head``: the
+    vocabulary projection a chunk of rows at a time from the final hidden states (needs the whole
+    output weight: not under ZeRO-3)."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+    if not fused_head:
+        logits = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+        return packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
+    with fused.head_returns_hidden(model) as head_weight:
+        hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+    return sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]), batch["sequence_index"], num_sequences)
+
+
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches: int = 0,
                 filler: TokenizedPair | None = None, fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +73,9 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
     (data.collate_shared_prompt), as training scores them; they are returned in input order. A
     packed row costs attention over its whole length, so small groups are fastest: on the bundled
     model 2 pairs per row took 30 s where the stacked, padded layout with full logits took 49 s
-    (120 pairs) and 4 per row 35 s. ``fused_head`` projects the final hidden states to the
-    vocabulary a chunk of rows at a time (needs the whole output weight: not under ZeRO-3). Under
-    ZeRO-3 every rank must run the same number of forward passes (parameter gathers are
-    collective): ``num_batches`` extends the loop with forwards on ``filler`` whose results are
-    discarded."""
+    (120 pairs) and 4 per row 35 s. ``fused_head`` as in ``packed_logps``. Under ZeRO-3 every
+    rank must run the same number of forward passes (parameter gathers are collective):
+    ``num_batches`` extends the loop with forwards on ``filler`` whose results are discarded."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
@@ -74,15 +86,8 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
         idx = batches[b] if b < len(batches) else []
         group = [pairs[i] for i in idx] if idx else [filler]
         batch = {k: v.to(dev) for k, v in collate_shared_prompt(group, dtype).items()}
-        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
         n = len(group)
-        if fused_head:
-            with fused.head_returns_hidden(model) as weight:
-                hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
-            logps, _ = sum_by_sequence(fused.token_logps(hidden[0], weight, batch["labels"]), batch["sequence_index"], 2 * n)
-        else:
-            logits = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
-            logps, _ = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], 2 * n)
+        logps, _ = packed_logps(model, batch, 2 * n, fused_head)
         logps = mirror_anchors(logps, torch.tensor([p.anchor for p in group], device=dev))
         if idx:
             chosen[idx] = logps[:n].float().cpu()

@@ -34,7 +34,7 @@ from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
 from dpo_dist.data import (collate_shared_prompt, global_batches, micro_batches, mirror_anchors, read_preferences,
                            tokenize_pairs)
-from dpo_dist.losses import dpo_loss, packed_sequence_logps, sum_by_sequence
+from dpo_dist.losses import dpo_loss
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
 
@@ -188,7 +188,7 @@ def run(cfg: Config) -> dict:
             batch = {key: v.to(dev) for key, v in collate_shared_prompt([pairs[i] for i in mb], dtype).items()}
             n = len(mb)
             anchor = torch.tensor([pairs[i].anchor for i in mb], device=dev)
-            logps, lengths = _policy_logps(engine, batch, 2 * n, fused_ops)
+            logps, lengths = reference.packed_logps(engine, batch, 2 * n, fused_ops)
             tokens = int(lengths.sum())  # an anchor's rejected side is not in the row
             logps, lengths = mirror_anchors(logps, anchor), mirror_anchors(lengths, anchor)
             ref = mirror_anchors(torch.cat([ref_chosen[mb], ref_rejected[mb]]).to(dev), anchor)
@@ -245,17 +245,6 @@ def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool) -> None:
     if is_main and not owner.is_file():
         write_json(owner, {"fingerprint": train_fp})
     dist.barrier()
-
-
-def _policy_logps(engine, batch: dict, num_sequences: int, fused_ops: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and token counts of each sequence of a prefix-shared micro-batch."""
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
-    if not fused_ops:
-        logits = engine(**inputs, logits_to_keep=batch["logit_positions"]).logits
-        return packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
-    with fused.head_returns_hidden(engine.module) as head_weight:
-        hidden = engine(**inputs, logits_to_keep=batch["logit_positions"]).logits
-    return sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]), batch["sequence_index"], num_sequences)
 
 
 def _release_free_heap(module, grad_output) -> None:

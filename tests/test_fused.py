@@ -68,7 +68,7 @@ def _model(kind: str):
 
 def _both_paths(kind: str, dtype: torch.dtype):
     """Sequence log-probs and every parameter's gradient, by the model's own logits and by the path
-    train._policy_logps takes with fused ops, on one prefix-shared micro-batch of two pairs."""
+    reference.packed_logps takes with fused ops, on one prefix-shared micro-batch of two pairs."""
     from dpo_dist.data import TokenizedPair, collate_shared_prompt
 
     model = _model(kind).to(dtype)
