@@ -240,8 +240,9 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
       sequence_index: (num_response_tokens,) the sequence each label belongs to: chosen of pair i
         is i, rejected is len(pairs) + i (the row order of ``collate_pairs``).
 
-    An anchor's rejected side is its chosen side again, so it is left out of the row: its sequence
-    has no tokens, and the caller copies the chosen side's log-probs (``mirror_anchors``).
+      anchor: (len(pairs),) bool, the pairs whose rejected side is their chosen side again. That copy
+        is left out of the row (its sequence has no tokens); ``reference.packed_logps`` gives it the
+        chosen side's log-probs (``mirror_anchors``).
     """
     n = len(pairs)
     ids, positions, pair_of, branch_of = [], [], [], []
@@ -270,7 +271,8 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
     mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
             "attention_mask": mask[None, None], "logit_positions": torch.tensor(logit_positions),
-            "labels": torch.tensor(labels), "sequence_index": torch.tensor(sequence_index)}
+            "labels": torch.tensor(labels), "sequence_index": torch.tensor(sequence_index),
+            "anchor": torch.tensor([p.anchor for p in pairs])}
 
 
 def mirror_anchors(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

@@ -52,16 +52,20 @@ def reference_dir(cfg: Config) -> Path:
 
 def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and token counts of each sequence of a prefix-shared row
-    (data.collate_shared_prompt), for the reference pass and for training. ``fused_head``: the
-    vocabulary projection a chunk of rows at a time from the final hidden states (needs the whole
-    output weight: not under ZeRO-3)."""
+    (data.collate_shared_prompt), for the reference pass and for training; an anchor's rejected
+    side, left out of the row, gets its chosen side's. ``fused_head``: the vocabulary projection a
+    chunk of rows at a time from the final hidden states (needs the whole output weight: not under
+    ZeRO-3)."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
-    if not fused_head:
+    if fused_head:
+        with fused.head_returns_hidden(model) as head_weight:
+            hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+        logps, lengths = sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]),
+                                         batch["sequence_index"], num_sequences)
+    else:
         logits = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
-        return packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
-    with fused.head_returns_hidden(model) as head_weight:
-        hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
-    return sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]), batch["sequence_index"], num_sequences)
+        logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
+    return mirror_anchors(logps, batch["anchor"]), mirror_anchors(lengths, batch["anchor"])
 
 
 @torch.no_grad()
@@ -88,7 +92,6 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
         batch = {k: v.to(dev) for k, v in collate_shared_prompt(group, dtype).items()}
         n = len(group)
         logps, _ = packed_logps(model, batch, 2 * n, fused_head)
-        logps = mirror_anchors(logps, torch.tensor([p.anchor for p in group], device=dev))
         if idx:
             chosen[idx] = logps[:n].float().cpu()
             rejected[idx] = logps[n:].float().cpu()

@@ -32,8 +32,7 @@ from dpo_dist import checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
-from dpo_dist.data import (collate_shared_prompt, global_batches, micro_batches, mirror_anchors, read_preferences,
-                           tokenize_pairs)
+from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
 from dpo_dist.losses import dpo_loss
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
@@ -187,16 +186,17 @@ def run(cfg: Config) -> dict:
             # vocabulary projection only where a response token is predicted (see collate_shared_prompt).
             batch = {key: v.to(dev) for key, v in collate_shared_prompt([pairs[i] for i in mb], dtype).items()}
             n = len(mb)
-            anchor = torch.tensor([pairs[i].anchor for i in mb], device=dev)
             logps, lengths = reference.packed_logps(engine, batch, 2 * n, fused_ops)
-            tokens = int(lengths.sum())  # an anchor's rejected side is not in the row
-            logps, lengths = mirror_anchors(logps, anchor), mirror_anchors(lengths, anchor)
-            ref = mirror_anchors(torch.cat([ref_chosen[mb], ref_rejected[mb]]).to(dev), anchor)
-            out = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], lengths[:n], lengths[n:], cfg.loss, anchor)
+            # An anchor (chosen == rejected) has the same value on both sides here and in the
+            # reference cache (score_pairs goes through packed_logps too); dpo_loss drops its
+            # preference term.
+            anchor = batch["anchor"]
+            out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
+                           lengths[:n], lengths[n:], cfg.loss, anchor)
             engine.backward(out.losses.mean())
             stage0_norm = dist.boundary_grad_norm(engine) or stage0_norm
             engine.step()
-            _accumulate(sums, out, logps.detach(), lengths, ~anchor, batch["input_ids"].numel(), tokens)
+            _accumulate(sums, out, logps.detach(), lengths, ~anchor, batch["input_ids"].numel(), batch["labels"].numel())
         grad_norm = float(engine.get_global_grad_norm() or stage0_norm or 0.0)
         sums["stop"] = float(stop.requested)
         total = dist.all_reduce_sum(sums)

@@ -123,6 +123,7 @@ def test_an_anchor_runs_once_and_trains_only_its_nll_term(tiny_llama):
     b = collate_shared_prompt([anchor, TokenizedPair("y", [6], [7], [8, 9])])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 6, 7, 8, 9]]
     assert b["sequence_index"].tolist() == [0, 0, 1, 3, 3]  # sequence 2, the anchor's rejected, is empty
+    assert b["anchor"].tolist() == [True, False]
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train()
