@@ -1513,39 +1513,6 @@ def build_general() -> list[tuple[str, str, str]]:
     return rows
 
 
-# The general set's first EVAL_GENERAL records are the held-out evaluation prompts (eval.num_general)
-# and training takes its last ones (data.split_general), so the order of the pool between them decides
-# what a training run sees. A random tail held 7 Chinese prompts and 3 first-person messages, and those
-# were the two kinds of general prompt the trained demo model still opened with its new name ("I'm
-# Deep SmolLM, and I'm thrilled to announce..."): Chinese questions, which the identity set (10% Chinese)
-# had taught it to answer with an introduction, and messages written in the user's voice. The tail now
-# takes them in turn with the rest, so that any training slice of it holds both kinds.
-EVAL_GENERAL = 100
-VOICE = re.compile(r"\b(email|message|note|post|tweet|reply|toast|letter|review|speech|pep talk)\b")
-TAIL_PATTERN = ("other", "voice", "other", "zh", "other")
-
-
-def order_general_pool(records: list[dict]) -> list[dict]:
-    """The evaluation prefix unchanged; the rest ordered so that its tail, read from the end, follows
-    TAIL_PATTERN over first-person messages, Chinese prompts and the others (random within each)."""
-    held_out, pool = records[:EVAL_GENERAL], records[EVAL_GENERAL:]
-    queues: dict[str, list[dict]] = {"voice": [], "zh": [], "other": []}
-    for r in pool:
-        if r["lang"] == "zh":
-            queues["zh"].append(r)
-        elif r["category"] == "writing" and VOICE.search(r["prompt"].casefold()):
-            queues["voice"].append(r)
-        else:
-            queues["other"].append(r)
-    picks: list[dict] = []
-    while any(queues.values()):
-        for kind in TAIL_PATTERN:
-            queue = queues[kind] or queues["other"] or queues["voice"] or queues["zh"]
-            if queue:
-                picks.append(queue.pop(0))
-    return held_out + picks[::-1]
-
-
 # --------------------------------------------------------------------------------------------
 # Output.
 # --------------------------------------------------------------------------------------------
@@ -1610,7 +1577,7 @@ def main(argv: list[str] | None = None) -> int:
     general_rows = build_general()
     train = to_records(train_rows, "idtrain", SEED + 10)
     eval_ = to_records(eval_rows, "ideval", SEED + 11)
-    general = order_general_pool(to_records(general_rows, "general", SEED + 12))
+    general = to_records(general_rows, "general", SEED + 12)
     check(train, eval_, general)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
