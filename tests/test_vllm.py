@@ -85,3 +85,50 @@ def test_vllm_seeded_sampling_survives_more_prompt_tokens_than_one_prefill_step(
     _run_vllm(vllm_python, [f"run_dir={tmp_path}", "generation=vllm", *overrides])
     rows = _candidates(tmp_path)
     assert len(rows) == 48 and all(len(r["candidates"]) == 4 for r in rows.values())
+
+
+NUCLEUS_CHECK = r"""
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm import SamplingParams
+from dpo_dist.vllm_nucleus import TOP_P_KEY, NucleusTopP, nucleus_threshold
+
+torch.manual_seed(0)
+vocab = 4096
+peaked = torch.randn(6, vocab) * 4            # the nucleus lies inside the top 64 candidates
+flat = torch.randn(4, vocab) * 0.05           # it does not: the full-sort fallback
+logits = torch.cat([peaked, flat]) / 0.8
+top_p = torch.tensor([0.95, 0.5, 0.9, 0.999, 0.01, 1.0, 0.95, 0.5, 0.8, 1.0])
+ours = logits >= nucleus_threshold(logits, top_p, candidates=64).unsqueeze(1)
+theirs = torch.isfinite(torch.cat([apply_top_k_top_p(logits[i:i + 1].clone(), None, top_p[i:i + 1])
+                                   for i in range(len(top_p))]))
+assert torch.equal(ours, theirs), (ours.sum(1), theirs.sum(1))
+assert ours[5].all() and ours[4].sum() == 1 and (ours[6:9].sum(1) > 64).all()
+
+class Cfg:  # what the processor reads of VllmConfig
+    class scheduler_config:
+        max_num_seqs = 8
+proc = NucleusTopP(Cfg, torch.device("cpu"), False)
+def params(p):
+    return SamplingParams(temperature=0.8, top_p=1.0, extra_args=None if p is None else {TOP_P_KEY: p})
+proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                              added=[(0, params(0.5), [1], []), (1, params(None), [1], []), (2, params(0.9), [1], [])]))
+proc.update_state(BatchUpdate(batch_size=3, removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)],
+                              added=[(1, params(0.7), [1], [])]))
+assert proc.top_p[:3].tolist() == [0.8999999761581421, 0.699999988079071, 1.0], proc.top_p[:3]
+proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+x = torch.randn(2, vocab) * 4
+kept = torch.isfinite(proc.apply(x.clone()))
+assert torch.equal(kept[0], torch.isfinite(apply_top_k_top_p(x[:1].clone(), None, torch.tensor([0.7])))[0])
+assert torch.equal(kept[1], torch.isfinite(apply_top_k_top_p(x[1:].clone(), None, torch.tensor([0.9])))[0])
+print("ok")
+"""
+
+
+def test_nucleus_processor_keeps_exactly_the_tokens_vllms_top_p_keeps(vllm_python):
+    """dpo_dist.vllm_nucleus against vLLM's own top-p, rows with the nucleus inside the candidates and
+    rows that need the full sort, and its row bookkeeping through removed / added / moved requests."""
+    proc = subprocess.run([vllm_python, "-c", NUCLEUS_CHECK], cwd=REPO, env=stage_env(1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]
