@@ -56,6 +56,27 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: 
     return _nucleus(sorted_probs, sorted_idx, top_p, generators)
 
 
+def nucleus_threshold(logits: torch.Tensor, top_p: torch.Tensor, candidates: int = _NUCLEUS_CANDIDATES) -> torch.Tensor:
+    """Per row of (rows, vocab) logits, the smallest logit inside the nucleus (the tokens kept are
+    those >= it): the set ``_sample`` draws from, as a threshold for samplers that draw themselves
+    (dpo_dist.vllm_nucleus). ``top_p``: (rows,). Taken from the top ``candidates`` tokens, and from
+    a full sort only for rows where those hold less than top_p of the mass."""
+    p = top_p.unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values = logits.topk(min(candidates, logits.shape[-1]), dim=-1).values  # descending
+    probs = (values - lse).exp()
+    above = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+    # A token is in the nucleus iff the mass above it is < top_p; the first token always is.
+    threshold = values.gather(1, (above < p).sum(-1, keepdim=True).clamp(min=1) - 1)
+    short = probs.sum(-1) < top_p
+    if bool(short.any()):
+        values = logits[short].sort(dim=-1, descending=True).values
+        probs = (values - lse[short]).exp()
+        above = probs.cumsum(-1) - probs
+        threshold[short] = values.gather(1, (above < p[short]).sum(-1, keepdim=True).clamp(min=1) - 1)
+    return threshold.squeeze(1)
+
+
 def _nucleus(sorted_probs: torch.Tensor, sorted_idx: torch.Tensor, top_p: float,
              generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Sample from each row's nucleus, given its probabilities in descending order."""

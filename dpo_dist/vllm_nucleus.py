@@ -13,8 +13,9 @@ scaled logits outside the nucleus to -inf keeps exactly the tokens vLLM's top-p 
 higher-ranked tokens hold less than top_p of the mass), ties at the boundary aside.
 
 Imported by vLLM in its engine process (``LLM(logits_processors=[FQCN])``), so this module imports
-vLLM and is only loaded where vLLM is installed. Used on the CPU only (generate.VLLMBackend): GPUs
-run the V2 model runner, whose logits processors have another interface, and sort fast anyway.
+vLLM and is only loaded where vLLM is installed. Used on the CPU only (generate.VLLMBackend): on GPUs
+the official vllm defaults to its V2 model runner, whose logits processors have another interface,
+and sorts fast anyway.
 """
 
 from __future__ import annotations
@@ -23,31 +24,10 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from dpo_dist.sampling import nucleus_threshold
+
 TOP_P_KEY = "dpo_dist_top_p"
 FQCN = f"{__name__}:NucleusTopP"  # vLLM takes "module:Class"
-CANDIDATES = 1024  # the nucleus is looked for among these first; rows where they hold < top_p sort
-
-
-def nucleus_threshold(logits: torch.Tensor, top_p: torch.Tensor, candidates: int = CANDIDATES) -> torch.Tensor:
-    """Per row (rows, vocab), the smallest logit inside the nucleus: a token is kept iff its logit is
-    >= it. ``top_p``: (rows,). The prefix is taken from the top ``candidates`` tokens, and from a
-    full sort only for rows where those hold less than top_p of the probability mass."""
-    p = top_p.unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    values = logits.topk(min(candidates, logits.shape[-1]), dim=-1).values  # descending
-    probs = (values - lse).exp()
-    above = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-    # A token is in the nucleus iff the mass above it is < top_p; the first token always is.
-    threshold = values.gather(1, (above < p).sum(-1, keepdim=True).clamp(min=1) - 1)
-    short = probs.sum(-1) < top_p
-    if bool(short.any()):
-        values = logits[short].sort(dim=-1, descending=True).values
-        probs = (values - lse[short]).exp()
-        above = probs.cumsum(-1) - probs
-        threshold[short] = values.gather(1, (above < p[short]).sum(-1, keepdim=True).clamp(min=1) - 1)
-    return threshold.squeeze(1)
-
-
 class NucleusTopP(LogitsProcessor):
     """Per-request top-p from ``SamplingParams.extra_args[TOP_P_KEY]`` (absent: no nucleus)."""
 
@@ -59,7 +39,6 @@ class NucleusTopP(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.top_p = torch.ones(vllm_config.scheduler_config.max_num_seqs, dtype=torch.float32)
-        self.device = device
 
     def is_argmax_invariant(self) -> bool:
         return True  # the nucleus always holds the most likely token; also what places it after temperature
@@ -82,8 +61,7 @@ class NucleusTopP(LogitsProcessor):
         rows = (top_p < 1.0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return logits
-        rows = rows.to(logits.device)
-        x = logits[rows]
-        threshold = nucleus_threshold(x, top_p[rows.cpu()].to(x.device))
+        x = logits[rows]  # CPU logits (see the module's docstring)
+        threshold = nucleus_threshold(x, top_p[rows])
         logits[rows] = x.masked_fill_(x < threshold.unsqueeze(1), float("-inf"))
         return logits

@@ -60,3 +60,18 @@ def test_flat_distributions_fall_back_to_the_full_nucleus():
         assert int(pick[1]) == 7
         seen_flat.add(int(pick[0]))
     assert max(seen_flat) >= 1024
+
+
+def test_nucleus_threshold_keeps_the_set_sample_draws_from():
+    """The threshold form (used inside vLLM) keeps exactly the tokens _nucleus keeps, for rows whose
+    nucleus lies inside the candidates and rows that need the full sort."""
+    torch.manual_seed(0)
+    vocab = 3000
+    logits = torch.cat([torch.randn(5, vocab) * 4, torch.randn(3, vocab) * 0.05])
+    top_p = torch.tensor([0.95, 0.5, 0.9, 0.01, 0.999, 0.95, 0.5, 0.8])
+    kept = logits >= sampling.nucleus_threshold(logits, top_p, candidates=64).unsqueeze(1)
+    for row in range(len(top_p)):
+        probs, order = torch.softmax(logits[row], -1).sort(descending=True)
+        inside = (probs.cumsum(-1) - probs) < top_p[row]  # _nucleus's rule, on the full sort
+        assert set(order[inside].tolist()) == set(kept[row].nonzero().flatten().tolist()), row
+    assert kept[3].sum() == 1 and kept[4].sum() > kept[0].sum() and (kept[5:].sum(1) > 64).all()

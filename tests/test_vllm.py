@@ -92,7 +92,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm import SamplingParams
-from dpo_dist.vllm_nucleus import TOP_P_KEY, NucleusTopP, nucleus_threshold
+from dpo_dist.sampling import nucleus_threshold
+from dpo_dist.vllm_nucleus import TOP_P_KEY, NucleusTopP
 
 torch.manual_seed(0)
 vocab = 4096
