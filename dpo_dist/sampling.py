@@ -63,17 +63,20 @@ def nucleus_threshold(logits: torch.Tensor, top_p: torch.Tensor, candidates: int
     a full sort only for rows where those hold less than top_p of the mass."""
     p = top_p.unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    values = logits.topk(min(candidates, logits.shape[-1]), dim=-1).values  # descending
-    probs = (values - lse).exp()
-    above = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
-    # A token is in the nucleus iff the mass above it is < top_p; the first token always is.
-    threshold = values.gather(1, (above < p).sum(-1, keepdim=True).clamp(min=1) - 1)
-    short = probs.sum(-1) < top_p
+
+    def last_inside(values: torch.Tensor, lse: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Given descending logits: the nucleus's smallest one, and the mass the values hold."""
+        probs = (values - lse).exp()
+        above = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+        # A token is in the nucleus iff the mass above it is < top_p; the first token always is.
+        return values.gather(1, (above < p).sum(-1, keepdim=True).clamp(min=1) - 1), probs.sum(-1)
+
+    top = logits.topk(min(candidates, logits.shape[-1]), dim=-1).values
+    threshold, mass = last_inside(top, lse, p)
+    short = mass < top_p
     if bool(short.any()):
-        values = logits[short].sort(dim=-1, descending=True).values
-        probs = (values - lse[short]).exp()
-        above = probs.cumsum(-1) - probs
-        threshold[short] = values.gather(1, (above < p[short]).sum(-1, keepdim=True).clamp(min=1) - 1)
+        full = logits[short].sort(dim=-1, descending=True).values
+        threshold[short] = last_inside(full, lse[short], p[short])[0]
     return threshold.squeeze(1)
 
 

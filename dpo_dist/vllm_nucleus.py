@@ -28,6 +28,8 @@ from dpo_dist.sampling import nucleus_threshold
 
 TOP_P_KEY = "dpo_dist_top_p"
 FQCN = f"{__name__}:NucleusTopP"  # vLLM takes "module:Class"
+
+
 class NucleusTopP(LogitsProcessor):
     """Per-request top-p from ``SamplingParams.extra_args[TOP_P_KEY]`` (absent: no nucleus)."""
 
