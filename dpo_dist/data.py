@@ -243,12 +243,15 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
       anchor: (len(pairs),) bool, the pairs whose rejected side is their chosen side again. That copy
         is left out of the row (its sequence has no tokens); ``reference.packed_logps`` gives it the
         chosen side's log-probs (``mirror_anchors``).
+      segments: (len(pairs), 4) each pair's start in the row and its prompt, chosen and rejected
+        lengths (0 for an anchor's), for attention that skips the masked-out blocks (dpo_dist/attention.py).
     """
     n = len(pairs)
-    ids, positions, pair_of, branch_of = [], [], [], []
+    ids, positions, pair_of, branch_of, segments = [], [], [], [], []
     logit_positions, labels, sequence_index = [], [], []
     for i, p in enumerate(pairs):
         start, prompt_len = len(ids), len(p.prompt_ids)
+        segments.append((start, prompt_len, len(p.chosen_ids), 0 if p.anchor else len(p.rejected_ids)))
         ids += p.prompt_ids
         positions += range(prompt_len)
         branch_of += [0] * prompt_len
@@ -272,7 +275,7 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair], mask_dtype: torch.dtyp
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
             "attention_mask": mask[None, None], "logit_positions": torch.tensor(logit_positions),
             "labels": torch.tensor(labels), "sequence_index": torch.tensor(sequence_index),
-            "anchor": torch.tensor([p.anchor for p in pairs])}
+            "anchor": torch.tensor([p.anchor for p in pairs]), "segments": torch.tensor(segments)}
 
 
 def mirror_anchors(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_dist import dist, fused
+from dpo_dist import attention, dist, fused
 from dpo_dist.artifacts import (atomic_path, file_digest, fingerprint, manifest_matches, read_json, shard_path,
                                 write_json)
 from dpo_dist.cli import stage_main
@@ -57,13 +57,15 @@ def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tu
     chunk of rows at a time from the final hidden states (needs the whole output weight: not under
     ZeRO-3)."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+    inputs.update(logits_to_keep=batch["logit_positions"], segments=attention.segments_of(batch))
     if fused_head:
-        with fused.head_returns_hidden(model) as head_weight:
-            hidden = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+        with fused.head_returns_hidden(model) as head_weight, attention.pair_blocks(model):
+            hidden = model(**inputs).logits
         logps, lengths = sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]),
                                          batch["sequence_index"], num_sequences)
     else:
-        logits = model(**inputs, logits_to_keep=batch["logit_positions"]).logits
+        with attention.pair_blocks(model):
+            logits = model(**inputs).logits
         logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
     return mirror_anchors(logps, batch["anchor"]), mirror_anchors(lengths, batch["anchor"])
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dpo_dist import attention
 from dpo_dist.config import LossConfig
 from dpo_dist.data import TokenizedPair, collate_pairs, collate_shared_prompt, mirror_anchors
-from dpo_dist.losses import dpo_loss, packed_sequence_logps, sequence_logps
+from dpo_dist.losses import dpo_loss, sequence_logps
+from dpo_dist.reference import packed_logps
 
 # Prompts and responses of different lengths, a one-token response, and a rejected response longer
 # than its chosen one, so that padding, shared positions and the first-token logits are all exercised.
@@ -46,6 +48,7 @@ def test_layout_on_a_hand_made_batch():
     assert b["logit_positions"].tolist() == [1, 2, 1, 5, 5, 7]
     assert b["labels"].tolist() == [3, 4, 5, 7, 8, 9]
     assert b["sequence_index"].tolist() == [0, 0, 2, 1, 3, 3]  # chosen i -> i, rejected i -> 2 + i
+    assert b["segments"].tolist() == [[0, 2, 2, 1], [5, 1, 1, 2]]  # start, prompt, chosen, rejected
 
 
 def _stacked(model, pairs):
@@ -55,10 +58,35 @@ def _stacked(model, pairs):
 
 
 def _packed(model, pairs):
+    """The hot path itself: pair-block attention and the full-vocabulary head (the fused head has
+    tests of its own in test_fused.py)."""
+    return packed_logps(model, collate_shared_prompt(pairs), 2 * len(pairs), fused_head=False)
+
+
+def test_pair_block_attention_equals_the_dense_mask():
+    """Attention per pair (prompt + chosen causal, rejected against prompt and itself) gives the
+    outputs and gradients of one SDPA call under the row's dense mask, with grouped-query heads, an
+    anchor (no rejected side) and a one-token response."""
+    pairs = [TokenizedPair("a", [1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair("b", [1], [2], [3]),
+             TokenizedPair("z", [5, 6], [7, 8, 9], [7, 8, 9], anchor=True), TokenizedPair("c", [4, 5], [6, 7, 8], [9])]
     b = collate_shared_prompt(pairs)
-    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
-                   logits_to_keep=b["logit_positions"]).logits
-    return packed_sequence_logps(logits[0], b["labels"], b["sequence_index"], 2 * len(pairs))
+    length = b["input_ids"].shape[1]
+
+    class Layer:  # what transformers' SDPA path reads from the attention module
+        num_key_value_groups, is_causal, training = 2, True, True
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 8, requires_grad=True) for heads in (4, 2, 2))
+    results = []
+    for segments in (None, attention.segments_of(b)):
+        out, _ = attention.pair_block_attention(Layer(), q, k, v, b["attention_mask"], scaling=0.3, segments=segments)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+        results.append((out, grads))
+    (dense, dense_grads), (blocks, block_grads) = results
+    assert dense.shape == blocks.shape == (1, length, 4, 8)
+    torch.testing.assert_close(blocks, dense, rtol=1e-5, atol=1e-6)
+    for a, g in zip(dense_grads, block_grads):
+        torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-6)
 
 
 def _loss_and_grads(model, logps_fn, pairs):

@@ -1,0 +1,99 @@
+"""Attention for prefix-shared rows (data.collate_shared_prompt) that skips the masked-out blocks.
+
+A packed row holds several pairs, [prompt chosen rejected] each, under one dense (row x row) mask.
+SDPA's kernels compute every score the mask later removes: scores across pairs, rejected against
+chosen, and the upper triangle (only ``is_causal`` lets them skip it). On the bundled model with two
+pairs per row that was about three quarters of the attention work. Here each pair is attended
+separately, in two calls:
+
+- prompt + chosen as one causal sequence (``is_causal``: its upper triangle is never computed);
+- the rejected queries against the prompt's and its own keys, with a small (R x (P + R)) mask.
+
+Every token sees exactly the keys the dense mask lets it see, so the result is the same up to float
+rounding (tests/test_prefix_sharing.py). The layer calls this through transformers' attention
+interface; ``segments`` rides along in the model's keyword arguments, and without it (any other
+forward) the layer runs transformers' own SDPA attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from dpo_dist import dist
+
+NAME = "dpo_dist_pair_blocks"
+
+
+def segments_of(batch: dict) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+    """(start, prompt, chosen, rejected length, rejected-query mask) per pair of a packed row, from
+    ``batch["segments"]`` (collate_shared_prompt). The masks are built once per forward, not per layer."""
+    out = []
+    dtype = batch["attention_mask"].dtype
+    for start, p, c, r in batch["segments"].tolist():
+        mask = None
+        if r:
+            query = torch.arange(r)[:, None]
+            key = torch.arange(p + r)[None, :]
+            # A rejected token sees the whole prompt and its own side up to itself.
+            allowed = (key < p) | (key - p <= query)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            mask = mask.to(batch["attention_mask"].device)
+        out.append((start, p, c, r, mask))
+    return out
+
+
+# SDPA shares key/value heads across query heads itself from torch 2.5; with a mask, CUDA's fused
+# kernels do not, so the masked call repeats them (as transformers' SDPA path does).
+_SDPA_GQA = dist.torch_at_least(2, 5)
+
+
+def _attend(query, key, value, mask, scaling, groups):
+    gqa = {}
+    if groups > 1 and mask is None and _SDPA_GQA:
+        gqa = {"enable_gqa": True}
+    elif groups > 1:
+        # Grouped-query attention: each key/value head serves `groups` query heads.
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, **gqa)
+
+
+def pair_block_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segments=None, **kwargs):
+    """transformers' attention-function signature: (batch, heads, seq, dim) in, (batch, seq, heads,
+    dim) out, and no attention weights."""
+    if segments is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("pair-block attention runs without dropout (train.py sets it to 0)")
+    groups = query.shape[1] // key.shape[1]
+    pieces = []
+    for start, p, c, r, mask in segments:
+        head = slice(start, start + p + c)
+        pieces.append(_attend(query[:, :, head], key[:, :, head], value[:, :, head], None, scaling, groups))
+        if r:
+            own = slice(start + p + c, start + p + c + r)
+            k = torch.cat([key[:, :, start:start + p], key[:, :, own]], dim=2)
+            v = torch.cat([value[:, :, start:start + p], value[:, :, own]], dim=2)
+            pieces.append(_attend(query[:, :, own], k, v, mask, scaling, groups))
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, pair_block_attention)
+
+
+@contextmanager
+def pair_blocks(model):
+    """Run the model's attention through ``pair_block_attention`` for the duration."""
+    config = getattr(model, "module", model).config  # a DeepSpeed engine wraps the model
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
