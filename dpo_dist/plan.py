@@ -20,7 +20,7 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   embedding, for Qwen). With b=2 this is exactly DeepSpeed's 2P + 18P/N for stage 2, and within
   2P/N of its 18P/N + 4L for stage 3 (tests/test_plan.py compares them). One fp32 rank trains at
   stage 0 whatever stage 1 or 2 says (DeepSpeedConfig.for_world): weights, their gradients and
-  AdamW's moments, 16P, with no master copy, no buckets and per-tensor step temporaries.
+  AdamW's moments, 16P, with no master copy and no buckets.
 - communication buckets: the gradient reduce bucket (doubled with overlap_comm) and at stage 3 the
   parameter prefetch bucket, b bytes per element.
 - activations: train.py packs a micro-batch of m pairs into one row (data.collate_shared_prompt):
@@ -37,11 +37,8 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   same size in its backward. With train.fused_ops (below ZeRO-3, dpo_dist/fused.py) an RMSNorm
   keeps its input and 1/rms (a*h + 4), the MLP only gate and up (2*a*i), and the logits exist
   128 rows at a time.
-- the optimizer step: torch AdamW (what train.py hands DeepSpeed) divides by sqrt(v) through two fp32
-  temporaries the size of the partition it steps, 8 B per element. The step comes after backward
-  has freed the activations, so only what exceeds them counts; on the CPU only with
-  train.release_free_heap, else glibc keeps the freed activations' small blocks resident and the
-  two add up (measured, tests/test_plan.py).
+- the optimizer step: torch's fused AdamW (what train.py hands DeepSpeed; CUDA, and the CPU from
+  torch 2.4) updates in place and adds nothing.
 - runtime: what a rank holds before the model (CUDA context, NCCL, allocator slack; on the CPU,
   Python + torch + DeepSpeed, measured).
 
@@ -152,7 +149,6 @@ class Setup:
     seq_len: int
     gradient_checkpointing: bool
     fused_requested: bool  # train.fused_ops; the run uses them below ZeRO-3 (fused_ops)
-    release_free_heap: bool  # train.release_free_heap (CPU)
     reference_batch_size: int
     global_batch_size: int
     tensor_parallel_size: int
@@ -198,7 +194,7 @@ class Setup:
             overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
             prefetch_bucket_size=ds.stage3_prefetch_bucket_size, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=p.seq_len or cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
-            fused_requested=cfg.train.fused_ops, release_free_heap=cfg.train.release_free_heap,
+            fused_requested=cfg.train.fused_ops,
             reference_batch_size=cfg.train.reference_batch_size, global_batch_size=cfg.train.global_batch_size,
             tensor_parallel_size=cfg.generation.tensor_parallel_size, gen_sequences=cfg.generation.batch_size,
             gen_tokens=min(cfg.generation.max_model_len, cfg.data.max_prompt_length + cfg.generation.max_new_tokens),
@@ -261,17 +257,6 @@ def model_states(arch: Architecture, s: Setup) -> list[tuple[str, float, bool]]:
     return terms
 
 
-def step_temporaries(arch: Architecture, s: Setup) -> tuple[str, float, bool]:
-    """torch AdamW (what train.py passes DeepSpeed, offloaded or not) computes its denominator as
-    sqrt(v) / c: two fp32 temporaries the size of the partition it steps (a sub-group at stage 3)."""
-    elems = arch.params / s.world if s.stage >= 1 else arch.params
-    if s.stage == 0 and s.weight_bytes == 4:
-        elems = arch.largest_module_params  # torch's AdamW on the model's own tensors, one at a time
-    if s.stage == 3:
-        elems = min(elems, ZERO3_SUB_GROUP)
-    return "AdamW step temporaries", 8 * elems, s.offload_optimizer
-
-
 def activation_bytes(arch: Architecture, tokens: int, act_bytes: int, checkpointing: bool, fused: bool = False) -> float:
     """What autograd keeps for the backward pass over `tokens` tokens (see the module docstring)."""
     h, i, a = arch.hidden, arch.intermediate, act_bytes
@@ -329,16 +314,6 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     ph.terms.append((f"attention mask ({mb.tokens} x {mb.tokens})", mask))
     chunked = f", {FUSED_CHUNK_ROWS} at a time" if s.fused_ops and mb.logit_rows > FUSED_CHUNK_ROWS else ""
     ph.terms.append((f"logits ({mb.logit_rows} response positions x {arch.vocab}{chunked})", logits))
-    label, temporaries, on_host = step_temporaries(arch, s)
-    if not on_host:
-        if s.device == "gpu" or s.release_free_heap:
-            # The step runs after backward has freed the activations: only the excess counts. On a
-            # GPU PyTorch's caching allocator releases its cached blocks and retries before it reports
-            # out-of-memory; on the CPU train.py hands glibc's free heap back (train.release_free_heap).
-            ph.terms.append((label + " beyond the freed activations", max(0.0, temporaries - activations - logits)))
-        else:
-            # glibc keeps the freed activations' small blocks resident: on the CPU the two add up.
-            ph.terms.append((label, temporaries))
     ph.terms.append(("runtime" + (" (measured)" if s.device == "cpu" else ""), s.runtime_gib * GIB))
     per_step = s.micro_batch_size * s.world
     if s.global_batch_size % per_step:
@@ -400,7 +375,7 @@ def generation(arch: Architecture, s: Setup) -> Phase:
 def host(arch: Architecture, s: Setup) -> Phase:
     """Host memory per node for what ZeRO offloads (pinned), one share per rank on the node."""
     ph = Phase("host memory (offloaded states)", "node", s.cpu_memory_gib * GIB)
-    for label, b, on_host in [*model_states(arch, s), step_temporaries(arch, s)]:
+    for label, b, on_host in model_states(arch, s):
         if on_host:
             ph.terms.append((f"{label} x {s.gpus_per_node} ranks", b * s.gpus_per_node))
     return ph

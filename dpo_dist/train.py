@@ -162,7 +162,9 @@ def run(cfg: Config) -> dict:
         if denv.is_main:
             log.info("fused ops: chunked vocabulary log-softmax, %d SwiGLU MLPs, %d RMSNorms", n["mlp"], n["rms_norm"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
-                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
+                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
+                                  # With the optimizer offloaded, its step runs on the host.
+                                  fused=dist.fused_adamw(torch.device("cpu") if ds.offload_optimizer else dist.device()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine = dist.build_engine(model, optimizer, scheduler, ds_config)
 

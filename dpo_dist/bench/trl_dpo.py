@@ -4,7 +4,7 @@
     python -m dpo_dist.bench.trl_dpo --out result.json [--precompute] -- <the Hydra overrides our trainer got>
 
 Our config (composed from the same overrides) is the one source of the settings; this maps it onto
-``DPOConfig``: sigmoid DPO with the same beta, AdamW (torch's, the optimizer our trainer passes
+``DPOConfig``: sigmoid DPO with the same beta, AdamW (torch's fused one, the optimizer our trainer passes
 DeepSpeed) with the same lr, betas, eps and weight decay, constant schedule, the same clipping,
 global batch = micro-batch x accumulation, fp32, no gradient checkpointing (TRL's default turns it
 on; ours is off, and it trades speed for memory), dropout off (both). The examples are tokenised
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
             dataloader_num_workers=0, dataloader_pin_memory=False,
             learning_rate=o.lr, adam_beta1=o.adam_betas[0], adam_beta2=o.adam_betas[1], adam_epsilon=o.adam_eps,
             weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch", bf16=False, fp16=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+            optim="adamw_torch_fused", bf16=False, fp16=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
             beta=loss.beta, loss_type=["sigmoid"], max_length=cfg.data.max_length, disable_dropout=True,
             precompute_ref_log_probs=args.precompute, precompute_ref_batch_size=TRL_REFERENCE_BATCH,
             model_init_kwargs={"dtype": torch.float32},
