@@ -52,7 +52,7 @@ def segments_of(batch: dict) -> list[tuple[int, int, int, int, torch.Tensor | No
 _SDPA_GQA = dist.torch_at_least(2, 5)
 
 
-def _attend(query, key, value, mask, scaling, groups):
+def _attend(query, key, value, mask, scaling, groups, dropout):
     gqa = {}
     if groups > 1 and mask is None and _SDPA_GQA:
         gqa = {"enable_gqa": True}
@@ -60,7 +60,8 @@ def _attend(query, key, value, mask, scaling, groups):
         # Grouped-query attention: each key/value head serves `groups` query heads.
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, **gqa)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                          scale=scaling, **gqa)
 
 
 def pair_block_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segments=None, **kwargs):
@@ -69,18 +70,16 @@ def pair_block_attention(module, query, key, value, attention_mask, dropout=0.0,
     if segments is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
-    if dropout:
-        raise ValueError("pair-block attention runs without dropout (train.py sets it to 0)")
     groups = query.shape[1] // key.shape[1]
     pieces = []
     for start, p, c, r, mask in segments:
         head = slice(start, start + p + c)
-        pieces.append(_attend(query[:, :, head], key[:, :, head], value[:, :, head], None, scaling, groups))
+        pieces.append(_attend(query[:, :, head], key[:, :, head], value[:, :, head], None, scaling, groups, dropout))
         if r:
             own = slice(start + p + c, start + p + c + r)
             k = torch.cat([key[:, :, start:start + p], key[:, :, own]], dim=2)
             v = torch.cat([value[:, :, start:start + p], value[:, :, own]], dim=2)
-            pieces.append(_attend(query[:, :, own], k, v, mask, scaling, groups))
+            pieces.append(_attend(query[:, :, own], k, v, mask, scaling, groups, dropout))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
