@@ -31,18 +31,16 @@ NAME = "dpo_dist_pair_blocks"
 
 def segments_of(batch: dict) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
     """(start, prompt, chosen, rejected length, rejected-query mask) per pair of a packed row, from
-    ``batch["segments"]`` (collate_shared_prompt). The masks are built once per forward, not per layer."""
+    ``batch["segments"]`` (collate_shared_prompt). The rejected queries' mask is cut from the row's
+    dense mask (their rows; the prompt's and their own columns), so both paths apply one mask; it is
+    cut once per forward, not per layer."""
+    dense = batch["attention_mask"][0, 0]
     out = []
-    dtype = batch["attention_mask"].dtype
     for start, p, c, r in batch["segments"].tolist():
         mask = None
         if r:
-            query = torch.arange(r)[:, None]
-            key = torch.arange(p + r)[None, :]
-            # A rejected token sees the whole prompt and its own side up to itself.
-            allowed = (key < p) | (key - p <= query)
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-            mask = mask.to(batch["attention_mask"].device)
+            rows = dense[start + p + c:start + p + c + r]
+            mask = torch.cat([rows[:, start:start + p], rows[:, start + p + c:start + p + c + r]], dim=1)
         out.append((start, p, c, r, mask))
     return out
 
