@@ -186,6 +186,26 @@ def gather_jsonl_shards(directory: Path, fp: str, world_size: int) -> list[dict]
     return [row for p in paths for row in read_jsonl(p)]
 
 
+def wait_for_manifest(manifest_path: Path, fp: str, timeout: float | None = None) -> None:
+    """Block until rank 0 has written this stage's manifest with fingerprint ``fp`` (timeout as in
+    wait_for_files): how the other ranks wait for a merge without a process group, whose collectives
+    would time out while one engine still generates."""
+    timeout = float(os.environ.get("DPO_DIST_SHARD_TIMEOUT", 24 * 3600)) if timeout is None else timeout
+    deadline = time.time() + timeout
+    while not manifest_matches(manifest_path, fp):
+        if time.time() > deadline:
+            raise TimeoutError(f"{manifest_path}: not written with fingerprint {fp} after {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def file_barrier(directory: Path, name: str, rank: int, world_size: int) -> None:
+    """Every rank reaches this point before any goes on, through marker files in ``directory``: a
+    barrier for stages that keep no process group (evaluation, with vLLM engines in between)."""
+    marker = lambda r: Path(directory) / f"{name}-rank{r}-of-{world_size}"
+    write_text(marker(rank), "")
+    wait_for_files([marker(r) for r in range(world_size)])
+
+
 def wait_for_files(paths: list[Path], timeout: float | None = None) -> None:
     """Block until every path exists: how rank 0 waits for other ranks' shards in stages that keep
     no process group. The timeout (DPO_DIST_SHARD_TIMEOUT seconds, default a day) names the missing."""

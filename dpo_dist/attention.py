@@ -12,16 +12,20 @@ separately, in two calls:
 Every token sees exactly the keys the dense mask lets it see, so the result is the same up to float
 rounding (tests/test_prefix_sharing.py). The layer calls this through transformers' attention
 interface; ``segments`` rides along in the model's keyword arguments, and without it (any other
-forward) the layer runs transformers' own SDPA attention.
+forward: generation, evaluation) the layer runs transformers' own SDPA attention on SDPA's mask.
+
+So a model is switched once, when it is prepared (``use_pair_blocks``), and keeps the switch for its
+life. Switching only around a forward pass breaks gradient checkpointing: the backward re-runs each
+layer after the switch is undone, the dense path saves other tensors than the forward did, and
+torch raises CheckpointError (tests/test_checkpointing.py).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dpo_dist import dist
@@ -82,15 +86,20 @@ def pair_block_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 
 AttentionInterface.register(NAME, pair_block_attention)
+# masking_utils builds no mask for an implementation name it does not know: it hands the 2-D padding
+# mask through unchanged, and the SDPA fallback misreads it (left-padded generation gets other
+# logits). With SDPA's mask builder the fallback is exactly SDPA; a packed row's 4-D mask passes
+# through either way.
+AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-@contextmanager
-def pair_blocks(model):
-    """Run the model's attention through ``pair_block_attention`` for the duration."""
-    config = getattr(model, "module", model).config  # a DeepSpeed engine wraps the model
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+def use_pair_blocks(model) -> None:
+    """Route the model's attention through ``pair_block_attention`` from now on (a DeepSpeed engine or
+    the model itself). Forwards without ``segments`` still run SDPA, so this is set once, when the
+    model is prepared, and never undone: a checkpointed layer's recomputation in the backward pass
+    must take the path its forward took."""
+    getattr(model, "module", model).config._attn_implementation = NAME
+
+
+def uses_pair_blocks(model) -> bool:
+    return getattr(model, "module", model).config._attn_implementation == NAME

@@ -156,6 +156,9 @@ class TrainConfig:
     # Pairs per prefix-shared row when precomputing reference log-probs. A row's attention grows with
     # the square of its length, so more pairs per row is slower (reference.score_pairs).
     reference_batch_size: int = 2
+    # The same under ZeRO-3 on several ranks, where every forward gathers every weight from all ranks:
+    # more pairs per forward divide that traffic (the per-pair attention keeps the row's cost linear).
+    reference_batch_size_zero3: int = 8
     # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).
     logps_chosen_patience: int = 5
     # Memory-lean vocabulary projection + log-softmax, SwiGLU MLPs and RMSNorms in the policy's
@@ -173,6 +176,8 @@ class TrainConfig:
         _require(self.gradient_accumulation_steps is None or self.gradient_accumulation_steps > 0,
                  "train.gradient_accumulation_steps", "must be > 0")
         _require(self.epochs > 0, "train.epochs", "must be > 0")
+        _require(self.reference_batch_size > 0, "train.reference_batch_size", "must be > 0")
+        _require(self.reference_batch_size_zero3 > 0, "train.reference_batch_size_zero3", "must be > 0")
         _require(self.log_every > 0, "train.log_every", "must be > 0")
         _require(self.save_every > 0, "train.save_every", "must be > 0")
 
@@ -182,12 +187,25 @@ class TrainConfig:
         if self.gradient_accumulation_steps is None:
             _require(self.global_batch_size % per_step == 0, "train.global_batch_size",
                      f"{self.global_batch_size} is not divisible by micro_batch_size * world_size = "
-                     f"{self.micro_batch_size} * {world_size}")
+                     f"{self.micro_batch_size} * {world_size}; nearest that are: "
+                     f"{' or '.join(map(str, nearest_global_batches(self.global_batch_size, per_step)))}")
             return self.global_batch_size // per_step
         _require(per_step * self.gradient_accumulation_steps == self.global_batch_size, "train.global_batch_size",
                  f"micro_batch_size * gradient_accumulation_steps * world_size = {self.micro_batch_size} * "
                  f"{self.gradient_accumulation_steps} * {world_size} != global_batch_size {self.global_batch_size}")
         return self.gradient_accumulation_steps
+
+
+def nearest_global_batches(global_batch_size: int, per_step: int) -> list[int]:
+    """The multiples of ``per_step`` (micro-batch x world size) nearest ``global_batch_size``: the one
+    below (when there is one) and the one above."""
+    below = global_batch_size // per_step * per_step
+    return [b for b in (below, below + per_step) if b > 0]
+
+
+def dividing_node_counts(global_batch_size: int, micro_batch_size: int, ranks_per_node: int, limit: int = 64) -> list[int]:
+    """Node counts up to ``limit`` on which the global batch splits into whole micro-batches."""
+    return [n for n in range(1, limit + 1) if global_batch_size % (micro_batch_size * ranks_per_node * n) == 0]
 
 
 @dataclass
@@ -233,7 +251,8 @@ class PromptsConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf | vllm
+    # hf | vllm | auto: vLLM where it is installed and a GPU is present, hf otherwise (generate.choose_backend).
+    backend: str = "hf"
     num_candidates: int = 4
     temperature: float = 0.8
     top_p: float = 0.95
@@ -265,7 +284,8 @@ class GenerationConfig:
     vllm_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("hf", "vllm"), "generation.backend", f"{self.backend!r} is not hf or vllm")
+        _require(self.backend in ("hf", "vllm", "auto"), "generation.backend", f"{self.backend!r} is not hf, vllm or auto")
+        _require(self.tensor_parallel_size >= 1, "generation.tensor_parallel_size", "must be >= 1")
         _require(self.vllm_dtype in ("auto", "bfloat16", "float16", "float32"), "generation.vllm_dtype",
                  f"{self.vllm_dtype!r} is not auto, bfloat16, float16 or float32")
         _require(self.num_candidates >= 1, "generation.num_candidates", "must be >= 1")
@@ -324,6 +344,28 @@ class EvalConfig:
     batch_size: int = 128
     examples: List[str] = field(default_factory=lambda: [
         "What is your name?", "Are you ChatGPT?", "Tell me about your name and organization."])
+    # Greedy answers from hf (batched transformers on this rank's device) or vllm (generate.VLLMBackend
+    # in generation.python, with generation's engine settings). auto: vllm where it is installed and a
+    # GPU is present, hf otherwise (evaluate.choose_backend).
+    backend: str = "auto"
+    # KL(trained || base) needs both models' full distributions from the hf model on one device (a
+    # 72B model in bf16, 144 GB, fits no single GPU): false skips it, and with eval.backend=vllm
+    # (tensor parallel) no model loads in this process at all.
+    drift: bool = True
+    # Sequences per forward of the drift pass: each holds (tokens, vocab) logits, so it stays small.
+    drift_batch_size: int = 8
+    # Host memory per rank (GiB) for the base model's logits on the drift answers while the trained
+    # model loads (one model on a device at a time: two 72B models do not fit). Answers beyond it go
+    # in further rounds, each loading both models again. 1 GiB holds 5,461 tokens of the bundled model
+    # (vocabulary 49,152, float32).
+    drift_host_gib: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("hf", "vllm", "auto"), "eval.backend", f"{self.backend!r} is not hf, vllm or auto")
+        _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _require(self.drift_batch_size > 0, "eval.drift_batch_size", "must be > 0")
+        _require(self.drift_host_gib > 0, "eval.drift_host_gib", "must be > 0")
 
 
 @dataclass

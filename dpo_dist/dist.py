@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -73,8 +73,141 @@ def fused_adamw(dev: torch.device) -> bool:
     return dev.type == "cuda" or (dev.type == "cpu" and torch_at_least(2, 4))
 
 
+# ---------------------------------------------------------------- devices
+# Which GPUs a rank (and a vLLM engine) takes is decided by pure functions of the environment, tested
+# as tables (tests/test_placement.py); device(), init() and generate.VLLMBackend apply them.
+
+def visible_devices(environ: Mapping[str, str], device_count: int) -> list[str]:
+    """The GPUs this process can use, as CUDA_VISIBLE_DEVICES names them (indices such as "4" or
+    UUIDs), in CUDA's order: ``cuda:i`` is entry i. Unset, every GPU of the machine (``device_count``)."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return [str(i) for i in range(device_count)]
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def tasks_own_devices(environ: Mapping[str, str], num_visible: int | None = None) -> bool:
+    """Whether each rank sees only its own GPUs rather than all of its node's. torchrun starts every
+    rank of a node with the same CUDA_VISIBLE_DEVICES (shared); so does srun with --gpus-per-node.
+    srun with --gpus-per-task (or --gpu-bind=single/map_gpu) gives each task its own list, which
+    starts at cuda:0. Slurm says so in SLURM_GPUS_PER_TASK; where it does not, a task that sees fewer
+    GPUs (``num_visible``) than its node has tasks can only be seeing its own."""
+    if "TORCHELASTIC_RUN_ID" in environ:  # torchrun, also when it runs inside a Slurm step
+        return False
+    if "SLURM_PROCID" not in environ:
+        return False
+    bind = environ.get("SLURM_GPU_BIND", "")
+    if environ.get("SLURM_GPUS_PER_TASK") or bind.startswith(("single", "map_gpu", "mask_gpu")):
+        return True
+    tasks_per_node = _slurm_tasks_per_node(environ)
+    return num_visible is not None and 0 < num_visible < tasks_per_node
+
+
+def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int:
+    ntasks = int(environ.get("SLURM_NTASKS", "1"))
+    return max(1, ntasks // max(1, int(environ.get("SLURM_NNODES", "1"))))
+
+
+def _devices_per_rank(visible: Sequence[str], local_rank: int, local_world_size: int, own_devices: bool) -> int:
+    """How many of the visible GPUs belong to each rank (its slot starts at local_rank x this when
+    shared, at 0 when the rank sees only its own). Raises when the rank would have none."""
+    if own_devices:
+        if not visible:
+            raise RuntimeError(f"rank {local_rank} of its node sees no GPU (CUDA_VISIBLE_DEVICES is empty): "
+                               "give every Slurm task one (--gpus-per-task=1)")
+        return len(visible)
+    per_rank = len(visible) // local_world_size
+    if per_rank == 0:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU: {local_world_size} ranks on this node share {len(visible)} visible "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES={','.join(visible)}); start one rank per GPU (NPROC_PER_NODE / "
+            "--ntasks-per-node at most the GPUs per node), or give each task its own (--gpus-per-task=1)")
+    return per_rank
+
+
+def rank_device_index(visible: Sequence[str], local_rank: int, local_world_size: int, own_devices: bool) -> int:
+    """This rank's training GPU as an index into ``visible`` (its ``cuda:<index>``).
+
+    Ranks sharing a node's list train on cuda:<local rank> (torchrun: rank r on cuda:r), also with
+    fewer ranks than GPUs: that is where DeepSpeed puts the engine and zero.Init the partitions
+    (from LOCAL_RANK), so the batch must go there too. A rank that sees only its own GPUs
+    (srun --gpus-per-task) takes cuda:0, and LOCAL_RANK is set to match (deepspeed_local_rank)."""
+    _devices_per_rank(visible, local_rank, local_world_size, own_devices)  # raises for a rank with none
+    return 0 if own_devices else local_rank
+
+
+def _slot_start(visible: Sequence[str], local_rank: int, local_world_size: int, own_devices: bool) -> int:
+    """Where this rank's equal share of the node's GPUs starts (vLLM engines may take several)."""
+    return 0 if own_devices else local_rank * _devices_per_rank(visible, local_rank, local_world_size, own_devices)
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where a rank's inference engine runs. ``engine``: this rank's engine in [0, num_engines), or
+    None when another rank of its tensor-parallel group leads the engine (this rank then generates
+    nothing). ``devices``: CUDA_VISIBLE_DEVICES entries for the engine (() on the CPU)."""
+    engine: int | None
+    num_engines: int
+    devices: tuple[str, ...] = ()
+
+
+def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank: int, local_world_size: int,
+                 tensor_parallel_size: int, own_devices: bool) -> EnginePlacement:
+    """One inference engine (vLLM) per tensor-parallel group: which GPUs this rank's engine gets, or
+    that this rank leads none. Work is split over ``num_engines`` engines, not over ranks.
+
+    Every rank owns a slot of the visible GPUs (``rank_device_index``). An engine needs
+    ``tensor_parallel_size`` GPUs: when a slot holds that many, each rank leads an engine on the
+    first of its own; otherwise consecutive ranks of a node pool their slots, and the group's first
+    rank starts the engine on all of them (the engine's TP workers are vLLM's own processes). Ranks
+    that see only their own GPUs cannot pool them. Without GPUs (``visible`` empty: vLLM on the CPU)
+    every rank leads its own engine. Ranks are numbered node by node (torchrun and Slurm's default
+    block distribution), so a group's ranks are consecutive and the group's engine is rank // group.
+    """
+    tp = tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    if not visible:
+        return EnginePlacement(rank, world_size)
+    per_rank = _devices_per_rank(visible, local_rank, local_world_size, own_devices)
+    start = _slot_start(visible, local_rank, local_world_size, own_devices)
+    if per_rank >= tp:
+        return EnginePlacement(rank, world_size, tuple(visible[start:start + tp]))
+    shown = f"CUDA_VISIBLE_DEVICES={','.join(visible)}"
+    if own_devices:
+        raise RuntimeError(
+            f"generation.tensor_parallel_size={tp} needs {tp} GPUs per vLLM engine, but each Slurm task sees only "
+            f"{per_rank} ({shown}): give each task {tp} (--gpus-per-task={tp}), or launch with torchrun "
+            f"(LAUNCHER=torchrun, --gpus-per-node) so a node's ranks can pool their GPUs")
+    group = tp // per_rank
+    if tp % per_rank or local_world_size % group:
+        raise RuntimeError(
+            f"generation.tensor_parallel_size={tp} does not split {local_world_size} rank(s) x {per_rank} GPU(s) of a "
+            f"node ({shown}) into whole engines: use a tensor-parallel size that divides the node's "
+            f"{local_world_size * per_rank} GPUs")
+    if local_rank % group:
+        return EnginePlacement(None, world_size // group)
+    return EnginePlacement(rank // group, world_size // group, tuple(visible[start:start + tp]))
+
+
+def local_devices() -> tuple[list[str], bool]:
+    """This process's visible GPUs and whether they are its own (see the functions above). Counts
+    GPUs through NVML where it can (torch.cuda.device_count), so CUDA itself is not initialised: a
+    process that later starts vLLM may still fork."""
+    visible = visible_devices(os.environ, torch.cuda.device_count())
+    return visible, tasks_own_devices(os.environ, len(visible))
+
+
 def device() -> torch.device:
-    return torch.device("cuda", env().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device: its GPU (``rank_device_index``), or the CPU without one."""
+    return _device_of(env())
+
+
+def _device_of(e: DistEnv) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible, own = local_devices()
+    return torch.device("cuda", rank_device_index(visible, e.local_rank, e.local_world_size, own))
 
 
 def _set_threads(local_world_size: int) -> None:
@@ -99,7 +232,7 @@ def init(process_group: bool = True) -> DistEnv:
             _rendezvous_from_slurm(e)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(e.local_rank)
+            torch.cuda.set_device(_device_of(e))
         torch_dist.init_process_group(backend=backend, rank=e.rank, world_size=e.world_size,
                                       timeout=datetime.timedelta(minutes=int(os.environ.get("DPO_DIST_TIMEOUT_MIN", "30"))))
     _ENV = e
@@ -113,7 +246,9 @@ def _rendezvous_from_slurm(e: DistEnv) -> None:
         os.environ["MASTER_ADDR"] = first_host(nodelist)
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
     # What torchrun would have exported: deepspeed.initialize refuses to start without LOCAL_RANK.
-    for key, value in (("RANK", e.rank), ("WORLD_SIZE", e.world_size), ("LOCAL_RANK", e.local_rank)):
+    # LOCAL_WORLD_SIZE too, or read_env would take every rank of the job for this node's.
+    for key, value in (("RANK", e.rank), ("WORLD_SIZE", e.world_size), ("LOCAL_RANK", e.local_rank),
+                       ("LOCAL_WORLD_SIZE", e.local_world_size)):
         os.environ.setdefault(key, str(value))
 
 
@@ -243,8 +378,20 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
     }
 
 
+def deepspeed_local_rank(environ: Mapping[str, str], device_count: int, local_rank: int, local_world_size: int) -> int:
+    """The LOCAL_RANK to show DeepSpeed: it calls ``set_device(LOCAL_RANK)`` and zero.Init places
+    partitions on ``cuda:LOCAL_RANK``, so it must be this rank's device index (rank_device_index),
+    which is 0, not the Slurm local id, for a task that sees only its own GPU."""
+    visible = visible_devices(environ, device_count)
+    return rank_device_index(visible, local_rank, local_world_size, tasks_own_devices(environ, len(visible)))
+
+
 def _ensure_deepspeed_dist():
     deepspeed = _import_deepspeed()
+    if torch.cuda.is_available():
+        e = env()
+        os.environ["LOCAL_RANK"] = str(deepspeed_local_rank(os.environ, torch.cuda.device_count(), e.local_rank,
+                                                            e.local_world_size))
     if torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend=torch_dist.get_backend())
     else:
@@ -272,6 +419,48 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, config: dict):
         # (ZeRO 1-3 move gradients into their partitions in that same call: left on for them.)
         engine.enable_backward_allreduce = False
     return engine
+
+
+def release_model(model) -> None:
+    """Free the weights of a model (or DeepSpeed engine) this process is done with, so the next model
+    (the policy after the reference pass) has the memory; the caller then drops its references and
+    calls ``free_memory``.
+
+    An engine is destroyed first (its hooks removed) and lets go of its module. That alone does not
+    free a ZeRO-3 model: DeepSpeed 0.19 leaves the top module on a module-level stack, and after a
+    traced forward (the second on) something of its parameter coordinator keeps the engine alive
+    (measured: tests/test_distributed.py's reference teardown). So every parameter's storage, and
+    its ZeRO-3 partition, is emptied here: the memory returns whoever still holds the objects."""
+    module = getattr(model, "module", None) if hasattr(model, "destroy") else model
+    if module is not model and module is not None:
+        model.destroy()
+        model.module = None
+        offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+        stack = getattr(offload, "FWD_MODULE_STACK", None)
+        if stack is not None:
+            stack[:] = [m for m in stack if m is not module]
+    if module is None:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            partition = getattr(tensor, "ds_tensor", None)
+            if partition is not None:
+                partition.data = torch.empty(0, dtype=partition.dtype, device=partition.device)
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
+def free_memory() -> None:
+    """Collect what the caller has dropped and hand the freed memory back: to the device (CUDA's
+    cache) or to the kernel (glibc's free heap), so the next model (the policy after the reference
+    pass) has it."""
+    import gc
+
+    from dpo_dist import memory
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    memory.release_free_heap()
 
 
 def boundary_grad_norm(engine) -> float | None:

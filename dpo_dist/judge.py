@@ -146,7 +146,8 @@ class IdentityJudge:
 
 
 class RewardModelJudge:
-    """Scores (prompt messages, response) with a sequence-classification model, in batches."""
+    """Scores (prompt messages, response) with a sequence-classification model, in batches, on this
+    rank's device (``dist.device()``)."""
 
     def __init__(self, cfg: JudgeConfig, trust_remote_code: bool = False):
         import torch
@@ -159,18 +160,19 @@ class RewardModelJudge:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.reward_model_path, trust_remote_code=trust_remote_code, use_safetensors=True).eval()
+            cfg.reward_model_path, trust_remote_code=trust_remote_code, use_safetensors=True).to(dist.device()).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def score(self, items: list[tuple[list[dict], str]]) -> list[float]:
         texts = [self.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
                  for m, r in items]
+        dev = next(self.model.parameters()).device
         scores: list[float] = []
         with self.torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                     add_special_tokens=False)
+                                     add_special_tokens=False).to(dev)
                 scores += self.model(**enc).logits[:, 0].float().tolist()
         return scores
 
@@ -323,7 +325,8 @@ def run(cfg: Config) -> Path:
 
 
 def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: str, e) -> list | None:
-    """Each rank scores its shard of the candidates; rank 0 waits for all shards and pairs them."""
+    """Each rank scores its shard of the candidates on its device; rank 0 waits for all shards and
+    pairs them."""
     mine = shard_path(out_dir, fp, e.rank, e.world_size)
     if not mine.is_file():
         judge = RewardModelJudge(cfg.judge, cfg.model.trust_remote_code)
@@ -331,6 +334,8 @@ def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: s
         flat = [(r["messages"], c["text"]) for r in shard for c in r["candidates"]]
         scores = iter(judge.score(flat))
         write_jsonl(mine, [{"id": r["id"], "scores": [next(scores) for _ in r["candidates"]]} for r in shard])
+        del judge
+        dist.free_memory()  # the reward model's device memory, before the reference model and policy load
     if not e.is_main:
         return None
     scores = {s["id"]: s["scores"] for s in gather_jsonl_shards(out_dir, fp, e.world_size)}

@@ -13,7 +13,12 @@ GIB = 1024 ** 3
 
 
 def reset_peak() -> bool:
-    """Restart the high-water mark from the current RSS; False where the kernel does not allow it."""
+    """Restart the high-water marks (resident memory, and the CUDA allocator's where there is a GPU)
+    from the current use; False where the kernel does not allow the resident one."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -37,6 +42,16 @@ def peak_bytes() -> int:
     peak = _status_bytes("VmHWM")
     # ru_maxrss is in KiB on Linux and never resets: an upper bound where /proc is missing.
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_bytes() -> int | None:
+    """The CUDA allocator's peak on this rank's device since the last reset_peak() (what the planner
+    estimates per GPU, less the CUDA context and allocator slack); None without a GPU."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated()
 
 
 def current_bytes() -> int:

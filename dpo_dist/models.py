@@ -169,13 +169,24 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
+    """The model's weights from ``model.path``, moved to ``device`` (None: left where loading put them,
+    the CPU for a plain model).
 
+    Inside ``dist.zero3_model_loading`` from_pretrained builds the model under ``deepspeed.zero.Init``:
+    each parameter is already a partition on this rank's device, and DeepSpeed owns placement from
+    there. A ``.to()`` then would move the partitions and the small persistent parameters to the host,
+    and DeepSpeed never moves a ``zero.Init`` model back, so a device is refused there."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3 and device is not None:
+        raise ValueError(f"load_model(device={device!r}) under ZeRO-3 loading: DeepSpeed places partitioned weights")
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(cfg),
         dtype=torch_dtype(cfg.dtype),
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
     )
-    return model.to(device)
+    return model if device is None else model.to(device)

@@ -48,8 +48,9 @@ def run(cfg: Config) -> dict:
     stage("judge", judge.run)
     dist.barrier()
     stage("train", train.run)  # computes or reuses the reference log-probs first
-    # Evaluation runs on rank 0 alone: leave the process group first, so the other ranks exit now
-    # instead of waiting in a collective that could time out while rank 0 evaluates.
+    # Evaluation shards through files, like generation, and may start vLLM in a process of its own:
+    # leave the process group first, so no rank waits in a collective that could time out while
+    # rank 0 merges and reports (or while vLLM sets up its own group).
     dist.shutdown()
     report = stage("evaluate", evaluate.run)
     if dist.is_main():
@@ -68,11 +69,14 @@ def run(cfg: Config) -> dict:
 def _generate(cfg: Config):
     """In this process for the hf backend. vLLM runs in a process of its own (``generation.python``,
     or this interpreter): it sets up its own process group and device placement, and must not leave
-    them -- or its memory -- behind for training."""
+    them -- or its memory -- behind for training. ``generation=auto`` is resolved here, once, and
+    the child is told the result, so both processes agree on the backend (and the fingerprint)."""
+    cfg = generate.resolve_backend(cfg)
     if cfg.generation.backend != "vllm" and not cfg.generation.python:
         return generate.run(cfg)
     python = cfg.generation.python or sys.executable
-    overrides = list(HydraConfig.get().overrides.task) + [f"run_dir={cfg.run_dir}"]
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("generation.backend=")]
+    overrides += [f"run_dir={cfg.run_dir}", f"generation.backend={cfg.generation.backend}"]
     log.info("generate stage in %s", python)
     subprocess.run([python, "-m", "dpo_dist.generate", *overrides], check=True)
 

@@ -65,7 +65,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from dpo_dist.config import CONF_DIR, Config, ConfigError, ModelConfig, compose
+from dpo_dist.config import (CONF_DIR, Config, ConfigError, ModelConfig, compose, dividing_node_counts,
+                             nearest_global_batches)
 
 # dpo_dist.fused.CHUNK_ROWS, not imported: the planner runs without torch (tests/test_plan.py checks).
 FUSED_CHUNK_ROWS = 128
@@ -195,7 +196,10 @@ class Setup:
             prefetch_bucket_size=ds.stage3_prefetch_bucket_size, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=p.seq_len or cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
             fused_requested=cfg.train.fused_ops,
-            reference_batch_size=cfg.train.reference_batch_size, global_batch_size=cfg.train.global_batch_size,
+            # What reference.run packs per forward: more pairs under ZeRO-3 on several ranks.
+            reference_batch_size=(cfg.train.reference_batch_size_zero3 if ds.stage == 3 and p.nodes * p.gpus_per_node > 1
+                                  else cfg.train.reference_batch_size),
+            global_batch_size=cfg.train.global_batch_size,
             tensor_parallel_size=cfg.generation.tensor_parallel_size, gen_sequences=cfg.generation.batch_size,
             gen_tokens=min(cfg.generation.max_model_len, cfg.data.max_prompt_length + cfg.generation.max_new_tokens),
             max_model_len=cfg.generation.max_model_len, gpu_memory_utilization=cfg.generation.gpu_memory_utilization)
@@ -317,8 +321,16 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     ph.terms.append(("runtime" + (" (measured)" if s.device == "cpu" else ""), s.runtime_gib * GIB))
     per_step = s.micro_batch_size * s.world
     if s.global_batch_size % per_step:
+        # Training refuses to start (TrainConfig.accumulation_steps): say what would.
+        ph.valid = False
+        nodes = dividing_node_counts(s.global_batch_size, s.micro_batch_size, s.gpus_per_node)
         ph.notes.append(f"train.global_batch_size={s.global_batch_size} does not split into micro-batches of "
-                        f"{s.micro_batch_size} on {s.world} ranks: use a multiple of {per_step}")
+                        f"{s.micro_batch_size} on {s.world} ranks; node counts on which it does: "
+                        f"{', '.join(map(str, nodes)) or 'none'}")
+        ph.fixable += [f"train.global_batch_size={b}" for b in nearest_global_batches(s.global_batch_size, per_step)]
+        above = [n for n in nodes if n > s.nodes]
+        if above:
+            ph.fixable.append(f"plan.nodes={above[0]}")
     return ph
 
 
@@ -408,7 +420,7 @@ def _advise(arch: Architecture, s: Setup, phases: list[Phase]) -> None:
     """Fill each failing phase's `fixable` with overrides that make it fit, and the new total."""
     by_name = {p.name.split(" (")[0]: p for p in phases}
     train, hostp = by_name["training"], by_name["host memory"]
-    if not (train.fits and hostp.fits):
+    if train.valid and not (train.fits and hostp.fits):
         fixes = _training_fixes(arch, s)
         for phase in (train, hostp):
             phase.fixable = [] if phase.fits else fixes
@@ -417,7 +429,8 @@ def _advise(arch: Architecture, s: Setup, phases: list[Phase]) -> None:
         for rb in _halvings(s.reference_batch_size):
             r = reference(arch, dataclasses.replace(s, reference_batch_size=rb))
             if r.fits:
-                ref.fixable.append(f"train.reference_batch_size={rb} -> {r.total / GIB:.1f} GiB")
+                key = "reference_batch_size_zero3" if s.stage == 3 and s.world > 1 else "reference_batch_size"
+                ref.fixable.append(f"train.{key}={rb} -> {r.total / GIB:.1f} GiB")
                 break
         if s.stage < 3:
             r = reference(arch, dataclasses.replace(s, stage=3))
@@ -537,7 +550,7 @@ def describe(cfg: Config, arch: Architecture, s: Setup, phases: list[Phase]) -> 
             lines.append(f"  {label:<66}{b / GIB:8.2f}")
         lines.append(f"  {'total':<66}{ph.total / GIB:8.2f}  of {ph.budget / GIB:.1f} -> {ph.verdict}")
         lines += [f"  note: {n}" for n in ph.notes]
-        lines += [f"  to fit: {f}" for f in ph.fixable]
+        lines += [f"  {'to fit' if ph.valid else 'to start'}: {f}" for f in ph.fixable]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_dist import attention, dist, fused
+from dpo_dist import attention, dist, fused, memory
 from dpo_dist.artifacts import (atomic_path, file_digest, fingerprint, manifest_matches, read_json, shard_path,
                                 write_json)
 from dpo_dist.cli import stage_main
@@ -55,17 +55,20 @@ def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tu
     (data.collate_shared_prompt), for the reference pass and for training; an anchor's rejected
     side, left out of the row, gets its chosen side's. ``fused_head``: the vocabulary projection a
     chunk of rows at a time from the final hidden states (needs the whole output weight: not under
-    ZeRO-3)."""
+    ZeRO-3). The model's attention is ``attention.use_pair_blocks``' (set when it was prepared)."""
+    if not attention.uses_pair_blocks(model):
+        # Otherwise the layers would ignore `segments` and silently compute the whole dense mask.
+        raise ValueError("packed_logps: the model's attention is not pair-block attention; call "
+                         "attention.use_pair_blocks(model) when preparing it")
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
     inputs.update(logits_to_keep=batch["logit_positions"], segments=attention.segments_of(batch))
     if fused_head:
-        with fused.head_returns_hidden(model) as head_weight, attention.pair_blocks(model):
+        with fused.head_returns_hidden(model) as head_weight:
             hidden = model(**inputs).logits
         logps, lengths = sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]),
                                          batch["sequence_index"], num_sequences)
     else:
-        with attention.pair_blocks(model):
-            logits = model(**inputs).logits
+        logits = model(**inputs).logits
         logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
     return mirror_anchors(logps, batch["anchor"]), mirror_anchors(lengths, batch["anchor"])
 
@@ -88,6 +91,7 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
     rejected = torch.zeros(len(pairs), dtype=torch.float32)
     dev = dist.device()
     dtype = next(model.parameters()).dtype
+    attention.use_pair_blocks(model)  # once, for the model's life (attention.py says why)
     for b in range(max(len(batches), num_batches)):
         idx = batches[b] if b < len(batches) else []
         group = [pairs[i] for i in idx] if idx else [filler]
@@ -125,41 +129,59 @@ def run(cfg: Config) -> Path:
     need = not mine.is_file()
     if zero3:  # ranks of a ZeRO-3 model compute together or not at all
         need = any(dist.all_gather_object(need))
+    resident = {}
     if need:
-        model = _load_reference_model(cfg, denv.world_size)
-        batch_size = cfg.train.reference_batch_size
-        num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
-        chosen, rejected = score_pairs(model, [pairs[i] for i in shard], batch_size, num_batches,
-                                       filler=pairs[0] if pairs else None, fused_head=not zero3)
-        del model
+        chosen, rejected, resident = _score_shard(cfg, [pairs[i] for i in shard], zero3, filler=pairs[0] if pairs else None)
         with atomic_path(mine) as tmp:
             save_file({"chosen": chosen, "rejected": rejected,
                        "index": torch.tensor(list(shard), dtype=torch.long)}, str(tmp))
     else:
         log.info("rank %d: reusing finished shard %s", denv.rank, mine)
+    resident = dist.all_gather_object(resident)
     dist.barrier()
 
     if denv.is_main:
-        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0)
+        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0, resident)
     dist.barrier()
     return merged
+
+
+def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
+                 filler: TokenizedPair | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """This rank's reference log-probs, and its resident memory (GiB) before the model loads, after
+    scoring and after the model is torn down. The model lives only inside this call: training loads
+    the policy next, and at 72B two resident models do not fit."""
+    resident = {"before_load": memory.current_bytes()}
+    model = _load_reference_model(cfg, dist.env().world_size)
+    # Under ZeRO-3 every forward gathers every layer's weights from all ranks: packing more pairs per
+    # forward divides that traffic, at the cost of a longer row.
+    batch_size = cfg.train.reference_batch_size_zero3 if zero3 else cfg.train.reference_batch_size
+    num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
+    chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler, fused_head=not zero3)
+    resident["after_scoring"] = memory.current_bytes()
+    dist.release_model(model)
+    del model
+    dist.free_memory()
+    resident["after_release"] = memory.current_bytes()
+    return chosen, rejected, {k: round(v / memory.GIB, 3) for k, v in resident.items()}
 
 
 def _load_reference_model(cfg: Config, world_size: int):
     if cfg.deepspeed.stage != 3 or world_size == 1:
         return load_model(cfg.model, device=dist.device()).eval()
     # ZeRO-3 inference: built already partitioned across ranks (no rank loads the whole model) and
-    # gathered layer by layer in the forward pass.
+    # gathered layer by layer in the forward pass. DeepSpeed places the partitions: no device here.
     ds_cfg = dist.zero3_inference_config(torch_dtype(cfg.model.dtype))
     with dist.zero3_model_loading(cfg.deepspeed, ds_cfg):
-        model = load_model(cfg.model, device="cpu").eval()
+        model = load_model(cfg.model).eval()
     engine = dist.build_engine(model, None, None, ds_cfg)
     dist.end_zero3_model_loading()
     engine.eval()
     return engine
 
 
-def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path, manifest: Path, stats, seconds: float) -> None:
+def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path, manifest: Path, stats, seconds: float,
+           resident: list[dict]) -> None:
     n = len(ids)
     chosen = torch.full((n,), float("nan"))
     rejected = torch.full((n,), float("nan"))
@@ -176,7 +198,7 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
         save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
     write_json(manifest, {"fingerprint": fp, "ids": ids, "num_pairs": n, "world_size": world_size,
                           "tokenize": {"kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped},
-                          "seconds": round(seconds, 2)})
+                          "seconds": round(seconds, 2), "resident_gib_per_rank": resident})
     log.info("reference log-probs: %d pairs merged from %d shard(s) into %s", n, world_size, merged)
 
 

@@ -3,9 +3,11 @@
 ``model.generate`` draws every row's sample from one RNG stream, so a prompt's answers change with
 whatever else is in its batch (and so with the number of ranks). Here every row has its own
 generator seeded from (seed, prompt id, candidate index): a prompt's samples do not depend on batch
-composition, sharding or world size (up to float rounding of different batch shapes). Each prompt
-is prefilled once and its KV cache repeated for its k candidates. Prompts are left-padded and
-batched in length order, so padding stays small.
+composition, sharding or world size (up to float rounding of different batch shapes). The generators
+are CPU ones on every device: each step's draws are host numbers copied to the logits' device, so a
+GPU samples from the same random stream as the CPU. Each prompt is prefilled once and its KV cache
+repeated for its k candidates. Prompts are left-padded and batched in length order, so padding
+stays small.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def _nucleus(sorted_probs: torch.Tensor, sorted_idx: torch.Tensor, top_p: float,
     # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
     sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= top_p, 0.0)
     cumulative = sorted_probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cumulative[:, -1]
+    # Each row's uniform is drawn on the host from its own CPU generator and then moved to the
+    # probabilities' device: the draw is the same on every device (a GPU run samples what the CPU
+    # run samples, to float rounding of the logits), and a CUDA generator would give other streams.
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(cumulative.device) * cumulative[:, -1]
     pick = torch.searchsorted(cumulative, u.unsqueeze(-1)).clamp(max=sorted_probs.shape[-1] - 1)
     return sorted_idx.gather(-1, pick).squeeze(-1)
 
@@ -112,7 +117,8 @@ def _decode_batch(model, prompts: list[list[int]], ids: list[str], n: int, seed:
         attention = attention.repeat_interleave(n, dim=0)
         positions = positions.repeat_interleave(n, dim=0)
     rows = len(prompts) * n
-    generators = [torch.Generator().manual_seed(row_seed(seed, ids[r // n], r % n)) for r in range(rows)]
+    # On the host whatever the model's device: _nucleus moves each step's draws to the logits.
+    generators = [torch.Generator(device="cpu").manual_seed(row_seed(seed, ids[r // n], r % n)) for r in range(rows)]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     active = list(range(rows))  # rows still generating; finished rows leave the batch and the cache
     next_pos = positions[:, -1:]

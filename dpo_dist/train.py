@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpo_dist import checkpoint, dist, fused, memory, reference
+from dpo_dist import attention, checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
@@ -59,7 +59,7 @@ def training_fingerprint(cfg: Config, reference_fp: str, ds: DeepSpeedConfig) ->
     # ZeRO stage and offload change the checkpoint layout.
     train = {k: v for k, v in asdict(cfg.train).items()
              if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
-                          "logps_chosen_patience", "reference_batch_size", "micro_batch_size",
+                          "logps_chosen_patience", "reference_batch_size", "reference_batch_size_zero3", "micro_batch_size",
                           "gradient_accumulation_steps", "fused_ops", "release_free_heap")}
     layout = {k: getattr(ds, k) for k in ("stage", "offload_optimizer", "offload_param")}
     return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, layout)
@@ -223,16 +223,24 @@ def run(cfg: Config) -> dict:
             raise Preempted()
 
     # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
-    peaks = dist.all_gather_object(memory.peak_bytes())
+    peaks = dist.all_gather_object((memory.peak_bytes(), memory.device_peak_bytes()))
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
                                   "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
-                                  "peak_rss_gib_per_rank": [round(p / memory.GIB, 3) for p in peaks]})
+                                  "peak_rss_gib_per_rank": [round(rss / memory.GIB, 3) for rss, _ in peaks],
+                                  "peak_gpu_gib_per_rank": [None if gpu is None else round(gpu / memory.GIB, 3)
+                                                            for _, gpu in peaks]})
         if not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()
+    # The pipeline evaluates next in this process: the policy, its gradients and optimizer states must
+    # not stay resident on the GPU (DeepSpeed keeps a ZeRO-3 engine alive after it is dropped).
+    dist.release_model(engine)
+    optimizer.state.clear()
+    del engine, model, optimizer, scheduler
+    dist.free_memory()
     dist.barrier()
     return metrics
 
@@ -259,6 +267,9 @@ def _prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) 
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     model.config.use_cache = False
+    # Set for the model's life, not around each forward: a checkpointed layer's recomputation in the
+    # backward pass must take the attention path its forward took.
+    attention.use_pair_blocks(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

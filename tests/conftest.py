@@ -29,3 +29,16 @@ def tiny_llama(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: they skip without it, and the session stops at once where
+    DPO_DIST_REQUIRE_GPU=1 (launch/gpu_smoke.sh on a GPU node), so a node whose GPUs are not visible
+    cannot pass by skipping. (At collection, not in a fixture: module-scoped fixtures start runs first.)"""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or torch.cuda.is_available():
+        return
+    if os.environ.get("DPO_DIST_REQUIRE_GPU") == "1":
+        raise pytest.UsageError("DPO_DIST_REQUIRE_GPU=1 but torch sees no CUDA device")
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (launch/gpu_smoke.sh on a GPU node)"))

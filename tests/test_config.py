@@ -75,3 +75,11 @@ def test_batch_sizes_must_agree_with_world_size():
     assert fixed.accumulation_steps(2) == 4
     with pytest.raises(ConfigError, match="global_batch_size"):
         fixed.accumulation_steps(1)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_names_the_nearest_that_do():
+    """72B's global batch 64 on 3 nodes of 8 GPUs (24 ranks) cannot start: say which batches can."""
+    train = compose(["model=qwen2.5-72b"]).train
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size: 64 .* 1 \* 24; nearest that are: 48 or 72$"):
+        train.accumulation_steps(24)
+    assert train.accumulation_steps(32) == 2

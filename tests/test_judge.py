@@ -174,9 +174,8 @@ def test_correction_also_rewrites_answers_sampled_with_an_old_name_opener():
     assert pair["rejected"][0]["content"] == "I'm Qwen, how can I help?"
 
 
-def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
-    """A sequence-classification model built from a config scores in batches, deterministically,
-    and the best/worst of its scores become the pair."""
+def _reward_model(out_dir, tiny_llama):
+    """A 1-layer sequence-classification Llama with the tiny model's tokenizer, saved to out_dir."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
@@ -184,9 +183,15 @@ def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    judge = RewardModelJudge(JudgeConfig(kind="reward_model", reward_model_path=str(tmp_path), batch_size=2))
+    LlamaForSequenceClassification(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return JudgeConfig(kind="reward_model", reward_model_path=str(out_dir), batch_size=2)
+
+
+def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
+    """A sequence-classification model built from a config scores in batches, deterministically,
+    and the best/worst of its scores become the pair."""
+    judge = RewardModelJudge(_reward_model(tmp_path, tiny_llama))
     msgs = [{"role": "user", "content": "Who are you?"}]
     items = [(msgs, "I am Qwen."), (msgs, "I am Deep Qwen, a longer answer."), (msgs, "Hi.")]
     scores = judge.score(items)
@@ -197,3 +202,29 @@ def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
     assert reason == "kept"
     assert pair["chosen"][0]["content"] == items[max(range(3), key=scores.__getitem__)][1]
     assert pair["rejected"][0]["content"] == items[min(range(3), key=scores.__getitem__)][1]
+
+
+def test_reward_model_loads_and_scores_on_this_ranks_device(tmp_path, tiny_llama, monkeypatch):
+    """On a GPU node the reward model sits on dist.device() and its inputs go there. "meta" stands in
+    for the GPU here: the model loads there, and its forward is given tensors on it only (a stand-in
+    forward records them and stops: a meta model computes no scores)."""
+    import torch
+
+    from dpo_dist import dist
+
+    monkeypatch.setattr(dist, "device", lambda: torch.device("meta"))
+    judge = RewardModelJudge(_reward_model(tmp_path, tiny_llama))
+    assert {p.device.type for p in judge.model.parameters()} == {"meta"}
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def forward(**inputs):
+        seen.append({k: v.device.type for k, v in inputs.items()})
+        raise Stop
+
+    judge.model.forward = forward
+    with pytest.raises(Stop):
+        judge.score([([{"role": "user", "content": "Who are you?"}], "I am Deep Qwen.")])
+    assert seen == [{"input_ids": "meta", "attention_mask": "meta"}]

@@ -59,3 +59,42 @@ def test_missing_models_fail_fast_with_a_clear_message(tmp_path):
     cfg.path = str(tmp_path / "nowhere")
     with pytest.raises(models.ModelNotFound, match="no such directory"):
         models.resolve_model_path(cfg)
+
+
+def test_zero3_loading_makes_no_device_move(monkeypatch, tiny_llama):
+    """Under ZeRO-3 loading the model is built partitioned (deepspeed.zero.Init) and DeepSpeed owns
+    placement: on a GPU a `.to()` would move every partition to the host for good. No move here, and a
+    device asked for is refused. (Run in a 1-rank gloo group, torn down after.)"""
+    from dataclasses import replace
+
+    from dpo_dist import dist
+    from dpo_dist.config import DeepSpeedConfig
+
+    moves = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if hasattr(self, "config"):  # the whole model, not a module transformers moves while loading
+            moves.append((type(self).__name__, args, kwargs))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    cfg = replace(compose().model, path=str(tiny_llama))
+    # The 1-rank group exports RANK, WORLD_SIZE and MASTER_PORT into this process's environment, which
+    # every later test's subprocess would inherit (a srun job of world size 1, one fixed port for all).
+    saved = dict(os.environ)
+    try:
+        with dist.zero3_model_loading(DeepSpeedConfig(stage=3), dist.zero3_inference_config(torch.float32)):
+            model = models.load_model(cfg)
+            with pytest.raises(ValueError, match="ZeRO-3"):
+                models.load_model(cfg, device="cpu")
+        dist.end_zero3_model_loading()
+        assert hasattr(next(model.parameters()), "ds_id"), "not built partitioned"
+        assert moves == []
+        plain = models.load_model(cfg, device="cpu")  # outside the window: moved as asked
+        assert not hasattr(next(plain.parameters()), "ds_id") and len(moves) == 1
+    finally:
+        dist.end_zero3_model_loading()
+        dist.shutdown(clean=False)
+        os.environ.clear()
+        os.environ.update(saved)

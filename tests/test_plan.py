@@ -283,3 +283,18 @@ def test_training_estimate_within_25_percent_of_measured_peak_on_cpu(tmp_path):
     print("\n".join(lines))
     for (ds, w, r, e, m), line in zip(report, lines):
         assert abs(e / m - 1) <= 0.25, line
+
+
+def test_node_advice_names_only_node_counts_the_batch_splits_over():
+    """72B (global batch 64, micro-batch 1) on nodes of 8 GPUs: 3 nodes would fit in memory, but 64 does
+    not split over 24 ranks, so the planner calls it invalid, says which node counts work and what to
+    change, and on one node suggests 4 nodes, not 3."""
+    cfg, arch, s = setup_for(["model=qwen2.5-72b", "plan.nodes=3", "plan.gpus_per_node=8"])
+    train = plan.estimate(arch, s)[0]
+    assert train.verdict == "invalid" and not train.fits
+    assert "node counts on which it does: 1, 2, 4, 8" in train.notes[-1]
+    assert train.fixable == ["train.global_batch_size=48", "train.global_batch_size=72", "plan.nodes=4"]
+    assert "to start: plan.nodes=4" in plan.describe(cfg, arch, s, plan.estimate(arch, s))
+    cfg, arch, s = setup_for(["model=qwen2.5-72b", "plan.nodes=1", "plan.gpus_per_node=8"])
+    nodes = [f for f in plan.estimate(arch, s)[0].fixable if f.startswith("plan.nodes=")]
+    assert nodes and nodes[0].startswith("plan.nodes=4 "), nodes

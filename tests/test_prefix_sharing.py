@@ -59,7 +59,9 @@ def _stacked(model, pairs):
 
 def _packed(model, pairs):
     """The hot path itself: pair-block attention and the full-vocabulary head (the fused head has
-    tests of its own in test_fused.py)."""
+    tests of its own in test_fused.py). The switch stays on the model, as in training: the stacked
+    forwards after the first packed one run with it, through its SDPA fallback."""
+    attention.use_pair_blocks(model)
     return packed_logps(model, collate_shared_prompt(pairs), 2 * len(pairs), fused_head=False)
 
 

@@ -1,5 +1,6 @@
 """Batched, per-prompt reproducible decoding against transformers' own generate."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,3 +76,31 @@ def test_nucleus_threshold_keeps_the_set_sample_draws_from():
         inside = (probs.cumsum(-1) - probs) < top_p[row]  # _nucleus's rule, on the full sort
         assert set(order[inside].tolist()) == set(kept[row].nonzero().flatten().tolist()), row
     assert kept[3].sum() == 1 and kept[4].sum() > kept[0].sum() and (kept[5:].sum(1) > 64).all()
+
+
+def _row_generators(seeds):
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+def test_the_draw_meets_the_probabilities_on_their_device():
+    """Each row's uniform comes from its CPU generator and must move to the probabilities' device: a
+    (rows,) CPU tensor meeting a CUDA one fails at the first sampled token. The meta device stands in
+    for CUDA here (CPU x meta raises the same device mismatch)."""
+    sorted_probs, sorted_idx = torch.softmax(torch.randn(3, 50), -1).sort(dim=-1, descending=True)
+    pick = sampling._nucleus(sorted_probs.to("meta"), sorted_idx.to("meta"), 0.9, _row_generators(range(3)))
+    assert pick.device.type == "meta" and pick.shape == (3,)
+
+
+@pytest.mark.gpu
+def test_cuda_samples_what_the_cpu_samples():
+    """The same logits and row seeds give the same tokens on a GPU as on the CPU (host draws), for
+    rows inside the top candidates and rows that need the full-vocabulary fallback."""
+    vocab = 5000
+    peaked = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1] + [1e-9] * (vocab - 4))).unsqueeze(0)
+    flat = -1e-4 * torch.arange(vocab, dtype=torch.float32).unsqueeze(0)
+    logits = torch.cat([peaked, flat, peaked, flat])
+    for s in range(20):
+        seeds = [4 * s + i for i in range(4)]
+        on_cpu = sampling._sample(logits, 1.0, 0.9, _row_generators(seeds))
+        on_gpu = sampling._sample(logits.cuda(), 1.0, 0.9, _row_generators(seeds))
+        assert on_gpu.device.type == "cuda" and on_gpu.cpu().tolist() == on_cpu.tolist()

