@@ -190,12 +190,8 @@ def wait_for_manifest(manifest_path: Path, fp: str, timeout: float | None = None
     """Block until rank 0 has written this stage's manifest with fingerprint ``fp`` (timeout as in
     wait_for_files): how the other ranks wait for a merge without a process group, whose collectives
     would time out while one engine still generates."""
-    timeout = float(os.environ.get("DPO_DIST_SHARD_TIMEOUT", 24 * 3600)) if timeout is None else timeout
-    deadline = time.time() + timeout
-    while not manifest_matches(manifest_path, fp):
-        if time.time() > deadline:
-            raise TimeoutError(f"{manifest_path}: not written with fingerprint {fp} after {timeout:.0f}s")
-        time.sleep(1.0)
+    _wait_until(lambda: manifest_matches(manifest_path, fp), timeout,
+                lambda t: f"{manifest_path}: not written with fingerprint {fp} after {t:.0f}s")
 
 
 def file_barrier(directory: Path, name: str, rank: int, world_size: int) -> None:
@@ -209,9 +205,16 @@ def file_barrier(directory: Path, name: str, rank: int, world_size: int) -> None
 def wait_for_files(paths: list[Path], timeout: float | None = None) -> None:
     """Block until every path exists: how rank 0 waits for other ranks' shards in stages that keep
     no process group. The timeout (DPO_DIST_SHARD_TIMEOUT seconds, default a day) names the missing."""
+    _wait_until(lambda: all(Path(p).is_file() for p in paths), timeout,
+                lambda t: f"shards missing after {t:.0f}s: {[str(p) for p in paths if not Path(p).is_file()]}")
+
+
+def _wait_until(done, timeout: float | None, message) -> None:
+    """Poll ``done()`` once a second; TimeoutError(``message(timeout)``) after ``timeout`` seconds
+    (default DPO_DIST_SHARD_TIMEOUT, a day)."""
     timeout = float(os.environ.get("DPO_DIST_SHARD_TIMEOUT", 24 * 3600)) if timeout is None else timeout
     deadline = time.time() + timeout
-    while not all(Path(p).is_file() for p in paths):
+    while not done():
         if time.time() > deadline:
-            raise TimeoutError(f"shards missing after {timeout:.0f}s: {[str(p) for p in paths if not Path(p).is_file()]}")
+            raise TimeoutError(message(timeout))
         time.sleep(1.0)

@@ -181,6 +181,11 @@ class TrainConfig:
         _require(self.log_every > 0, "train.log_every", "must be > 0")
         _require(self.save_every > 0, "train.save_every", "must be > 0")
 
+    def reference_pairs_per_forward(self, zero3_partitioned: bool) -> int:
+        """What reference.run packs per forward: reference_batch_size_zero3 when the model is
+        partitioned with ZeRO-3 over several ranks (the planner estimates the same)."""
+        return self.reference_batch_size_zero3 if zero3_partitioned else self.reference_batch_size
+
     def accumulation_steps(self, world_size: int) -> int:
         """Accumulation steps for this world size; raises ConfigError if the batch sizes disagree."""
         per_step = self.micro_batch_size * world_size

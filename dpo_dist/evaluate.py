@@ -32,7 +32,6 @@ With ``eval.drift=false`` no drift is measured (a model too large for one device
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -73,9 +72,7 @@ def resolve_backend(cfg: Config) -> tuple[str, str]:
     vLLM where it is installed (here or in ``generation.python``) and a GPU is present, hf otherwise."""
     if cfg.eval.backend != "auto":
         return cfg.eval.backend, f"eval.backend={cfg.eval.backend}"
-    backend, why = generate.choose_backend("auto", gpus=len(dist.local_devices()[0]),
-                                           vllm_installed=importlib.util.find_spec("vllm") is not None,
-                                           vllm_python=cfg.generation.python)
+    backend, why = generate.backend_here("auto", cfg.generation.python)
     return backend, f"eval.backend=auto as {why}"
 
 

@@ -174,16 +174,21 @@ def choose_backend(requested: str, *, gpus: int, vllm_installed: bool, vllm_pyth
                   "generation.python to an interpreter that has it), so the batched transformers decoder")
 
 
-def resolve_backend(cfg: Config) -> Config:
-    """``cfg`` with ``generation.backend`` resolved from ``auto`` (choose_backend), logged on rank 0.
-    Counts GPUs through NVML (dist.local_devices), so this process can still start vLLM afterwards."""
-    if cfg.generation.backend != "auto":
-        return cfg
+def backend_here(requested: str, vllm_python: str) -> tuple[str, str]:
+    """choose_backend on this machine: its GPUs, counted through NVML (dist.local_devices) so this
+    process can still start vLLM afterwards, and whether vllm is importable here. Generation and
+    evaluation (eval.backend) resolve auto through this."""
     import importlib.util
 
-    backend, why = choose_backend(cfg.generation.backend, gpus=len(dist.local_devices()[0]),
-                                  vllm_installed=importlib.util.find_spec("vllm") is not None,
-                                  vllm_python=cfg.generation.python)
+    return choose_backend(requested, gpus=len(dist.local_devices()[0]),
+                          vllm_installed=importlib.util.find_spec("vllm") is not None, vllm_python=vllm_python)
+
+
+def resolve_backend(cfg: Config) -> Config:
+    """``cfg`` with ``generation.backend`` resolved from ``auto`` (backend_here), logged on rank 0."""
+    if cfg.generation.backend != "auto":
+        return cfg
+    backend, why = backend_here(cfg.generation.backend, cfg.generation.python)
     if dist.is_main():
         log.info("generation backend: %s (%s)", backend, why)
     return replace(cfg, generation=replace(cfg.generation, backend=backend))

@@ -197,8 +197,7 @@ class Setup:
             seq_len=p.seq_len or cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
             fused_requested=cfg.train.fused_ops,
             # What reference.run packs per forward: more pairs under ZeRO-3 on several ranks.
-            reference_batch_size=(cfg.train.reference_batch_size_zero3 if ds.stage == 3 and p.nodes * p.gpus_per_node > 1
-                                  else cfg.train.reference_batch_size),
+            reference_batch_size=cfg.train.reference_pairs_per_forward(ds.stage == 3 and p.nodes * p.gpus_per_node > 1),
             global_batch_size=cfg.train.global_batch_size,
             tensor_parallel_size=cfg.generation.tensor_parallel_size, gen_sequences=cfg.generation.batch_size,
             gen_tokens=min(cfg.generation.max_model_len, cfg.data.max_prompt_length + cfg.generation.max_new_tokens),

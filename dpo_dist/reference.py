@@ -155,7 +155,7 @@ def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
     model = _load_reference_model(cfg, dist.env().world_size)
     # Under ZeRO-3 every forward gathers every layer's weights from all ranks: packing more pairs per
     # forward divides that traffic, at the cost of a longer row.
-    batch_size = cfg.train.reference_batch_size_zero3 if zero3 else cfg.train.reference_batch_size
+    batch_size = cfg.train.reference_pairs_per_forward(zero3)
     num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
     chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler, fused_head=not zero3)
     resident["after_scoring"] = memory.current_bytes()
