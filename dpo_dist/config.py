@@ -88,7 +88,7 @@ class DeepSpeedConfig:
         optimizer states and gradients across data-parallel ranks; one rank has nothing to partition,
         and with fp32 weights stage 0 gives torch's AdamW the model's own parameters and gradients:
         no flat fp32 master copy, no gradient buckets. Measured on the bundled model at one CPU rank
-        (README, "Measured"): 10.8 -> 9.1 s per step and 4.9 -> 3.7 GiB against stage 2.
+        (docs/measured.md): 10.8 -> 9.1 s per step and 4.9 -> 3.7 GiB against stage 2.
         Mixed precision keeps the configured stage: it needs an fp32 master copy either way, and that
         path has not been run here."""
         if world_size == 1 and fp32 and self.stage in (1, 2) and not self.offload_optimizer:
@@ -285,7 +285,7 @@ class GenerationConfig:
     # vLLM's CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
     cpu_kv_cache_gib: int = 1
     # vLLM's weights and KV cache: auto is bfloat16 on a GPU and float32 on the CPU (bf16 was 2-6x
-    # slower there, README). float16 for GPUs without bf16 (T4, V100).
+    # slower there, docs/measured.md). float16 for GPUs without bf16 (T4, V100).
     vllm_dtype: str = "auto"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ projection:
   whole logits for backward and, at its start, holds the logits' gradient and the softmax
   besides: three (tokens, vocab) fp32 tensors, 71 MiB each for 377 tokens of a 49k vocabulary.
   The price is the projection run once more in backward: about 4% of a step's FLOPs here, too
-  little to show in a measured A/B (README, "Measured").
+  little to show in a measured A/B (docs/measured.md).
 - ``SwiGLUDown``: down(silu(gate) * up) keeping only gate and up for backward. Autograd also keeps
   silu(gate) and the product (the down projection's input); both are recomputed, elementwise.
 - ``RMSNorm``: keeps its input and 1/rms, not the normalised input as well (17% of the activations).
