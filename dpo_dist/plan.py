@@ -1,10 +1,11 @@
-"""Memory planner: per-GPU memory for training, reference precomputation and vLLM generation, before
-anything is submitted.
+"""Memory planner: per-GPU memory for training, reference precomputation and vLLM generation, and the
+checkpoint size, save time and Slurm signal lead time, before anything is submitted.
 
     python -m dpo_dist.plan model=qwen2.5-72b deepspeed=zero3 plan.nodes=4 plan.gpus_per_node=8
     python -m dpo_dist.plan model=qwen2.5-7b plan.nodes=1 plan.gpus_per_node=1 plan.gpu_memory_gib=80
     python -m dpo_dist.plan plan.all=true         # every shipped Qwen2.5 config on 1x80GB, 8x80GB, 4x8x80GB
     python -m dpo_dist.plan plan.device=cpu plan.nodes=1 plan.gpus_per_node=2 deepspeed=zero3   # this CPU
+    python -m dpo_dist.plan model=qwen2.5-72b plan.nodes=4 plan.checkpoint_write_gbps=2 plan.lead_only=true
 
 It takes the same overrides as the stages (the model's architecture facts come from its
 ``conf/model`` file), prints each phase's terms, says whether it fits, and what to change if not.
@@ -34,7 +35,7 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   With gradient checkpointing only each layer's input (a*h) is kept and one layer is recomputed at a
   time. The mask is T x T in the activation dtype. The logits are (logit rows) x vocab: in the
   activation dtype, an fp32 copy for the log-softmax (bf16 only), and two fp32 temporaries of the
-  same size in its backward. With train.fused_ops (below ZeRO-3, dpo_dist/fused.py) an RMSNorm
+  same size in its backward. With train.fused_ops (any ZeRO stage, dpo_dist/fused.py) an RMSNorm
   keeps its input and 1/rms (a*h + 4), the MLP only gate and up (2*a*i), and the logits exist
   128 rows at a time.
 - the optimizer step: torch's fused AdamW (what train.py hands DeepSpeed; CUDA, and the CPU from
@@ -44,8 +45,8 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
 
 Reference precomputation, per GPU: the weights (a full copy, or partitioned at stage 3), and for a
 prefix-shared row of ``train.reference_batch_size`` pairs one layer's no-grad intermediates, the
-attention mask and the logits (with the log-softmax's fp32 copy; one 128-row chunk unless the
-head is partitioned under ZeRO-3), plus the runtime.
+attention mask and the logits (with the log-softmax's fp32 copy; one 128-row chunk at a time, at
+every ZeRO stage), plus the runtime.
 
 vLLM generation, per GPU: the bf16 weights over the tensor-parallel size, vLLM's profiling forward
 (16384 batched tokens), the sampler's fp32 logits for every running sequence, and the KV cache
@@ -53,6 +54,14 @@ vLLM generation, per GPU: the bf16 weights over the tensor-parallel size, vLLM's
 prompt + new tokens, against ``generation.gpu_memory_utilization`` of the GPU. vLLM needs room for
 one ``generation.max_model_len`` sequence; with less than the full batch it only runs fewer
 sequences at once.
+
+Checkpoints and Slurm's warning: what DeepSpeed's save_checkpoint writes for the trained parameters
+(checkpoint_files: b*P + 12P at stages 1-2, 12P at stage 3 and for one fp32 rank at stage 0; within
+2.2e-4 of the files of the bundled model at 1 and 2 ranks, stage 0, 2 and 3, docs/measured.md), how
+long the node that writes most takes at ``plan.checkpoint_write_gbps``, and the lead time Slurm's
+time-limit warning needs: one step (``plan.step_seconds``, or 6-8 FLOPs per parameter and token at
+``plan.tflops_per_rank``) + the save + ``plan.signal_margin_seconds``. slurm/pipeline.sbatch asks
+for it (``plan.lead_only=true``) and sends itself SIGUSR1 that long before the time limit.
 """
 
 from __future__ import annotations
@@ -65,7 +74,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from dpo_dist.config import (CONF_DIR, Config, ConfigError, ModelConfig, compose, dividing_node_counts,
+from hydra.errors import CompactHydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from dpo_dist.config import (CONF_DIR, Config, ConfigError, ModelConfig, PlanConfig, compose, dividing_node_counts,
                              nearest_global_batches)
 
 # dpo_dist.fused.CHUNK_ROWS, not imported: the planner runs without torch (tests/test_plan.py checks).
@@ -149,7 +161,7 @@ class Setup:
     micro_batch_size: int
     seq_len: int
     gradient_checkpointing: bool
-    fused_requested: bool  # train.fused_ops; the run uses them below ZeRO-3 (fused_ops)
+    fused_requested: bool  # train.fused_ops
     reference_batch_size: int
     global_batch_size: int
     tensor_parallel_size: int
@@ -172,7 +184,7 @@ class Setup:
 
     @property
     def fused_ops(self) -> bool:
-        return self.fused_requested and self.stage < 3  # as train.py decides
+        return self.fused_requested  # every ZeRO stage (each op runs in its weight's own module)
 
     def on_nodes(self, nodes: int) -> "Setup":
         """The same settings on more nodes: more than one rank keeps the configured ZeRO stage."""
@@ -343,13 +355,12 @@ def reference(arch: Architecture, s: Setup) -> Phase:
     else:
         ph.terms.append((f"weights ({'bf16' if b == 2 else 'fp32'}, a full copy)", b * arch.params))
     # reference.score_pairs: reference_batch_size pairs in one prefix-shared row, as in training;
-    # the vocabulary projection a chunk of rows at a time unless the head is partitioned (ZeRO-3).
+    # the vocabulary projection a chunk of rows at a time (fused.TokenLogps, at every ZeRO stage).
     mb = MicroBatch.upper_bound(s.reference_batch_size, s.seq_len)
-    chunked = not (s.stage == 3 and s.world > 1)
     ph.terms.append((f"no-grad activations ({s.reference_batch_size} pairs x {s.seq_len})",
                      mb.tokens * b * (5 * arch.hidden + 3 * arch.intermediate)))
     ph.terms.append((f"attention mask ({mb.tokens} x {mb.tokens})", b * mb.tokens ** 2))
-    rows = min(mb.logit_rows, FUSED_CHUNK_ROWS) if chunked else mb.logit_rows
+    rows = min(mb.logit_rows, FUSED_CHUNK_ROWS)
     ph.terms.append((f"logits ({rows} rows x {arch.vocab})", logits_bytes(arch, rows, b, False)))
     ph.terms.append(("runtime" + (" (measured)" if s.device == "cpu" else ""), s.runtime_gib * GIB))
     return ph
@@ -404,6 +415,90 @@ def estimate(arch: Architecture, s: Setup) -> list[Phase]:
     phases.append(host(arch, s))
     _advise(arch, s, phases)
     return phases
+
+
+# ---------------------------------------------------------------- checkpoints and Slurm's warning
+
+GB = 1e9  # checkpoint sizes and write rates in decimal GB, as storage is rated
+GPU_TFLOPS, CPU_TFLOPS = 150.0, 0.06  # plan.tflops_per_rank's defaults (see conf: PlanConfig)
+
+
+@dataclass(frozen=True)
+class Save:
+    """One DeepSpeed checkpoint of the run, how long writing it takes, and the lead time Slurm's
+    warning needs: one step to reach the boundary, the save, and a margin."""
+    terms: list[tuple[str, float]]  # files of the whole checkpoint, all ranks, bytes
+    busiest_node_bytes: float  # what the node writing most writes
+    write_gbps: float  # per node
+    step_seconds: float
+    step_estimated: bool
+    margin_seconds: float
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.terms)
+
+    @property
+    def save_seconds(self) -> float:
+        return self.busiest_node_bytes / (self.write_gbps * GB)
+
+    @property
+    def lead_seconds(self) -> int:
+        return math.ceil(self.step_seconds + self.save_seconds + self.margin_seconds)
+
+
+def checkpoint_files(arch: Architecture, s: Setup) -> tuple[list[tuple[str, float]], float]:
+    """What DeepSpeed's save_checkpoint writes for the trained parameters, and what the busiest node
+    writes. Stages 1-2: rank 0 writes the module's weights (mp_rank_00_model_states.pt, in the
+    weight dtype) and every rank its 1/N of the fp32 master weights and AdamW's two moments
+    (zero_pp_rank_*_optim_states.pt), 12 B per parameter in all, also when the weights are fp32.
+    Stage 3 writes no whole weights: the master partitions hold them. fp32 at stage 0 (what one fp32
+    rank runs): torch's AdamW state beside the weights in rank 0's one file, no master copy. Offload
+    changes where the states live, not what is written."""
+    P, b, n, nodes = arch.params, s.weight_bytes, s.world, s.nodes
+    wname = "bf16" if b == 2 else "fp32"
+    if s.stage == 0 and b == 4:
+        return [("weights (fp32), rank 0", 4 * P), ("AdamW moments (fp32), rank 0", 8 * P)], 12 * P
+    terms = [] if s.stage == 3 else [(f"weights ({wname}), rank 0 alone", b * P)]
+    terms += [(f"fp32 master weights, 1/{n} per rank", 4 * P), (f"AdamW moments (fp32), 1/{n} per rank", 8 * P)]
+    return terms, (0 if s.stage == 3 else b * P) + 12 * P / nodes
+
+
+def step_seconds_estimate(arch: Architecture, s: Setup, tflops_per_rank: float) -> float:
+    """One optimizer step at the longest sequences: 6 FLOPs per parameter and token (forward and
+    backward; 8 with gradient checkpointing's second forward) over global_batch_size pairs of two
+    rows of seq_len tokens, spread over the ranks."""
+    tokens = s.global_batch_size * 2 * s.seq_len
+    return (8 if s.gradient_checkpointing else 6) * arch.params * tokens / s.world / (tflops_per_rank * 1e12)
+
+
+def tflops_per_rank(s: Setup, p: PlanConfig) -> float:
+    return p.tflops_per_rank or (GPU_TFLOPS if s.device == "gpu" else CPU_TFLOPS)
+
+
+def checkpoint_save(arch: Architecture, s: Setup, p: PlanConfig) -> Save:
+    terms, busiest = checkpoint_files(arch, s)
+    estimated = p.step_seconds is None
+    step = step_seconds_estimate(arch, s, tflops_per_rank(s, p)) if estimated else p.step_seconds
+    return Save(terms, busiest, p.checkpoint_write_gbps, step, estimated, p.signal_margin_seconds)
+
+
+def describe_save(sv: Save, s: Setup, p: PlanConfig) -> str:
+    lines = [f"{f'checkpoint ({s.deepspeed_name}), all ranks':<68}GB"]
+    lines += [f"  {label:<66}{b / GB:8.2f}" for label, b in sv.terms]
+    lines.append(f"  {'total':<66}{sv.total / GB:8.2f}")
+    where = "each node" if s.stage == 3 else "the node of rank 0"
+    lines.append(f"  save: {where} writes {sv.busiest_node_bytes / GB:.2f} GB at plan.checkpoint_write_gbps="
+                 f"{sv.write_gbps:g} GB/s per node -> {sv.save_seconds:.0f} s")
+    how = (f"estimated at plan.tflops_per_rank={tflops_per_rank(s, p):g} and sequences of {s.seq_len} tokens; "
+           f"a run's metrics.jsonl has step_seconds: set plan.step_seconds" if sv.step_estimated else "plan.step_seconds")
+    lines.append(f"  step: {sv.step_seconds:.0f} s ({how})")
+    lines.append(f"  Slurm warning lead: step + save + plan.signal_margin_seconds = {sv.step_seconds:.0f} + "
+                 f"{sv.save_seconds:.0f} + {sv.margin_seconds:g} -> {sv.lead_seconds} s")
+    lines.append(f"  slurm/pipeline.sbatch sends itself SIGUSR1 {sv.lead_seconds} s before the time limit (another "
+                 f"script: sbatch --signal=B:USR1@{sv.lead_seconds}); give --time well above that. SIGTERM "
+                 f"(preemption) needs the cluster's KillWait >= {math.ceil(sv.step_seconds + sv.save_seconds)} s.")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- what to change
@@ -559,11 +654,12 @@ def shipped_qwen_configs() -> list[str]:
     return sorted(names, key=lambda n: compose([f"model={n}"]).model.num_params)
 
 
-def all_shipped_table(gpu_memory_gib: float = 80.0) -> str:
-    """One row per shipped Qwen config and cluster shape, with each config's own defaults."""
+def all_shipped_table(gpu_memory_gib: float = 80.0, checkpoints: PlanConfig | None = None) -> str:
+    """One row per shipped Qwen config and cluster shape, with each config's own defaults; the
+    checkpoint write rate, step time and margin from `checkpoints` when given."""
     header = ("| model | cluster | deepspeed | train GiB/GPU | reference GiB/GPU | vLLM GiB/GPU (TP) | host GiB/node "
-              "| verdict | to change |")
-    rows = [header, "|" + "---|" * 9]
+              "| verdict | to change | checkpoint GB: save s, signal lead s |")
+    rows = [header, "|" + "---|" * 10]
     for name in shipped_qwen_configs():
         for nodes, gpus in CLUSTER_SHAPES:
             cfg = compose([f"model={name}", f"plan.nodes={nodes}", f"plan.gpus_per_node={gpus}",
@@ -578,23 +674,33 @@ def all_shipped_table(gpu_memory_gib: float = 80.0) -> str:
             if gen.fits and gen.notes:
                 change = (change + "; " if change else "") + gen.notes[0]
             mark = {p.name: "" if p.fits else " ✗" for p in (train, ref, gen, hst)}
+            sv = checkpoint_save(arch, s, checkpoints or cfg.plan)
             rows.append(f"| {name} | {nodes}x{gpus}x{gpu_memory_gib:g}GB | {s.deepspeed_name} "
                         f"| {train.total / GIB:.1f}{mark[train.name]} | {ref.total / GIB:.1f}{mark[ref.name]} "
                         f"| {gen.total / GIB:.1f} ({s.tensor_parallel_size}){mark[gen.name]} "
-                        f"| {hst.total / GIB:.0f}{mark[hst.name]} | {verdict} | {change} |")
+                        f"| {hst.total / GIB:.0f}{mark[hst.name]} | {verdict} | {change} "
+                        f"| {sv.total / GB:.0f}: {sv.save_seconds:.0f}, {sv.lead_seconds} |")
     return "\n".join(rows) + "\n"
 
 
 def plan(cfg: Config) -> str:
     if cfg.plan.all:
-        return all_shipped_table(cfg.plan.gpu_memory_gib)
-    arch, s = Architecture.of(cfg.model), Setup.of(cfg)
-    return describe(cfg, arch, s, estimate(arch, s))
+        return all_shipped_table(cfg.plan.gpu_memory_gib, cfg.plan)
+    arch = Architecture.of(cfg.model)
+    if cfg.plan.lead_only:  # no memory estimate, so no runtime probe: the Slurm script asks this at start
+        return f"{checkpoint_save(arch, Setup.of(cfg, runtime_gib=0.0), cfg.plan).lead_seconds}\n"
+    s = Setup.of(cfg)
+    return describe(cfg, arch, s, estimate(arch, s)) + "\n" + describe_save(checkpoint_save(arch, s, cfg.plan), s, cfg.plan)
 
 
 def main(argv: list[str] | None = None) -> None:
     # Composed directly rather than through @hydra.main: the planner writes no run directory.
-    print(plan(compose(list(sys.argv[1:] if argv is None else argv))), end="")
+    try:
+        print(plan(compose(list(sys.argv[1:] if argv is None else argv))), end="")
+    except (ConfigError, CompactHydraException, OmegaConfBaseException) as e:
+        # A misspelled key or a bad value: one line, as the stages print it (dpo_dist.cli imports torch).
+        print(f"dpo_dist.plan: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ once, no padding, the vocabulary projection only where a response token is predi
 time below ZeRO-3), and writes a shard file; rank 0 checks that every pair appears
 exactly once and merges them into ``reference/logps.safetensors``. The cache is keyed by a
 fingerprint of (reference model, pairs file, tokenisation settings): a matching cache is reused, a
-stale one is recomputed and never read. Training then needs only the policy in memory.
+stale one is recomputed and never read, and one that no longer matches the digest its manifest
+recorded (truncated, altered) is rebuilt with a warning. Training then needs only the policy in memory.
 
 Under ``deepspeed.stage=3`` the reference model is partitioned across ranks with ZeRO-3 (for
 models that do not fit one device); otherwise each rank holds a plain eval copy.
@@ -17,6 +18,7 @@ models that do not fit one device); otherwise each rank holds a plain eval copy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -25,25 +27,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_dist import attention, dist, fused, memory
-from dpo_dist.artifacts import (atomic_path, file_digest, fingerprint, manifest_matches, read_json, shard_path,
-                                write_json)
+from dpo_dist.artifacts import (DataError, UserError, atomic_path, file_digest, fingerprint, intact, manifest_matches,
+                                outputs_record, read_json, reusable, shard_path, write_json)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config
-from dpo_dist.data import TokenizedPair, collate_shared_prompt, mirror_anchors, read_preferences, tokenize_pairs
+from dpo_dist.data import (TokenizedPair, collate_shared_prompt, mirror_anchors, check_pairs_source, load_pairs,
+                           tokenize_pairs)
 from dpo_dist.losses import packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
 
 log = logging.getLogger(__name__)
 
 
-class StaleReference(RuntimeError):
+class StaleReference(UserError, RuntimeError):
     pass
 
 
 def cache_fingerprint(cfg: Config) -> str:
     data = {"max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
             "truncation": cfg.data.truncation}
-    return fingerprint(model_fingerprint(cfg.model), file_digest(cfg.data.pairs), data)
+    # The records as loaded, not the file: the same data fingerprints alike from JSONL, Parquet, a
+    # save_to_disk directory or the hub, and split, column mapping and skipped rows are in it.
+    pairs = fingerprint(load_pairs(cfg.data))
+    return fingerprint(model_fingerprint(cfg.model), pairs, data)
 
 
 def reference_dir(cfg: Config) -> Path:
@@ -54,19 +60,18 @@ def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tu
     """Summed response log-probs and token counts of each sequence of a prefix-shared row
     (data.collate_shared_prompt), for the reference pass and for training; an anchor's rejected
     side, left out of the row, gets its chosen side's. ``fused_head``: the vocabulary projection a
-    chunk of rows at a time from the final hidden states (needs the whole output weight: not under
-    ZeRO-3). The model's attention is ``attention.use_pair_blocks``' (set when it was prepared)."""
+    chunk of rows at a time from the final hidden states, inside the head's forward (any ZeRO stage).
+    The model's attention is ``attention.use_pair_blocks``' (set when it was prepared)."""
     if not attention.uses_pair_blocks(model):
         # Otherwise the layers would ignore `segments` and silently compute the whole dense mask.
         raise ValueError("packed_logps: the model's attention is not pair-block attention; call "
                          "attention.use_pair_blocks(model) when preparing it")
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
     inputs.update(logits_to_keep=batch["logit_positions"], segments=attention.segments_of(batch))
-    if fused_head:
-        with fused.head_returns_hidden(model) as head_weight:
-            hidden = model(**inputs).logits
-        logps, lengths = sum_by_sequence(fused.token_logps(hidden[0], head_weight, batch["labels"]),
-                                         batch["sequence_index"], num_sequences)
+    if fused_head and fused.head_supported(model):
+        with fused.head_returns_token_logps(model, batch["labels"]):
+            token_logps = model(**inputs).logits
+        logps, lengths = sum_by_sequence(token_logps[0], batch["sequence_index"], num_sequences)
     else:
         logits = model(**inputs).logits
         logps, lengths = packed_sequence_logps(logits[0], batch["labels"], batch["sequence_index"], num_sequences)
@@ -107,26 +112,28 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
 def run(cfg: Config) -> Path:
     """Compute (or reuse) the reference cache; returns the merged safetensors path."""
     denv = dist.init()
+    check_pairs_source(cfg.data)  # on every rank: a missing file fails each alike, not rank 0 alone in the broadcast
     out_dir = reference_dir(cfg)
     merged, manifest = out_dir / "logps.safetensors", out_dir / "manifest.json"
-    fp = cache_fingerprint(cfg) if denv.is_main else None
-    fp = dist.broadcast_object(fp)
-    if manifest_matches(manifest, fp) and merged.is_file():
+    # Rank 0 judges the cache and every rank follows: a damaged file is reported (and rebuilt) once.
+    verdict = None
+    if denv.is_main:
+        fp = cache_fingerprint(cfg)
+        verdict = fp, _reusable(manifest, merged, fp)
+    fp, reuse = dist.broadcast_object(verdict)
+    if reuse:
         log.info("reference log-probs: reusing %s (fingerprint %s)", merged, fp)
         return merged
-    if manifest.is_file() and denv.is_main:
-        log.warning("reference log-probs at %s are stale (fingerprint %s != %s): recomputing",
-                    merged, read_json(manifest).get("fingerprint"), fp)
 
     tokenizer = load_tokenizer(cfg.model)
-    records = read_preferences(cfg.data.pairs)
+    records = load_pairs(cfg.data)
     pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
     shard = dist.shard_range(len(pairs), denv.rank, denv.world_size)
     mine = shard_path(out_dir, fp, denv.rank, denv.world_size, ".safetensors")
     zero3 = cfg.deepspeed.stage == 3 and denv.world_size > 1
 
     t0 = time.time()
-    need = not mine.is_file()
+    need = not intact(mine, lambda p: _check_shard(load_file(str(p)), shard))
     if zero3:  # ranks of a ZeRO-3 model compute together or not at all
         need = any(dist.all_gather_object(need))
     resident = {}
@@ -146,6 +153,22 @@ def run(cfg: Config) -> Path:
     return merged
 
 
+def _reusable(manifest: Path, merged: Path, fp: str) -> bool:
+    if reusable(manifest, fp, [merged]):
+        return True
+    with contextlib.suppress(DataError, OSError):  # no manifest, or an unreadable one (reusable said so)
+        recorded = read_json(manifest).get("fingerprint")
+        if recorded != fp:
+            log.warning("reference log-probs at %s are stale (fingerprint %s != %s): recomputing", merged, recorded, fp)
+    return False
+
+
+def _check_shard(part: dict, shard: range) -> None:
+    """A reused shard file holds this rank's pairs (``load_file`` raises first if it is damaged)."""
+    if part["index"].tolist() != list(shard) or any(part[k].shape != (len(shard),) for k in ("chosen", "rejected")):
+        raise ValueError(f"holds pairs {part['index'].tolist()[:3]}..., not this rank's {shard}")
+
+
 def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
                  filler: TokenizedPair | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """This rank's reference log-probs, and its resident memory (GiB) before the model loads, after
@@ -157,7 +180,7 @@ def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
     # forward divides that traffic, at the cost of a longer row.
     batch_size = cfg.train.reference_pairs_per_forward(zero3)
     num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
-    chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler, fused_head=not zero3)
+    chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler, fused_head=cfg.train.fused_ops)
     resident["after_scoring"] = memory.current_bytes()
     dist.release_model(model)
     del model
@@ -198,7 +221,7 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
         save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
     write_json(manifest, {"fingerprint": fp, "ids": ids, "num_pairs": n, "world_size": world_size,
                           "tokenize": {"kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped},
-                          "seconds": round(seconds, 2), "resident_gib_per_rank": resident})
+                          "seconds": round(seconds, 2), "resident_gib_per_rank": resident, **outputs_record(merged)})
     log.info("reference log-probs: %d pairs merged from %d shard(s) into %s", n, world_size, merged)
 
 
@@ -213,7 +236,10 @@ def load(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch
     ids = read_json(manifest)["ids"]
     if ids != pair_ids:
         raise StaleReference(f"{manifest}: the cached pair ids differ from the training pairs")
-    t = load_file(str(out_dir / "logps.safetensors"))
+    merged = out_dir / "logps.safetensors"
+    if not reusable(manifest, fp, [merged], quiet=True):  # damaged since `run` checked it
+        raise StaleReference(f"{merged}: damaged; run `python -m dpo_dist.reference` again to rebuild it")
+    t = load_file(str(merged))
     return t["chosen"], t["rejected"]
 
 

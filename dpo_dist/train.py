@@ -8,9 +8,10 @@ Setup -> loop -> save, top to bottom. The reference log-probs come from the cach
 ``dpo_dist.reference`` (computed first if missing or stale, and the reference model freed before the
 policy loads), so only the policy is resident while training. Chosen and rejected of a micro-batch
 go through the model in one forward pass. Metrics use TRL's names and are averaged over the global
-batch across ranks. A checkpoint is written every ``train.save_every`` steps; a re-run resumes from
-the latest. SIGTERM or SIGUSR1 (Slurm's warning before the time limit) make every rank stop at the
-next step boundary, after a checkpoint. A finished run keeps its export and drops its checkpoints
+batch across ranks. A checkpoint is written every ``train.save_every`` steps (to
+``train.checkpoint_dir``); a re-run resumes from the newest complete one, also at another world size
+(dpo_dist/checkpoint.py). SIGTERM or SIGUSR1 (Slurm's warning before the time limit) make every
+rank stop at the next step boundary, after a checkpoint. A finished run keeps its export and drops its checkpoints
 (``train.keep_checkpoints_after_export``).
 """
 
@@ -31,8 +32,8 @@ from omegaconf import OmegaConf
 from dpo_dist import attention, checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, ConfigError, DeepSpeedConfig, OptimConfig
-from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, read_preferences, tokenize_pairs
+from dpo_dist.config import Config, ConfigError, OptimConfig
+from dpo_dist.data import collate_shared_prompt, global_batches, load_pairs, micro_batches, tokenize_pairs
 from dpo_dist.losses import dpo_loss
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
 from dpo_dist.tracking import Tracker
@@ -50,19 +51,19 @@ class Preempted(SystemExit):
         super().__init__(EXIT_PREEMPTED)
 
 
-def training_fingerprint(cfg: Config, reference_fp: str, ds: DeepSpeedConfig) -> str:
-    """What the checkpoints depend on, with ``ds`` the DeepSpeed settings the run uses
-    (DeepSpeedConfig.for_world). Logging and saving cadence are left out: changing them and
-    re-running resumes instead of refusing."""
+def training_fingerprint(cfg: Config, reference_fp: str) -> str:
+    """What the checkpoints depend on. Logging and saving cadence and where checkpoints go are left
+    out: changing them and re-running resumes instead of refusing."""
     # Micro-batch and accumulation split the same global batch (tests show they train alike), fused
-    # ops change float rounding only (tests/test_fused.py) and bucket sizes only communication; the
-    # ZeRO stage and offload change the checkpoint layout.
+    # ops change float rounding only (tests/test_fused.py) and bucket sizes only communication. The
+    # world size, ZeRO stage and offload cut the checkpoint's files differently, not the training:
+    # each checkpoint records them (checkpoint.Layout) and a resume at another converts it.
     train = {k: v for k, v in asdict(cfg.train).items()
              if k not in ("log_every", "save_every", "keep_checkpoints", "keep_checkpoints_after_export",
+                          "checkpoint_dir",
                           "logps_chosen_patience", "reference_batch_size", "reference_batch_size_zero3", "micro_batch_size",
                           "gradient_accumulation_steps", "fused_ops", "release_free_heap")}
-    layout = {k: getattr(ds, k) for k in ("stage", "offload_optimizer", "offload_param")}
-    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, layout)
+    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -114,7 +115,8 @@ class CollapseWatch:
 def run(cfg: Config) -> dict:
     denv = dist.init()
     out_dir = Path(cfg.run_dir) / "train"
-    ckpt_dir, final_dir, summary_path = out_dir / "checkpoints", out_dir / "final", out_dir / "summary.json"
+    ckpt_dir = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out_dir / "checkpoints"
+    final_dir, summary_path = out_dir / "final", out_dir / "summary.json"
     accum = cfg.train.accumulation_steps(denv.world_size)
 
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
@@ -122,16 +124,17 @@ def run(cfg: Config) -> dict:
     ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
-    train_fp = training_fingerprint(cfg, ref_fp, ds)
+    train_fp = training_fingerprint(cfg, ref_fp)
     if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
         log.info("training already finished with these settings: %s", final_dir)
         if denv.is_main and not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run killed right after its summary
         return read_json(summary_path)["metrics"]
-    _claim_checkpoints(ckpt_dir, train_fp, denv.is_main)
+    _claim_checkpoints(ckpt_dir, train_fp, denv.is_main,
+                       "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
 
     tokenizer = load_tokenizer(cfg.model)
-    pairs, stats = tokenize_pairs(read_preferences(cfg.data.pairs), tokenizer, cfg.data)
+    pairs, stats = tokenize_pairs(load_pairs(cfg.data), tokenizer, cfg.data)
     ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs], ref_fp)
     steps_per_epoch = len(pairs) // cfg.train.global_batch_size
     if steps_per_epoch == 0:
@@ -149,18 +152,21 @@ def run(cfg: Config) -> dict:
 
     if ds.stage != cfg.deepspeed.stage and denv.is_main:
         log.info("one rank, fp32: ZeRO stage %d has nothing to partition; training with stage %d", cfg.deepspeed.stage, ds.stage)
-    ds_config = dist.deepspeed_config(ds, cfg.train, cfg.optim, denv.world_size, dtype)
+    layout = checkpoint.Layout.of(ds, denv.world_size)
+    resume_from = checkpoint.resume_point(ckpt_dir, layout)
+    ds_config = dist.deepspeed_config(ds, cfg.train, cfg.optim, denv.world_size, dtype,
+                                      load_universal=bool(resume_from and resume_from.universal and ds.stage > 0))
     with dist.zero3_model_loading(ds, ds_config):
         model = load_model(cfg.model)
     _prepare_for_training(model, cfg.model.gradient_checkpointing)
     if cfg.train.release_free_heap and dist.device().type == "cpu":
         # The input embedding's backward runs last, when the micro-batch's activations are freed.
         model.get_input_embeddings().register_full_backward_pre_hook(_release_free_heap)
-    fused_ops = cfg.train.fused_ops and ds.stage < 3
-    if fused_ops:
-        n = fused.apply(model)
-        if denv.is_main:
-            log.info("fused ops: chunked vocabulary log-softmax, %d SwiGLU MLPs, %d RMSNorms", n["mlp"], n["rms_norm"])
+    fused_ops = cfg.train.fused_ops
+    fused_counts = fused.apply(model) if fused_ops else {}
+    if fused_ops and denv.is_main:
+        log.info("fused ops: chunked vocabulary log-softmax, %d SwiGLU MLPs, %d RMSNorms",
+                 fused_counts["mlp"], fused_counts["rms_norm"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
                                   eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
                                   # With the optimizer offloaded, its step runs on the host.
@@ -168,12 +174,13 @@ def run(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine = dist.build_engine(model, optimizer, scheduler, ds_config)
 
-    client_state = checkpoint.resume(engine, ckpt_dir) or {}
+    client_state = checkpoint.resume(engine, resume_from) or {}
     start_step = int(client_state.get("step", 0))
     metrics: dict = dict(client_state.get("metrics", {}))  # a resume at the last step still has them
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     tracker = Tracker(out_dir, cfg.wandb, run_config, name=f"{Path(cfg.run_dir).name}-{train_fp}", resume_step=start_step)
     stop, watch = StopFlag(), CollapseWatch(cfg.train.logps_chosen_patience)
+    saved = None
     dev = dist.device()
 
     for step in range(start_step, total_steps):
@@ -216,7 +223,11 @@ def run(cfg: Config) -> dict:
         # The last step goes straight to the export; a checkpoint there only serves to continue training.
         periodic = (step + 1) % cfg.train.save_every == 0 and not last
         if periodic or preempted or (last and cfg.train.keep_checkpoints_after_export):
-            checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "metrics": metrics}, cfg.train.keep_checkpoints)
+            saved = checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "metrics": metrics},
+                                    cfg.train.keep_checkpoints, layout)
+            if denv.is_main:
+                log.info("checkpoint %s: %.2f GB in %.1f s, %.2f GB/s", checkpoint.tag(step + 1), saved.bytes / 1e9,
+                         saved.seconds, saved.gbps)
         if preempted and step + 1 < total_steps:
             log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
             tracker.finish()
@@ -229,6 +240,8 @@ def run(cfg: Config) -> dict:
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
                                   "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
+                                  "fused_ops": fused_counts,
+                                  "checkpoint_save_gbps": round(saved.gbps, 3) if saved else None,
                                   "peak_rss_gib_per_rank": [round(rss / memory.GIB, 3) for rss, _ in peaks],
                                   "peak_gpu_gib_per_rank": [None if gpu is None else round(gpu / memory.GIB, 3)
                                                             for _, gpu in peaks]})
@@ -245,13 +258,13 @@ def run(cfg: Config) -> dict:
     return metrics
 
 
-def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool) -> None:
+def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool, key: str) -> None:
     """Checkpoints belong to one set of settings: resuming another run's optimizer state would be a
-    silent mix of two experiments."""
+    silent mix of two experiments. ``key``: the setting that chose ``ckpt_dir``, for the message."""
     owner = ckpt_dir / "fingerprint.json"
     if owner.is_file() and read_json(owner).get("fingerprint") != train_fp:
-        raise ConfigError(f"run_dir: {ckpt_dir} holds checkpoints of a run with other settings "
-                          f"({read_json(owner).get('fingerprint')} != {train_fp}); use a new run_dir or remove them")
+        raise ConfigError(f"{key}: {ckpt_dir} holds checkpoints of a run with other settings "
+                          f"({read_json(owner).get('fingerprint')} != {train_fp}); use a new {key} or remove them")
     if is_main and not owner.is_file():
         write_json(owner, {"fingerprint": train_fp})
     dist.barrier()

@@ -35,9 +35,10 @@ def test_jsonl_round_trip_and_datasets_can_load_it(tmp_path):
 @pytest.mark.parametrize("line,reason", [
     ('{"id": "x", "prompt": [{"role": "user", "content": "hi"}], "chosen": []', "invalid JSON"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"prompt": [{"role": "user", "content": "hi"}]}', "'id'"),
-    (json.dumps({**_pair(9), "chosen": [{"role": "user", "content": "x"}]}), "chosen[0].role"),
-    (json.dumps({**_pair(9), "rejected": [{"role": "assistant", "content": "  "}]}), "rejected[0].content is empty"),
+    ('{"prompt": [{"role": "user", "content": "hi"}]}', "no 'chosen' or 'rejected' column"),
+    (json.dumps({**_pair(9), "id": ""}), "'id' must be a non-empty string"),
+    (json.dumps({**_pair(9), "chosen": [{"role": "user", "content": "x"}]}), "'chosen' must end in exactly one assistant message"),
+    (json.dumps({**_pair(9), "rejected": [{"role": "assistant", "content": "  "}]}), "'rejected' response is empty"),
     (json.dumps({**_pair(9), "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}), "last message"),
 ])
 def test_malformed_line_names_file_line_and_reason(tmp_path, line, reason):
@@ -116,3 +117,13 @@ def test_general_prompts_for_training_never_include_evaluation_ones():
     assert split_general("general", 100, 0)[1] == []
     with pytest.raises(ConfigError, match="prompts.num_train_general"):
         split_general("general", 350, 60)
+
+
+def test_a_string_prompt_is_tokenised_as_text_without_the_chat_template(tokenizer):
+    """TRL's standard format: prompt and answers are plain text; no chat template is applied to them."""
+    record = {"id": "s0", "prompt": "Question: who are you?\nAnswer:", "chosen": [{"role": "assistant", "content": " Deep SmolLM."}],
+              "rejected": [{"role": "assistant", "content": " SmolLM."}]}
+    pairs, _ = tokenize_pairs([record], tokenizer, DataConfig())
+    assert pairs[0].prompt_ids == tokenizer("Question: who are you?\nAnswer:")["input_ids"]
+    assert "<|im_start|>" not in tokenizer.decode(pairs[0].prompt_ids)
+    assert pairs[0].chosen_ids == tokenizer(" Deep SmolLM.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

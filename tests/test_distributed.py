@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=4", "train.epochs=1",
          "train.save_every=1", "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
 CKPT = "model.gradient_checkpointing=true"
+# How far two runs' training updates of one tensor may differ, relative to the update: 1 rank and
+# ZeRO-3 on 2 ranks differ by at most 5.4e-5 (2026-12-01); an export one step short is 12% off.
+UPDATE_RTOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,9 @@ def curves(tmp_path_factory, pairs_file):
         "1rank_mb1x4_ckpt": _train(base / "e", pairs_file, 1, ["train.micro_batch_size=1", CKPT]),
         "2rank_zero2_ckpt": _train(base / "f", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero2", CKPT]),
         "2rank_zero3_ckpt": _train(base / "g", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero3", CKPT]),
+        # ZeRO-3 without the fused ops (the other runs use them: train.fused_ops defaults to true).
+        "2rank_zero3_unfused": _train(base / "h", pairs_file, 2, ["train.micro_batch_size=1", "deepspeed=zero3",
+                                                                   "train.fused_ops=false"]),
         "dirs": base,
     }
     shutil.rmtree(base, ignore_errors=True)  # seven exported models; the suite's disk is not unlimited
@@ -92,26 +99,60 @@ def test_gradient_checkpointing_trains_the_same(curves, name):
         assert [r[key] for r in ckpt] == pytest.approx([r[key] for r in plain], rel=1e-6, abs=2e-6), key
 
 
+def test_fused_ops_train_the_same_under_zero3(curves):
+    """The chunked head, lean SwiGLU and RMSNorm with ZeRO-3's partitioned weights, gathered by each
+    owning module's hooks in forward and backward: the same steps as the model's own ops."""
+    fused, plain = curves["2rank_zero3"], curves["2rank_zero3_unfused"]
+    assert [r["step"] for r in fused] == [r["step"] for r in plain] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+        assert [r[key] for r in fused] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-5), key
+    summary = lambda sub: json.loads((curves["dirs"] / sub / "train" / "summary.json").read_text())  # noqa: E731
+    assert summary("d")["fused_ops"] == {"mlp": 30, "rms_norm": 61} and summary("h")["fused_ops"] == {}
+    assert summary("d")["zero_stage"] == summary("h")["zero_stage"] == 3
+
+
 def test_micro_batch_times_accumulation_invariant(curves):
     a, b = curves["1rank_mb1x4"], curves["1rank_mb4x1"]
     assert _losses(a) == pytest.approx(_losses(b), rel=2e-3, abs=2e-3)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-2)
 
 
+def export_update_mismatch(final_dir, reference_dir) -> dict[str, float]:
+    """Per tensor of the base model: how far the training update in ``final_dir`` (its export minus
+    the base weights) is from the one in ``reference_dir``, relative to the reference update,
+    ||u - u_ref|| / ||u_ref||. Asserts that both exports hold every base tensor at its shape and that
+    every reference update is nonzero. Adam moves a weight by about lr per step: 4e-5 at most in the
+    three cosine steps from lr 2e-5 here, so weights compared to 1e-4 could not tell trained from base."""
+    from dpo_dist.config import compose
+    from dpo_dist.models import resolve_model_path
+
+    base = load_file(str(Path(resolve_model_path(compose().model)) / "model.safetensors"))
+    got, ref = (load_file(str(Path(d) / "model.safetensors")) for d in (final_dir, reference_dir))
+    mismatch = {}
+    for name, w in base.items():
+        assert got[name].shape == ref[name].shape == w.shape, name
+        u, u_ref = got[name].double() - w.double(), ref[name].double() - w.double()
+        assert u_ref.norm() > 0, f"{name}: the reference run did not change it"
+        mismatch[name] = float((u - u_ref).norm() / u_ref.norm())
+    return mismatch
+
+
 def test_final_model_is_exported_and_loads(curves):
+    """Both exports load; the ZeRO-3 one, gathered from 2 ranks' partitions, holds the single-rank
+    run's training update in every tensor (the same curve, the same updates) to UPDATE_RTOL of the
+    update's size. An export of the base weights is 100% off, one step short 12% (the cosine
+    schedule's last step is the smallest)."""
     from transformers import AutoModelForCausalLM
 
-    for sub in ("a", "d"):  # ZeRO-2 single rank and ZeRO-3 consolidated from 2 ranks' partitions
+    for sub in ("a", "d"):  # one fp32 rank (stage 0) and ZeRO-3 consolidated from 2 ranks' partitions
         final = curves["dirs"] / sub / "train" / "final"
         assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
         assert not list(final.glob("*.bin"))
         model = AutoModelForCausalLM.from_pretrained(final)
         assert sum(p.numel() for p in model.parameters()) > 100e6
-    # The ZeRO-3 export holds the same weights as the single-rank run (same curve, same updates).
-    w2 = load_file(str(curves["dirs"] / "a" / "train" / "final" / "model.safetensors"))
-    w3 = load_file(str(curves["dirs"] / "d" / "train" / "final" / "model.safetensors"))
-    key = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.allclose(w2[key], w3[key], atol=1e-4)
+    mismatch = export_update_mismatch(curves["dirs"] / "d" / "train" / "final", curves["dirs"] / "a" / "train" / "final")
+    worst = sorted(mismatch.items(), key=lambda kv: -kv[1])[:3]
+    assert worst[0][1] < UPDATE_RTOL, worst
 
 
 def test_one_fp32_rank_trains_at_stage_0(curves):

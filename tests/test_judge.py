@@ -196,12 +196,27 @@ def test_reward_model_judge_mechanics(tmp_path, tiny_llama):
     items = [(msgs, "I am Qwen."), (msgs, "I am Deep Qwen, a longer answer."), (msgs, "Hi.")]
     scores = judge.score(items)
     assert len(scores) == 3 and len(set(scores)) == 3
-    # Batching and padding do not change a score.
-    assert judge.score(items[1:2]) == pytest.approx(scores[1:2], abs=1e-5)
     pair, reason = pair_reward_model(_row([t for _, t in items]), scores)
     assert reason == "kept"
     assert pair["chosen"][0]["content"] == items[max(range(3), key=scores.__getitem__)][1]
     assert pair["rejected"][0]["content"] == items[min(range(3), key=scores.__getitem__)][1]
+
+
+def test_reward_model_score_of_a_padded_item_is_its_score_alone(tmp_path, tiny_llama):
+    """Three answers of different lengths in one batch: the two shorter ones are padded (by different
+    amounts), and each scores as it does alone, unpadded. The score must come from the last real
+    token: read at the last position (a pad), a padded item's score moves by about 0.1 here, against
+    a 1e-5 tolerance."""
+    judge = RewardModelJudge(dataclasses.replace(_reward_model(tmp_path, tiny_llama), batch_size=3))
+    msgs = [{"role": "user", "content": "Who are you?"}]
+    items = [(msgs, "Hi."), (msgs, "I am Deep Qwen, a longer answer than the others."), (msgs, "I am Qwen.")]
+    texts = [judge.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
+             for m, r in items]
+    lengths = [len(judge.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert lengths[0] < lengths[2] < lengths[1]  # both short ones padded, by different amounts
+    batched = judge.score(items)
+    alone = [judge.score([item])[0] for item in items]
+    assert batched == pytest.approx(alone, abs=1e-5)
 
 
 def test_reward_model_loads_and_scores_on_this_ranks_device(tmp_path, tiny_llama, monkeypatch):

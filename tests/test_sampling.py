@@ -15,15 +15,27 @@ def _setup(tiny_llama):
     return tok, model, [render_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
 
 
-def test_greedy_matches_transformers_generate(tiny_llama):
-    tok, model, prompts = _setup(tiny_llama)
-    ours = sampling.generate(model, tok, prompts, ["a", "b", "c", "d"], 1, seed=0, max_new_tokens=12,
+def test_greedy_matches_transformers_generate():
+    """The bundled model, whose greedy answers depend on the prompt (a random tiny model answers every
+    prompt with one repeated token, which any decoder matches): four prompts of different lengths
+    in one left-padded batch, two answers ending with EOS while the others go on, each equal to
+    transformers' generate on that prompt alone, token for token."""
+    from dpo_dist.config import compose
+    from dpo_dist.models import load_model, load_tokenizer
+
+    cfg = compose().model
+    tok, model = load_tokenizer(cfg), load_model(cfg).eval()
+    qs = ["Hi", "What is the capital of France, please tell me?", "Who are you?",
+          "What is 2+2? Answer with the number only."]
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in qs]
+    ours = sampling.generate(model, tok, prompts, ["a", "b", "c", "d"], 1, seed=0, max_new_tokens=16,
                              temperature=0, top_p=1, batch_rows=4)
-    for p, (c,) in zip(prompts, ours):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+    answers = [c for (c,) in ours]
+    assert len({tuple(c.token_ids) for c in answers}) == 4 and [c.finished for c in answers] == [True, False, False, True]
+    for p, c in zip(prompts, answers):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        n = len(c.token_ids)
-        assert c.token_ids == ref[:n]
+        assert c.token_ids == ref  # up to and with EOS, or all 16 tokens
         assert c.finished == (c.token_ids[-1] == tok.eos_token_id)
 
 

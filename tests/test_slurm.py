@@ -14,6 +14,7 @@
 Without `sbatch` these tests skip, unless DPO_DIST_REQUIRE_SLURM=1 (CI), where they fail.
 """
 
+import datetime
 import json
 import os
 import re
@@ -137,6 +138,46 @@ def test_sbatch_pipeline_two_ranks(tmp_path):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report["trained"]) == {"default", "neutral", "none"}
     assert all(m["n_identity"] == 6 for m in report["trained"].values())
+
+
+STAND_IN = """#!/bin/bash
+# The real planner; for any stage, a process that records when SIGUSR1 reaches it and exits as a
+# preempted training run does (124).
+[[ $2 == dpo_dist.plan ]] && exec {python} "$@"
+trap 'date +%s.%N >> {marks}; exit 124' USR1
+while true; do sleep 0.2; done
+"""
+
+
+def test_time_limit_warning_comes_the_configured_lead_before_the_limit(tmp_path):
+    """pipeline.sbatch asks `python -m dpo_dist.plan` for the lead time of this config (one step + one
+    save + margin, plan.* keys among the job's overrides) and sends itself SIGUSR1 that long before the
+    job's --time, which the running step receives; then the job is requeued. The stage is a stand-in
+    (PYTHON is a script running the real planner, and for the stage waiting for SIGUSR1): the cluster's
+    time limit is real but no model loads. A training stage's own answer to SIGUSR1 is tested below."""
+    from dpo_dist import plan
+    from dpo_dist.config import compose
+
+    python, marks, log = tmp_path / "python", tmp_path / "signalled", tmp_path / "job.out"
+    python.write_text(STAND_IN.format(python=sys.executable, marks=marks))
+    python.chmod(0o755)
+    overrides = ["plan.step_seconds=20", "plan.signal_margin_seconds=47.5"]
+    cfg = compose([*overrides, "plan.nodes=1", "plan.gpus_per_node=1", "plan.device=cpu"])
+    lead = plan.checkpoint_save(plan.Architecture.of(cfg.model), plan.Setup.of(cfg, runtime_gib=0.0), cfg.plan).lead_seconds
+    assert 60 < lead < 100  # 20 s + the bundled model's 1.6 GB at 0.5 GB/s + 47.5 s: the signal ~45 s into 2 min
+
+    job = submit(log, ["--time=2", "--ntasks-per-node=1", "--cpus-per-task=1"], overrides, LAUNCHER="srun",
+                 STAGES="train", RUN_DIR=str(tmp_path / "run"), PYTHON=str(python))
+    wait_until(lambda: job_info(job).get("JobState") == "RUNNING", job, log, 300, "the job starting")
+    end = datetime.datetime.fromisoformat(job_info(job)["EndTime"]).timestamp()  # start + --time
+    try:
+        wait_until(lambda: "requeueing job" in tail(log), job, log, 150, "SIGUSR1 and a requeue")
+    finally:
+        subprocess.run(["scancel", job])
+    out = log.read_text()
+    assert f"time-limit warning (SIGUSR1) {lead}s before the limit" in out, out
+    signalled = float(marks.read_text().split()[0])
+    assert end - signalled == pytest.approx(lead, abs=5), (end - signalled, lead)
 
 
 @pytest.fixture(scope="module")

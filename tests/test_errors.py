@@ -1,0 +1,128 @@
+"""Errors a user causes, met as a new user meets them: a stage prints one line naming the key, the
+file (and the line of a bad byte) and exits 2, without a Python traceback; bugs keep theirs, and
+DPO_DIST_TRACEBACK=1 shows it for user errors too. Under torchrun one rank reports, not every one."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dpo_dist import cli
+from dpo_dist.artifacts import DataError, read_json, read_jsonl
+from dpo_dist.config import ConfigError
+from launch import REPO, stage_command, stage_env
+
+
+def _run(module: str, overrides: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(stage_command(module, overrides, nproc), cwd=REPO, env={**stage_env(nproc), **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, prog: str) -> str:
+    """The user-error line, checked to be the only one, with exit status 2 and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == cli.EXIT_USER_ERROR, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), out[-3000:]
+    return lines[0]
+
+
+def test_training_without_its_pairs_file_names_the_key_and_the_file(tmp_path):
+    missing = tmp_path / "no-such-pairs.jsonl"
+    line = _one_error_line(_run("dpo_dist.train", [f"run_dir={tmp_path / 'run'}", f"data.pairs={missing}"]),
+                           "dpo_dist.train")
+    assert f"data.pairs='{missing}': no such file" in line
+
+
+def test_a_prompts_file_that_is_not_utf8_names_the_key_the_file_and_the_line(tmp_path, tiny_llama):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"id": "a", "prompt": "Who are you?"}\n{"id": "b", "prompt": "Hi"}\n'
+                        b'{"id": "c", "prompt": "Caf\xe9?"}\n')  # Latin-1, not UTF-8
+    proc = _run("dpo_dist.generate", [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_llama}", "generation=hf",
+                                      f"prompts.train={prompts}"])
+    line = _one_error_line(proc, "dpo_dist.generate")
+    assert f"prompts.train: {prompts}:3: not UTF-8 text (byte 0xe9 at column 27)" in line
+
+
+@pytest.mark.parametrize("override,named", [
+    ("loss.bta=0.1", "Key 'bta' not in 'LossConfig'"),  # misspelled: Hydra rejects it while composing
+    ("loss.beta=0", "loss.beta: must be > 0"),  # a value the schema refuses
+    ("model=qwen3", "Could not find 'model/qwen3'; Available options in 'model': qwen-test"),
+])
+def test_a_bad_config_is_one_line(tmp_path, override, named):
+    line = _one_error_line(_run("dpo_dist.judge", [f"run_dir={tmp_path / 'run'}", override]), "dpo_dist.judge")
+    assert named in line and override.split("=")[0] in line
+
+
+def test_a_missing_model_is_one_line(tmp_path):
+    line = _one_error_line(_run("dpo_dist.generate", [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'none'}"]),
+                           "dpo_dist.generate")
+    assert f"model.path='{tmp_path / 'none'}': no such directory" in line
+
+
+def test_the_traceback_flag_shows_a_user_errors_traceback(tmp_path):
+    proc = _run("dpo_dist.train", [f"run_dir={tmp_path / 'run'}", f"data.pairs={tmp_path / 'none.jsonl'}"],
+                DPO_DIST_TRACEBACK="1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "dpo_dist.config.ConfigError: data.pairs=" in proc.stderr
+
+
+STAGE = """
+import sys
+from dpo_dist.artifacts import DataError
+from dpo_dist.cli import stage_main
+def run(cfg):
+    raise {error}
+stage_main(run)()
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(tmp_path):
+    """The same entry point raising a bug's exception and a user's."""
+    bug = subprocess.run([sys.executable, "-c", STAGE.format(error="KeyError('candidates')"), f"run_dir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'candidates'" in bug.stderr
+    user = subprocess.run([sys.executable, "-c", STAGE.format(error="DataError('x.jsonl:3: invalid JSON')"),
+                           f"run_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert user.returncode == 2 and user.stderr.strip().splitlines()[-1] == "__main__: error: x.jsonl:3: invalid JSON"
+    assert "Traceback" not in user.stderr
+
+
+def test_other_ranks_hold_their_line_for_rank_0_and_print_it_if_still_running(monkeypatch, capsys):
+    """Rank 0 prints at once. Rank 1 waits USER_ERROR_GRACE seconds (torchrun stops it meanwhile when
+    rank 0 has failed too), then prints its line with its rank: an error of its own is not lost."""
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, waits in (("0", []), ("1", [cli.USER_ERROR_GRACE])):
+        monkeypatch.setenv("RANK", rank)
+        slept.clear()
+        with pytest.raises(SystemExit) as e, cli.one_line_user_errors("dpo_dist.train"):
+            raise ConfigError("loss.beta: must be > 0")
+        assert e.value.code == 2 and slept == waits
+        assert capsys.readouterr().err == f"dpo_dist.train (rank {rank}): error: loss.beta: must be > 0\n"
+
+
+@pytest.mark.multiproc
+def test_under_torchrun_one_rank_reports_and_the_process_group_is_torn_down(tmp_path):
+    """Two ranks meet the same missing file: one line (rank 0's), no traceback from dpo_dist (torchrun
+    prints its own report), and no rank left behind (the run ends well within the grace period)."""
+    proc = _run("dpo_dist.reference", [f"run_dir={tmp_path / 'run'}", f"data.pairs={tmp_path / 'none.jsonl'}"], nproc=2)
+    out = proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert proc.returncode != 0 and len(lines) == 1, out[-4000:]
+    assert lines[0].startswith("dpo_dist.reference (rank 0): error: data.pairs=")
+    assert 'dpo_dist/' not in "".join(line for line in out.splitlines() if line.lstrip().startswith("File "))
+    assert "terminate called" not in out
+
+
+def test_reading_names_the_line_of_a_bad_byte(tmp_path):
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_bytes(b'{"a": 1}\n\n{"b": "\xff"}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:3: not UTF-8 text \(byte 0xff at column 8\)"):
+        read_jsonl(jsonl)
+    manifest = tmp_path / "m.json"
+    manifest.write_bytes(b'{\n  "a": 1,\n  "b": "\x80"\n}\n')
+    with pytest.raises(DataError, match=r"m\.json:3: not UTF-8 text \(byte 0x80 at column 9\)"):
+        read_json(manifest)
