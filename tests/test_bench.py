@@ -14,7 +14,7 @@ import pytest
 
 from launch import REPO, stage_env
 
-from dpo_dist.bench.run import OURS, TRL_DEFAULT, TRL_PRECOMPUTE
+from dpo_dist.bench.run import OURS, TRL_DEFAULT, TRL_PRECOMPUTE, contender
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself."]
@@ -49,7 +49,9 @@ def test_every_training_contender_has_measured_rates(bench):
     r, _, _ = bench
     assert _positive(r["matmul"]["gflops"])
     t = r["training"]
-    assert set(t["contenders"]) == {OURS, TRL_DEFAULT, TRL_PRECOMPUTE}
+    # Every trainer with gradient checkpointing off and on (TRL's DPOConfig default).
+    assert set(t["contenders"]) == {contender(k, ckpt) for k in (OURS, TRL_DEFAULT, TRL_PRECOMPUTE) for ckpt in (False, True)}
+    assert {c["checkpointing"] for c in t["contenders"].values()} == {False, True}
     tokens = t["setup"]["response_tokens_per_step"]
     for name, c in t["contenders"].items():
         assert "error" not in c, (name, c.get("error"))
@@ -60,12 +62,13 @@ def test_every_training_contender_has_measured_rates(bench):
         assert c["response_tokens_per_s"] == pytest.approx(sum(tokens[1:]) / sum(steps[1:]))
         assert 0 < c["mfu"] < 1
         assert c["peak_rss_gib"] > 0.5  # at least the 135M model's fp32 weights and gradients
-    # bench.json sorts its keys: look the contenders up by name, not by position.
-    ours, default, pre = (t["contenders"][k] for k in (OURS, TRL_DEFAULT, TRL_PRECOMPUTE))
-    assert _positive(ours["precompute_seconds"]) and _positive(pre["precompute_seconds"])
-    assert default["precompute_seconds"] == 0
-    # The resident reference model is half a GiB of fp32 weights that the precomputed run does not hold.
-    assert default["peak_rss_gib"] > pre["peak_rss_gib"] + 0.3
+    for ckpt in (False, True):
+        # bench.json sorts its keys: look the contenders up by name, not by position.
+        ours, default, pre = (t["contenders"][contender(k, ckpt)] for k in (OURS, TRL_DEFAULT, TRL_PRECOMPUTE))
+        assert _positive(ours["precompute_seconds"]) and _positive(pre["precompute_seconds"])
+        assert default["precompute_seconds"] == 0
+        # The resident reference model is half a GiB of fp32 weights that the precomputed run does not hold.
+        assert default["peak_rss_gib"] > pre["peak_rss_gib"] + 0.3
 
 
 def test_the_trainers_optimise_the_same_objective_on_the_same_batches(bench):
@@ -77,7 +80,8 @@ def test_the_trainers_optimise_the_same_objective_on_the_same_batches(bench):
 
 def test_multi_rank_runs_report_time_and_per_rank_memory(bench):
     runs = bench[0]["training"]["multi_rank"]
-    assert [(c["ranks"], c["zero_stage"]) for c in runs] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    assert [(c["ranks"], c["zero_stage"], c["fused_ops"]) for c in runs] == [
+        (1, 2, True), (1, 3, True), (2, 2, True), (2, 3, True), (2, 3, False)]
     for c in runs:
         assert "error" not in c, c.get("error")
         assert _positive(c["seconds_per_step"])
@@ -95,8 +99,13 @@ def test_generation_rates_and_ratios_follow_from_the_measurements(bench):
         assert "error" not in g["vllm"], g["vllm"]["error"]
         assert g["vllm"]["k2"]["tokens"] > 0
     t = r["training"]["contenders"]
-    assert r["ratios"]["train_vs_trl_default"] == pytest.approx(
-        t[OURS]["steps_per_s"] / t[TRL_DEFAULT]["steps_per_s"])
+    for ckpt, tag in ((False, "off"), (True, "on")):  # like for like: the same checkpointing on both sides
+        ours, default = t[contender(OURS, ckpt)], t[contender(TRL_DEFAULT, ckpt)]
+        assert r["ratios"][f"train_vs_trl_default_ckpt_{tag}"] == pytest.approx(ours["steps_per_s"] / default["steps_per_s"])
+        assert r["ratios"][f"memory_vs_trl_default_ckpt_{tag}"] == pytest.approx(ours["peak_rss_gib"] / default["peak_rss_gib"])
+    rows = r["training"]["multi_rank"]
+    assert r["ratios"]["zero3_fused_memory"] == pytest.approx(
+        max(rows[3]["peak_rss_gib_per_rank"]) / max(rows[4]["peak_rss_gib_per_rank"]))
 
 
 def test_markdown_table_shows_the_json_figures(bench):
@@ -104,5 +113,24 @@ def test_markdown_table_shows_the_json_figures(bench):
     assert md in stdout  # printed as well as written
     for heading in ("## Training", "### Ours at 1 and 2 ranks", "## Generation", "## Ratios vs the targets"):
         assert heading in md
-    assert f"{r['ratios']['train_vs_trl_default']:.2f}" in md
+    assert f"{r['ratios']['train_vs_trl_default_ckpt_on']:.2f}" in md
     assert f"{r['matmul']['gflops']:.0f} GFLOP/s" in md
+
+
+def test_the_qwen_shape_is_qwen2_5_0_5b_as_the_shipped_config_describes():
+    """The benchmark's Qwen-shaped model has the architecture conf/model/qwen2.5-0.5b.yaml (and the
+    planner) describe, 494M parameters with the tied 151,936-row vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpo_dist.bench import qwen_shape
+    from dpo_dist.config import compose
+
+    m = compose(["model=qwen2.5-0.5b"]).model
+    a = qwen_shape.ARCHITECTURE
+    assert (a["num_hidden_layers"], a["hidden_size"], a["num_attention_heads"], a["num_key_value_heads"],
+            a["vocab_size"], a["intermediate_size"], a["tie_word_embeddings"]) == (
+        m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.vocab_size, m.intermediate_size, m.tie_word_embeddings)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**a))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(m.num_params, rel=1e-4)

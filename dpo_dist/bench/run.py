@@ -15,15 +15,25 @@ from pathlib import Path
 import torch
 
 from dpo_dist.artifacts import read_jsonl, write_json, write_jsonl, write_text
-from dpo_dist.bench import generation, training
+from dpo_dist.bench import generation, qwen_shape, training
 from dpo_dist.bench.report import markdown
 
 SECTIONS = ("matmul", "training", "multirank", "generation")
-# The contenders' names in bench.json. Ours runs the trainer's default DeepSpeed config (deepspeed=zero2),
-# which one fp32 rank runs as stage 0 (DeepSpeedConfig.for_world).
+# The contenders in bench.json are named trainer + checkpointing (``contender``). Ours runs the trainer's
+# default DeepSpeed config (deepspeed=zero2), which one fp32 rank runs as stage 0 (DeepSpeedConfig.for_world).
 OURS = "ours (1 rank, deepspeed=zero2)"
-TRL_DEFAULT = "TRL DPOTrainer, default (reference resident)"
+TRL_DEFAULT = "TRL DPOTrainer, reference resident"
 TRL_PRECOMPUTE = "TRL DPOTrainer, precompute_ref_log_probs"
+# --model: Hydra overrides of each benchmark model (called when chosen: the Qwen shape builds once).
+MODELS = {"bundled": lambda: [], qwen_shape.NAME: qwen_shape.overrides}
+CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def contender(trainer: str, checkpointing: bool) -> str:
+    # TRL's DPOConfig turns gradient checkpointing on by default: with it on, TRL runs as its users run it.
+    if trainer == OURS:
+        return f"{OURS}, checkpointing {'on' if checkpointing else 'off'}"
+    return f"{trainer}, checkpointing {'on (DPOConfig default)' if checkpointing else 'off'}"
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
@@ -74,7 +84,11 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
         raise SystemExit(f"--pairs {args.pairs}: {len(source)} pairs, the benchmark needs steps x global batch = {n}")
     subset = work / "pairs.jsonl"
     write_jsonl(subset, source[:n])  # a fixed subset: the file's first pairs
-    setup = training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads)
+    model = tuple(MODELS[args.model]())
+    setups = {ckpt: training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads,
+                                        checkpointing=ckpt, model=model)
+              for ckpt in CHECKPOINTING[args.checkpointing]}
+    setup = next(iter(setups.values()))
 
     cfg = compose(training.train_overrides(setup, work / "probe"))
     pairs, _ = tokenize_pairs(read_preferences(subset), load_tokenizer(cfg.model), cfg.data)
@@ -98,10 +112,12 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
         except Exception as e:  # one contender failing must not lose the others' figures
             return {"error": str(e)}
 
-    runners = {OURS: lambda: training.ours(setup, work)}
-    if with_trl:
-        runners[TRL_DEFAULT] = lambda: training.trl(setup, work, precompute=False)
-        runners[TRL_PRECOMPUTE] = lambda: training.trl(setup, work, precompute=True)
+    runners = {}
+    for ckpt, s in setups.items():
+        runners[contender(OURS, ckpt)] = lambda s=s: training.ours(s, work)
+        if with_trl:
+            runners[contender(TRL_DEFAULT, ckpt)] = lambda s=s: training.trl(s, work, precompute=False)
+            runners[contender(TRL_PRECOMPUTE, ckpt)] = lambda s=s: training.trl(s, work, precompute=True)
     # On a shared machine a neighbour's job can slow whichever contender runs at that moment: with
     # --repeats the contenders take turns and each keeps its fastest run.
     contenders: dict = {}
@@ -115,40 +131,51 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
             if "error" not in run:
                 contenders[name]["repeats"].append(run["seconds_per_step"])
     out: dict = {
-        "setup": {"pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
+        "setup": {"model": args.model, "model_overrides": list(model), "checkpointing": args.checkpointing,
+                  "pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
                   "threads": setup.threads, "repeats": args.repeats, "beta": cfg.loss.beta, "lr": cfg.optim.lr, "source": str(args.pairs),
                   "response_tokens_per_step": tokens},
         "flops": {"params": flop.body_params + flop.head_params, "model_flops_per_step": model_flops,
                   "executed_fraction_ours": sum(executed_flops) / sum(model_flops)},
         "contenders": contenders,
     }
-    ours = contenders[OURS]
+    ours = contenders[contender(OURS, setup.checkpointing)]
     if "error" not in ours and peak_gflops:
         timed = sum(ours["step_seconds"][1:])
         out["flops"]["hardware_utilisation_ours"] = sum(executed_flops[1:]) / timed / 1e9 / peak_gflops
-    trl_runs = [c for name, c in contenders.items() if name != OURS and "error" not in c]
-    if "error" not in ours and trl_runs:
-        diffs = [abs(a - b) for c in trl_runs for a, b in zip(ours["losses"], c["losses"])]
+    # Losses agree whatever the checkpointing: it recomputes the same forward.
+    runs = [c for c in contenders.values() if "error" not in c]
+    if "error" not in ours and len(runs) > 1:
+        diffs = [abs(a - b) for c in runs for a, b in zip(ours["losses"], c["losses"])]
         out["loss_agreement"] = {"max_abs_diff": max(diffs), "steps": len(ours["losses"]), "first_loss": ours["losses"][0]}
     if multirank and "error" not in ours:
-        ref = work / "ours-1rank-zero2"
+        ref = work / f"ours-1rank-zero2{'-ckpt' if setup.checkpointing else ''}"
         out["multi_rank"] = [{**ours, "ranks": 1, "zero_stage": 2}]  # zero_stage_used says 0: one fp32 rank
-        for nproc, stage in ((1, 3), (2, 2), (2, 3)):
-            run = attempt(training.ours, setup, work, nproc=nproc, stage=stage, reference_from=ref)
+        # The last row: ZeRO-3 without the fused ops, the memory they save where every 7B-72B config runs.
+        for nproc, stage, fused_ops in ((1, 3, True), (2, 2, True), (2, 3, True), (2, 3, False)):
+            run = attempt(training.ours, setup, work, nproc=nproc, stage=stage, reference_from=ref, fused_ops=fused_ops)
             out["multi_rank"].append({"ranks": nproc, "zero_stage": stage, **run})
     return out
 
 
 def ratios(r: dict) -> dict:
+    """Like for like only: ours against TRL at the same checkpointing setting, named by it."""
     out: dict = {}
     t = r.get("training", {}).get("contenders", {})
-    ours, default, pre = t.get(OURS), t.get(TRL_DEFAULT), t.get(TRL_PRECOMPUTE)
     ok = lambda *c: all(x and "error" not in x for x in c)  # noqa: E731
-    if ok(ours, default):
-        out["train_vs_trl_default"] = ours["steps_per_s"] / default["steps_per_s"]
-        out["memory_vs_trl_default"] = ours["peak_rss_gib"] / default["peak_rss_gib"]
-    if ok(ours, pre):
-        out["train_vs_trl_precompute"] = ours["steps_per_s"] / pre["steps_per_s"]
+    for ckpt, tag in ((False, "off"), (True, "on")):
+        ours, default, pre = (t.get(contender(k, ckpt)) for k in (OURS, TRL_DEFAULT, TRL_PRECOMPUTE))
+        if ok(ours, default):
+            out[f"train_vs_trl_default_ckpt_{tag}"] = ours["steps_per_s"] / default["steps_per_s"]
+            out[f"memory_vs_trl_default_ckpt_{tag}"] = ours["peak_rss_gib"] / default["peak_rss_gib"]
+        if ok(ours, pre):
+            out[f"train_vs_trl_precompute_ckpt_{tag}"] = ours["steps_per_s"] / pre["steps_per_s"]
+            out[f"memory_vs_trl_precompute_ckpt_{tag}"] = ours["peak_rss_gib"] / pre["peak_rss_gib"]
+    rows = {(c["ranks"], c["zero_stage"], c.get("fused_ops", True)): c
+            for c in r.get("training", {}).get("multi_rank", []) if "error" not in c}
+    fused, unfused = rows.get((2, 3, True)), rows.get((2, 3, False))
+    if fused and unfused:
+        out["zero3_fused_memory"] = max(fused["peak_rss_gib_per_rank"]) / max(unfused["peak_rss_gib_per_rank"])
     g = r.get("generation")
     if g:
         out["batched_vs_sequential"] = g[f"batched_k{g['k']}"]["tokens_per_s"] / g["sequential"]["tokens_per_s"]
@@ -165,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--pairs", default="runs/smollm2-135m/judge/pairs.jsonl", help="judged pairs of the bundled model")
+    ap.add_argument("--model", default="bundled", choices=sorted(MODELS),
+                    help=f"bundled: SmolLM2-135M; {qwen_shape.NAME}: Qwen2.5-0.5B's architecture, random weights")
+    ap.add_argument("--checkpointing", default="both", choices=sorted(CHECKPOINTING),
+                    help="gradient checkpointing for every trainer: off, on (TRL's default) or both, compared like for like")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per trainer; the first is a warm-up")

@@ -4,7 +4,11 @@
   ``python -m dpo_dist.train``; step times from ``train/metrics.jsonl``, peak from ``train/summary.json``.
 - TRL's DPOTrainer, reference model resident (its default) and with precompute_ref_log_probs=True
   (``dpo_dist.bench.trl_dpo``).
-- ours under torchrun at 1 and 2 ranks with ZeRO-2 and ZeRO-3, reusing the same reference cache.
+- ours under torchrun at 1 and 2 ranks with ZeRO-2 and ZeRO-3 (and ZeRO-3 without the fused ops),
+  reusing the same reference cache.
+
+Each contender runs with gradient checkpointing off or on (``TrainSetup.checkpointing``): TRL's
+``DPOConfig`` turns it on by default, so "TRL as users run it" is the run with it on.
 
 Every contender gets the same Hydra overrides (``train_overrides``): the same pairs, lengths, global
 batch, micro-batch, loss, beta and optimizer, and the same number of steps; the first step is a
@@ -34,14 +38,20 @@ class TrainSetup:
     micro_batch: int
     steps: int  # including the warm-up step
     threads: int  # intra-op threads of the whole machine share; split across ranks
+    checkpointing: bool = False  # model.gradient_checkpointing for every contender of this setup
+    model: tuple[str, ...] = ()  # Hydra overrides choosing the model (empty: the bundled default)
 
 
 def train_overrides(s: TrainSetup, run_dir: Path) -> list[str]:
     # Plain sigmoid DPO (TRL's default loss), constant lr, no W&B: nothing differs between contenders.
-    return [f"run_dir={run_dir}", f"data.pairs={s.pairs}", "loss=dpo", "optim.scheduler=constant",
+    return [*s.model, f"run_dir={run_dir}", f"data.pairs={s.pairs}", "loss=dpo", "optim.scheduler=constant",
             "optim.warmup_ratio=0", f"train.global_batch_size={s.global_batch}", f"train.micro_batch_size={s.micro_batch}",
             f"train.max_steps={s.steps}", "train.epochs=1", f"train.save_every={s.steps}", "wandb.mode=disabled",
-            "model.gradient_checkpointing=false"]
+            f"model.gradient_checkpointing={str(s.checkpointing).lower()}"]
+
+
+def _ckpt(s: TrainSetup) -> str:
+    return "-ckpt" if s.checkpointing else ""
 
 
 def _env(threads: int) -> dict:
@@ -66,15 +76,17 @@ def _torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
 
 
-def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_from: Path | None = None) -> dict:
+def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_from: Path | None = None,
+         fused_ops: bool = True) -> dict:
     """Our trainer: the reference stage (unless ``reference_from`` already has the cache), then the train stage."""
-    name = f"ours-{nproc}rank-zero{stage}"
+    name = f"ours-{nproc}rank-zero{stage}{_ckpt(s)}{'' if fused_ops else '-unfused'}"
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    args = [*train_overrides(s, run_dir), f"deepspeed.stage={stage}"]
+    args = [*train_overrides(s, run_dir), f"deepspeed.stage={stage}", f"train.fused_ops={str(fused_ops).lower()}"]
     threads = max(1, s.threads // nproc)
     launch = [sys.executable, "-m"] if nproc == 1 else _torchrun(nproc)
-    out: dict = {"ranks": nproc, "zero_stage": stage, "threads_per_rank": threads}
+    out: dict = {"ranks": nproc, "zero_stage": stage, "threads_per_rank": threads, "fused_ops": fused_ops,
+                 "checkpointing": s.checkpointing}
     if reference_from is None:
         out["reference_wall_seconds"] = _run([*launch, "dpo_dist.reference", *args], threads, work / f"{name}.reference.log")
         out["precompute_seconds"] = read_json(run_dir / "reference" / "manifest.json")["seconds"]
@@ -94,13 +106,14 @@ def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_fr
 
 
 def trl(s: TrainSetup, work: Path, precompute: bool) -> dict:
-    name = "trl-precompute" if precompute else "trl-default"
+    name = ("trl-precompute" if precompute else "trl-default") + _ckpt(s)
     result = work / f"{name}.json"
     cmd = [sys.executable, "-m", "dpo_dist.bench.trl_dpo", "--out", str(result), *(["--precompute"] if precompute else []),
            "--", *train_overrides(s, work / name)]
     wall = _run(cmd, s.threads, work / f"{name}.log")
     out = read_json(result)
     out["wall_seconds"] = wall
+    out["checkpointing"] = s.checkpointing
     if not precompute:
         out["precompute_seconds"] = 0.0
     return out

@@ -6,8 +6,9 @@
 Our config (composed from the same overrides) is the one source of the settings; this maps it onto
 ``DPOConfig``: sigmoid DPO with the same beta, AdamW (torch's fused one, the optimizer our trainer passes
 DeepSpeed) with the same lr, betas, eps and weight decay, constant schedule, the same clipping,
-global batch = micro-batch x accumulation, fp32, no gradient checkpointing (TRL's default turns it
-on; ours is off, and it trades speed for memory), dropout off (both). The examples are tokenised
+global batch = micro-batch x accumulation, fp32, gradient checkpointing as
+``model.gradient_checkpointing`` says (TRL's DPOConfig turns it on by default: the benchmark runs
+both trainers with it off and with it on, and compares like with like), dropout off (both). The examples are tokenised
 by our tokenizer code and fed in our trainer's order (a sequential sampler over the pairs arranged
 as ``data.global_batches`` orders them), so every optimizer step of both trainers sees the same
 token sequences; TRL's own collator, forward, loss and optimizer loop do the rest. The loss curves
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from dpo_dist.config import compose
-    from dpo_dist.data import global_batches, read_preferences, tokenize_pairs
+    from dpo_dist.data import global_batches, load_pairs, tokenize_pairs
     from dpo_dist.models import load_tokenizer, resolve_model_path
 
     cfg = compose(args.overrides)
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
     if loss.name != "sigmoid" or loss.rpo_alpha or loss.label_smoothing:
         raise SystemExit("loss: the TRL comparison runs plain sigmoid DPO (loss=dpo)")
     tokenizer = load_tokenizer(cfg.model)
-    pairs, _ = tokenize_pairs(read_preferences(cfg.data.pairs), tokenizer, cfg.data)
+    pairs, _ = tokenize_pairs(load_pairs(cfg.data), tokenizer, cfg.data)
     steps = cfg.train.max_steps
     gbs = cfg.train.global_batch_size
     if steps <= 0 or steps > len(pairs) // gbs:
