@@ -52,7 +52,7 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
     for f in ("report.md", "training_curves.png", "before_after.png"):
         assert (run_dir / "eval" / f).stat().st_size > 0
     timings = json.loads((run_dir / "pipeline_timings.json").read_text())
-    assert set(timings) == {"generate", "judge", "train", "evaluate", "total"} and timings["total"] > 0
+    assert set(timings) == {"generate", "judge", "reference", "train", "evaluate", "total"} and timings["total"] > 0
 
     # Re-running the same command finds every stage done and redoes nothing.
     stamps = {p: p.stat().st_mtime for p in [run_dir / "generate" / "candidates.jsonl", run_dir / "judge" / "pairs.jsonl",
