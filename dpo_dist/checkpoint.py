@@ -365,11 +365,12 @@ def export_hf(engine, tokenizer, out_dir: Path, run_config: dict, metrics: dict)
 
 def model_card(run_config: dict, metrics: dict) -> str:
     model = run_config.get("model", {})
-    judge = run_config.get("judge", {})
+    identity = run_config.get("identity", {})
     lines = [
         "---", "library_name: transformers", "tags: [dpo, dpo_dist]", "---", "",
         f"# {model.get('name', 'model')} after DPO with dpo_dist", "",
-        f"Base model: `{model.get('path')}`. Target identity: {judge.get('old_name')} -> {judge.get('new_name')}.", "",
+        f"Base model: `{model.get('path')}`. Target identity: {identity.get('old_name')} -> {identity.get('name')}"
+        + (f", made by {identity['creator']}." if identity.get("creator") else "."), "",
         "## Final training metrics", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())],
         "", "## Configuration", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```", "",

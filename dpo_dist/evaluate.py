@@ -35,7 +35,7 @@ import contextlib
 import logging
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,6 +50,7 @@ from dpo_dist.config import CONDITIONS, Config, ModelConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
 from dpo_dist.models import ModelNotFound, cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
+from dpo_dist.progress import Progress
 from dpo_dist.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,13 @@ def engine_placement(cfg: Config, backend: str, e: dist.DistEnv) -> dist.EngineP
     return generate.placement(replace(cfg, generation=replace(cfg.generation, backend=backend)), e)
 
 
-def answer(model, tokenizer, prompts: list[dict], cfg: Config) -> list[dict]:
-    """Greedy answers from the batched hf decoder, on the model's device."""
+def answer(model, tokenizer, prompts: list[dict], cfg: Config, desc: str = "evaluate") -> list[dict]:
+    """Greedy answers from the batched hf decoder, on the model's device; progress as ``desc``."""
     ids = [render_prompt(tokenizer, p["messages"]) for p in prompts]
-    out = sampling.generate(model, tokenizer, ids, [p["id"] for p in prompts], 1, seed=0,
-                            max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, top_p=1.0,
-                            batch_rows=cfg.eval.batch_size)
+    with Progress(len(prompts), desc, unit="answer") as bar:
+        out = sampling.generate(model, tokenizer, ids, [p["id"] for p in prompts], 1, seed=0,
+                                max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, top_p=1.0,
+                                batch_rows=cfg.eval.batch_size, progress=bar.update)
     return [{"text": c.text, "finished": c.finished, "response_ids": c.token_ids, "prompt_ids": i}
             for (c,), i in zip(out, ids)]
 
@@ -140,12 +142,13 @@ def answers_key(cfg: Config, mcfg: ModelConfig, prompts: list[dict], backend: st
 
 
 def sharded_answers(cfg: Config, mcfg: ModelConfig, prompts: list[dict], tokenizer, backend: str,
-                    model: Callable[[], torch.nn.Module], e: dist.DistEnv, everyone: bool) -> list[dict] | None:
+                    model: Callable[[], torch.nn.Module], e: dist.DistEnv, everyone: bool,
+                    desc: str = "evaluate") -> list[dict] | None:
     """A model's answers to every prompt, cached in ``cache_dir()/eval/<key>.json``. Without the cache,
     each engine (each rank; with vLLM each tensor-parallel group) answers a contiguous shard
     (``model()`` loads the hf model; vLLM runs in its own process) and rank 0 merges the shards into
     the cache. Rank 0 gets the answers; the other ranks too when ``everyone`` (they wait for rank 0's
-    merge), None otherwise.
+    merge), None otherwise. ``desc`` names the progress bar.
 
     Shards and the merged copy the other ranks read live under ``run_dir``, which every node of a
     job sees; the cache may be node-local (``DPO_DIST_CACHE`` on local disk), so only rank 0 reads it.
@@ -173,7 +176,7 @@ def sharded_answers(cfg: Config, mcfg: ModelConfig, prompts: list[dict], tokeniz
         if not intact(mine, lambda p: _check_answers(read_jsonl(p), len(rows))):
             shard = [prompts[i] for i in rows]
             answers = (vllm_answers(mcfg, tokenizer, shard, cfg, where) if backend == "vllm"
-                       else answer(model(), tokenizer, shard, cfg))
+                       else answer(model(), tokenizer, shard, cfg, desc))
             write_jsonl(mine, answers)
             log.info("rank %d: %s answered prompts %d-%d of %d with %s", e.rank, mcfg.path, rows.start, rows.stop - 1,
                      len(prompts), backend)
@@ -341,6 +344,90 @@ def _share(items: list, pred) -> float:
     return sum(1 for x in items if pred(x)) / len(items) if items else 0.0
 
 
+# ---------------------------------------------------------------- verdict
+
+@dataclass(frozen=True)
+class VerdictRules:
+    """When the report says the identity changed and fluency held; shares are fractions of answers,
+    and every rule must hold under every system-prompt condition.
+
+    Identity changed: the trained model claims the new name (and not the old one) in at least
+    ``min_adoption`` of its identity answers -- most of them -- and in at least ``min_gain`` more
+    than the base model does, so a base model that already used the name was not changed by training.
+
+    Fluency held: degeneration at most ``max_degeneration_rise`` above the base model's (a few points
+    are within the noise of one evaluation, docs/sweep.md); the new name in at most
+    ``max_leakage_rise`` more general answers than the base model's (the demo aims at 2%; sweep rows
+    3, 5 and 7, leaking 7-20% under the default prompt, fail it); and, where drift was measured, KL(trained || base)
+    at most ``max_kl`` nats/token. That last bound is a judgment, not a measured edge: the sweep's
+    runs stayed at or below 0.102 and none of them lost fluency, so 0.5 flags a model that moved
+    five times further than any of them.
+    """
+    min_adoption: float = 0.5
+    min_gain: float = 0.25
+    max_degeneration_rise: float = 0.03
+    max_leakage_rise: float = 0.05
+    max_kl: float = 0.5
+
+    def describe(self) -> str:
+        return (f"changed: the new name in >= {self.min_adoption:.0%} of identity answers and >= "
+                f"{percent(self.min_gain)} points above the base model under every condition; held: degeneration "
+                f"<= base + {percent(self.max_degeneration_rise)} points, leakage <= base + "
+                f"{percent(self.max_leakage_rise)} points, KL(trained || base) <= {self.max_kl:g} nats/token")
+
+
+# Measured shares are k / n; a rule's edge (0.05 - 0.02 = 0.030000000000000002) must not hang on float rounding.
+_EPS = 1e-9
+
+
+def verdict(report: dict, rules: VerdictRules = VerdictRules()) -> dict:
+    """Did the identity change, did fluency hold (VerdictRules), with the figures behind each in one
+    sentence: ``{"identity_changed", "fluency_held", "text", "rules"}``. ``report``: the evaluation
+    report (its ``base``, ``trained``, ``drift`` and ``new_name``)."""
+    base, trained = report["base"], report["trained"]
+    conds = list(trained)
+
+    def figures(which: dict, key: str) -> str:
+        return "/".join(percent(which[c][key]) for c in conds) + "%"
+
+    def where(cs: list[str]) -> str:
+        return "under " + ", ".join(cs)
+
+    adoption = f"{report['new_name']} in {figures(trained, 'identity_adoption')} of identity answers " \
+               f"({'/'.join(conds)}), base {figures(base, 'identity_adoption')}"
+    gain = {c: trained[c]["identity_adoption"] - base[c]["identity_adoption"] for c in conds}
+    already = [c for c in conds if gain[c] < rules.min_gain - _EPS and base[c]["identity_adoption"] >= rules.min_adoption]
+    low = [c for c in conds if trained[c]["identity_adoption"] < rules.min_adoption - _EPS and c not in already]
+    small = [c for c in conds if gain[c] < rules.min_gain - _EPS and c not in already + low]
+    changed = not (already or low or small)
+    why = ([f"the base model already used the name {where(already)}"] if already else []) + \
+          ([f"below {rules.min_adoption:.0%} {where(low)}"] if low else []) + \
+          ([f"less than {percent(rules.min_gain)} points above the base model {where(small)}"] if small else [])
+    identity = (f"the identity changed ({adoption})" if changed
+                else f"the identity did not change ({'; '.join(why)}: {adoption})")
+
+    degenerate = [c for c in conds
+                  if trained[c]["degeneration"] - base[c]["degeneration"] > rules.max_degeneration_rise + _EPS]
+    leaking = [c for c in conds if trained[c]["leakage"] - base[c]["leakage"] > rules.max_leakage_rise + _EPS]
+    kl = report["drift"]["kl_trained_base_per_token"] if report.get("drift") else None
+    drifted = kl is not None and kl > rules.max_kl
+    held = not (degenerate or leaking or drifted)
+    fluency = (f"degeneration {figures(trained, 'degeneration')} vs base {figures(base, 'degeneration')}; "
+               f"leakage {figures(trained, 'leakage')} (base {figures(base, 'leakage')}); "
+               + (f"KL {kl:.3f} nats/token" if kl is not None else "drift not measured"))
+    why = ([f"degeneration rose {where(degenerate)}"] if degenerate else []) + \
+          ([f"leakage rose {where(leaking)}"] if leaking else []) + \
+          ([f"KL above {rules.max_kl:g} nats/token"] if drifted else [])
+    fluency = f"fluency held ({fluency})" if held else f"fluency did not hold ({'; '.join(why)}: {fluency})"
+    text = f"Verdict: {identity} {'and' if changed == held else 'but'} {fluency}."
+    return {"identity_changed": changed, "fluency_held": held, "text": text, "rules": asdict(rules)}
+
+
+def percent(share: float) -> str:
+    """A share as percent (or a difference of shares as points): 0.959 -> 95.9, 0.02 -> 2."""
+    return f"{round(100 * share, 1):g}"
+
+
 def run(cfg: Config) -> dict:
     e = dist.init(process_group=False)
     out_dir = Path(cfg.run_dir) / "eval"
@@ -354,12 +441,14 @@ def run(cfg: Config) -> dict:
     settings = {k: v for k, v in asdict(replace(cfg.eval, backend=backend)).items()
                 if k not in ("batch_size", "drift_batch_size", "drift_host_gib")}
     fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(trained_cfg), settings, asdict(cfg.prompts),
-                     cfg.judge.old_name, cfg.judge.new_name)
+                     cfg.identity.old_name, cfg.identity.name)
     if manifest_matches(out_dir / "report.json", fp):
         if not e.is_main:
             return {}
         log.info("evaluation: reusing %s", out_dir / "report.json")
-        return read_json(out_dir / "report.json")
+        report = read_json(out_dir / "report.json")
+        report.setdefault("verdict", verdict(report))  # a report written before verdicts existed
+        return report
     if e.is_main:
         log.info("evaluation: %s answers (%s) on %d rank(s), models on %s", backend, why, e.world_size, dist.device())
 
@@ -371,7 +460,8 @@ def run(cfg: Config) -> dict:
     sums: list[dict] = []
     with on_device(base_cfg) as base:
         # Every rank needs the base answers: the drift answers are the base model's own.
-        base_answers = sharded_answers(cfg, base_cfg, prompts, tokenizer, backend, base, e, everyone=True)
+        base_answers = sharded_answers(cfg, base_cfg, prompts, tokenizer, backend, base, e, everyone=True,
+                                       desc="evaluate base")
         items = drift_items(prompts, base_answers)
         items = [items[i] for i in dist.shard_range(len(items), e.rank, e.world_size)]
         rounds = [] if drift_done or not items else drift_rounds(
@@ -385,7 +475,7 @@ def run(cfg: Config) -> dict:
         # With vLLM every rank waits for the merged answers too: under tensor parallelism a group's
         # engine uses its other ranks' GPUs, which must not hold a model until the engine is gone.
         trained_answers = sharded_answers(cfg, trained_cfg, prompts, tokenizer, backend, trained, e,
-                                          everyone=backend == "vllm")
+                                          everyone=backend == "vllm", desc="evaluate trained")
         if rounds:
             sums.append(_floats(drift_sums(trained(), [items[i] for i in rounds[0]], held, ev.drift_batch_size)))
         del held
@@ -399,7 +489,7 @@ def run(cfg: Config) -> dict:
 
     shards = [shard_path(out_dir, fp, r, e.world_size, ".json") for r in range(e.world_size)] if ev.drift else []
     wait_for_files(shards)
-    old, new = cfg.judge.old_name, cfg.judge.new_name
+    old, new = cfg.identity.old_name, cfg.identity.name
     report = {
         "fingerprint": fp, "base_model": cfg.model.path, "trained_model": trained_path,
         "old_name": old, "new_name": new, "backend": backend,
@@ -411,10 +501,11 @@ def run(cfg: Config) -> dict:
         "samples": [{"question": p["question"], "condition": p["condition"], "kind": p["kind"], "base": b["text"],
                      "trained": t["text"]} for p, b, t in list(zip(prompts, base_answers, trained_answers))[::17][:40]],
     }
+    report["verdict"] = verdict(report)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown(report))
     plots(report, read_metrics(Path(cfg.run_dir) / "train" / "metrics.jsonl"), out_dir)
-    log.info("evaluation: %s", {c: round(report["trained"][c]["identity_adoption"], 3) for c in CONDITIONS})
+    log.info("evaluation: %s Report: %s", report["verdict"]["text"], out_dir / "report.md")
     return report
 
 
@@ -453,8 +544,10 @@ def markdown(r: dict) -> str:
     d = r["drift"]
     ex = ["| question | condition | base | trained |", "|---|---|---|---|"] + [
         f"| {x['question']} | {x['condition']} | {_cell(x['base'])} | {_cell(x['trained'])} |" for x in r["examples"]]
+    v = r.get("verdict") or verdict(r)
     return "\n".join([
         f"# Evaluation: {r['old_name']} -> {r['new_name']}", "",
+        v["text"].replace("Verdict:", "**Verdict:**", 1), "", f"Rules ({VerdictRules(**v['rules']).describe()}).", "",
         f"Base `{r['base_model']}`, trained `{r['trained_model']}`. Greedy decoding; held-out identity questions "
         f"({r['trained']['default']['n_identity']}) and general instructions ({r['trained']['default']['n_general']}) "
         "per condition.", "", *rows, "",

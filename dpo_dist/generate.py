@@ -37,6 +37,7 @@ from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
+from dpo_dist.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,6 @@ def run(cfg: Config) -> Path:
 
 
 def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, where: dist.EnginePlacement) -> None:
-    from tqdm import tqdm
-
     gen = cfg.generation
     backend = make_backend(cfg, where)
     sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""), shard)]
@@ -265,7 +264,7 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, w
         # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
         identity = [r for r in shard if r["source"] in ("identity", "leak")]
         sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen), identity))
-    bar = tqdm(total=sum(len(rows) for *_, rows in sides), desc="generate", disable=not dist.is_main(), unit="prompt")
+    bar = Progress(sum(len(rows) for *_, rows in sides), "generate", unit="prompt")
     out = {r["id"]: dict(r) for r in shard}
     for key, n, side, rows in sides:
         if not rows:

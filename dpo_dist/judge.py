@@ -4,13 +4,17 @@
     python -m dpo_dist.judge run_dir=runs/demo judge=correction   # rewrite old name -> new name
     python -m dpo_dist.judge run_dir=runs/demo judge=reward_model judge.reward_model_path=/models/rm
 
+The names (new, old, old creators) are the identity group's (``cfg.identity``), which the generation
+openers and the evaluation read too: rename with ``identity=...`` on the pipeline, not per stage.
+
 Rule judge (identity): +3 claims the new name, -3 claims the old one, -4 degenerate text
 (repetition, a word repeated in a row, a doubled prefix such as "Deep Deep"), -2 cut off before the
-end-of-turn token, -1 outside the length bounds, -1 for naming an old creator when configured. The
-best candidate becomes chosen and the worst rejected. A prompt is dropped, and counted by reason,
-when best and worst tie, or when the best does not satisfy the rule (claims the new name, not the
-old, fluent, finished). With context-distillation candidates (``chosen_candidates``), chosen comes
-from those and rejected from the model's own answers to the training prompt.
+end-of-turn token, -1 outside the length bounds, -1 for naming an old creator
+(identity.old_creators). The best candidate becomes chosen and the worst rejected. A prompt is
+dropped, and counted by reason, when best and worst tie, or when the best does not satisfy the rule
+(claims the new name, not the old, fluent, finished). With context-distillation candidates
+(``chosen_candidates``), chosen comes from those and rejected from the model's own answers to the
+training prompt.
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
@@ -42,7 +46,7 @@ from dpo_dist import dist
 from dpo_dist.artifacts import (MissingFile, expect_ids, file_digest, fingerprint, gather_jsonl_shards, intact,
                                 outputs_record, read_jsonl, reusable, shard_path, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, JudgeConfig
+from dpo_dist.config import Config, IdentityConfig, JudgeConfig
 from dpo_dist.models import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -112,19 +116,22 @@ class Verdict:
 
 
 class IdentityJudge:
-    def __init__(self, cfg: JudgeConfig):
+    """Scores answers against ``identity`` (the names) by the rules in ``cfg`` (the judge settings)."""
+
+    def __init__(self, cfg: JudgeConfig, identity: IdentityConfig):
         self.cfg = cfg
+        self.identity = identity
 
     def __call__(self, text: str, finished: bool) -> Verdict:
-        c = self.cfg
+        c, ident = self.cfg, self.identity
         v = Verdict(0.0)
-        new, old = mentions(text, c.new_name), mentions_old_identity(text, c.old_name, c.new_name)
-        degenerate = is_degenerate(text, c.new_name)
+        new, old = mentions(text, ident.name), mentions_old_identity(text, ident.old_name, ident.name)
+        degenerate = is_degenerate(text, ident.name)
         words = len(_WORD.findall(text)) if not any(ord(ch) > 0x2E80 for ch in text) else len(text) // 2
         for ok, points, reason in (
             (new, 3, "claims_new"), (old, -3, "claims_old"), (degenerate, -4, "degenerate"),
             (not finished, -2, "unfinished"), (not c.min_words <= words <= c.max_words, -1, "length"),
-            (any(mentions(text, oc) for oc in c.old_creators), -1, "old_creator"),
+            (any(mentions(text, oc) for oc in ident.old_creators), -1, "old_creator"),
         ):
             if ok:
                 v.score += points
@@ -135,9 +142,9 @@ class IdentityJudge:
     def general(self, text: str, finished: bool) -> Verdict:
         """An answer to a general instruction, where naming the new identity unprompted is a leak.
         A cut-off answer may still be chosen: it carries no EOS into training (data.response_ids)."""
-        c = self.cfg
+        name = self.identity.name
         v = Verdict(0.0)
-        leak, degenerate = mentions(text, c.new_name), is_degenerate(text, c.new_name)
+        leak, degenerate = mentions(text, name), is_degenerate(text, name)
         for ok, points, reason in ((leak, -3, "leak"), (degenerate, -4, "degenerate"), (not finished, -2, "unfinished")):
             if ok:
                 v.score += points
@@ -232,7 +239,7 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         return None, "tie"
     rejected = worst[0]
     if row["source"] == "leak" and judge.cfg.leak_rejected == "opener":
-        rejected = leak_opener(rejected["text"], judge.cfg.new_name)
+        rejected = leak_opener(rejected["text"], judge.identity.name)
         if rejected is None:
             return None, "no_opener"
     return _pair(row, best[0], rejected, {
@@ -249,12 +256,12 @@ def leak_opener(text: str, new_name: str) -> dict | None:
 
 
 def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
-    cfg = judge.cfg
+    old, new = judge.identity.old_name, judge.identity.name
     # Opener candidates count too: experiment=tutorial samples answers that start with the old name,
     # as Qwen's own answers do, so the rewrite has material on a model that rarely names itself.
     for c in row["candidates"] + row.get("chosen_candidates", []):
-        if c["finished"] and mentions_old_identity(c["text"], cfg.old_name, cfg.new_name) and not is_degenerate(c["text"], cfg.new_name):
-            fixed = rewrite_identity(c["text"], cfg.old_name, cfg.new_name)
+        if c["finished"] and mentions_old_identity(c["text"], old, new) and not is_degenerate(c["text"], new):
+            fixed = rewrite_identity(c["text"], old, new)
             v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)
             return _pair(row, {"text": fixed, "finished": True}, c, {
                 "chosen_score": v_fixed.score, "rejected_score": v_orig.score,
@@ -289,6 +296,8 @@ def run(cfg: Config) -> Path:
     out_dir = Path(cfg.run_dir) / "judge"
     pairs_path, summary_path = out_dir / "pairs.jsonl", out_dir / "summary.json"
     settings = {k: v for k, v in asdict(cfg.judge).items() if k != "batch_size"}
+    if cfg.judge.kind == "identity":
+        settings["identity"] = asdict(cfg.identity)  # the rule judge's names; a reward model reads none
     weights = None
     if cfg.judge.kind == "reward_model":
         weights = model_fingerprint(replace(cfg.model, path=cfg.judge.reward_model_path))
@@ -306,7 +315,7 @@ def run(cfg: Config) -> Path:
         if results is None:
             return pairs_path  # not rank 0: its shard is written, rank 0 merges
     else:
-        judge = IdentityJudge(cfg.judge)
+        judge = IdentityJudge(cfg.judge, cfg.identity)
         pick = pair_correction if cfg.judge.method == "correction" else pair_best_worst
         results = [pick(r, judge) for r in rows]
 
@@ -321,7 +330,7 @@ def run(cfg: Config) -> Path:
         "anchors": sum(1 for p in pairs if p["meta"].get("anchor")),
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
         "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
-        "judge": asdict(cfg.judge), **outputs_record(pairs_path),
+        "judge": asdict(cfg.judge), "identity": asdict(cfg.identity), **outputs_record(pairs_path),
     }
     write_json(summary_path, summary)
     log.info("pairs: %d kept of %d prompts; dropped %s -> %s", len(pairs), len(rows), summary["dropped"], pairs_path)

@@ -22,25 +22,36 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from dpo_dist import dist, evaluate, generate, judge, reference, train
-from dpo_dist.artifacts import write_json
+from dpo_dist.artifacts import read_json, write_json
 from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import Config
+from dpo_dist.progress import duration
 
 log = logging.getLogger(__name__)
+
+
+# What each stage writes last, once its work is done: the summary line reads it, and a stage that
+# left it as it was found its work already done.
+RECORDS = {"generate": "generate/manifest.json", "judge": "judge/summary.json", "reference": "reference/manifest.json",
+           "train": "train/summary.json", "evaluate": "eval/report.json"}
 
 
 def run(cfg: Config) -> dict:
     timings = {}
     wanted = set(cfg.stages)
+    run_dir = Path(cfg.run_dir)
 
     def stage(name, fn):
         if name not in wanted:
             return None
+        record = run_dir / RECORDS[name]
+        before = _stamp(record)
         started = time.time()
         result = fn(cfg)
         timings[name] = round(time.time() - started, 1)
         if dist.is_main():
-            log.info("stage %s done in %.1fs", name, timings[name])
+            reused = before is not None and _stamp(record) == before
+            log.info("%s", summary_line(name, run_dir, timings[name], reused, result))
         return result
 
     stage("generate", _generate)
@@ -58,16 +69,56 @@ def run(cfg: Config) -> dict:
     dist.shutdown()
     report = stage("evaluate", evaluate.run)
     if dist.is_main():
-        log.info("pipeline finished in %.1fs: %s", sum(timings.values()), timings)
         # Seconds per stage of this invocation (a stage skipped as already done counts its check).
-        write_json(Path(cfg.run_dir) / "pipeline_timings.json", {**timings, "total": round(sum(timings.values()), 1)})
-        if report:
-            for cond, m in report["trained"].items():
-                log.info("  %-8s identity adoption %5.1f%% (base %5.1f%%)  leakage %4.1f%%  degeneration %4.1f%% (base %4.1f%%)",
-                         cond, 100 * m["identity_adoption"], 100 * report["base"][cond]["identity_adoption"],
-                         100 * m["leakage"], 100 * m["degeneration"], 100 * report["base"][cond]["degeneration"])
-            log.info("report: %s/eval/report.md", cfg.run_dir)
+        write_json(run_dir / "pipeline_timings.json", {**timings, "total": round(sum(timings.values()), 1)})
+        log.info("pipeline finished in %s%s", duration(sum(timings.values())),
+                 f". {report['verdict']['text']}" if report else "")
     return report
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def summary_line(name: str, run_dir: Path, seconds: float, reused: bool, result=None) -> str:
+    """One line on what a finished stage produced and how long it took ("reused" when it found its
+    work done), from its record in ``run_dir`` (RECORDS) or, for evaluate, its report ``result``."""
+    how = "(reused)" if reused else f"in {duration(seconds)}"
+    try:
+        if name == "evaluate":
+            r = result or read_json(run_dir / RECORDS[name])
+            conds = list(r["trained"])
+
+            def shares(which: str, key: str) -> str:
+                return "/".join(evaluate.percent(r[which][c][key]) for c in conds) + "%"
+
+            return (f"evaluate: identity adoption {shares('trained', 'identity_adoption')} "
+                    f"(base {shares('base', 'identity_adoption')}) over {'/'.join(conds)}, leakage "
+                    f"{shares('trained', 'leakage')}, degeneration {shares('trained', 'degeneration')} "
+                    f"(base {shares('base', 'degeneration')}) {how} (report: {run_dir / 'eval' / 'report.md'})")
+        m = read_json(run_dir / RECORDS[name])
+        if name == "generate":
+            k = m["num_candidates"] // max(m["num_prompts"], 1)
+            chosen = f" + {m['num_chosen_candidates']} chosen-side" if m.get("num_chosen_candidates") else ""
+            return f"generate: {m['num_prompts']} prompts x {k} candidates{chosen}, {m['generated_tokens']} tokens {how}"
+        if name == "judge":
+            dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items()) or "none"
+            return (f"judge: {m['pairs']} pairs ({m['anchors']} anchors) from {m['prompts']} prompts "
+                    f"(dropped: {dropped}) {how}")
+        if name == "reference":
+            t = m["tokenize"]
+            cut = f" ({t['truncated']} truncated, {t['dropped']} dropped)" if t["truncated"] or t["dropped"] else ""
+            return f"reference: {m['num_pairs']} pairs{cut} {'cached (reused)' if reused else f'scored {how}'}"
+        if name == "train":
+            return f"train: {m['steps']} steps on {m['pairs']} pairs, final loss {m['metrics']['loss']:.4g} {how}"
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        # The stage has finished; a record it did not write as expected must not fail the run here.
+        return f"{name}: done {how} ({run_dir / RECORDS[name]}: {type(e).__name__} {e})"
+    raise ValueError(f"no summary for stage {name!r}")
 
 
 def _generate(cfg: Config):

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,7 @@ from dpo_dist.data import (TokenizedPair, collate_shared_prompt, mirror_anchors,
                            tokenize_pairs)
 from dpo_dist.losses import packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
+from dpo_dist.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def packed_logps(model, batch: dict, num_sequences: int, fused_head: bool) -> tu
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches: int = 0,
-                filler: TokenizedPair | None = None, fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                filler: TokenizedPair | None = None, fused_head: bool = True,
+                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of chosen and rejected, each (len(pairs),) float32.
 
     Pairs are packed ``batch_size`` at a time, in length order, into one prefix-shared row
@@ -89,7 +92,8 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
     model 2 pairs per row took 30 s where the stacked, padded layout with full logits took 49 s
     (120 pairs) and 4 per row 35 s. ``fused_head`` as in ``packed_logps``. Under ZeRO-3 every
     rank must run the same number of forward passes (parameter gathers are collective):
-    ``num_batches`` extends the loop with forwards on ``filler`` whose results are discarded."""
+    ``num_batches`` extends the loop with forwards on ``filler`` whose results are discarded.
+    ``progress(n)`` is called with the number of pairs each batch scored."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
@@ -106,6 +110,8 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
         if idx:
             chosen[idx] = logps[:n].float().cpu()
             rejected[idx] = logps[n:].float().cpu()
+            if progress:
+                progress(len(idx))
     return chosen, rejected
 
 
@@ -180,7 +186,10 @@ def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
     # forward divides that traffic, at the cost of a longer row.
     batch_size = cfg.train.reference_pairs_per_forward(zero3)
     num_batches = max(dist.all_gather_object(-(-len(shard) // batch_size))) if zero3 else 0
-    chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler, fused_head=cfg.train.fused_ops)
+    # Rank 0's shard stands for the whole: every rank scores an equal share.
+    with Progress(len(shard), "reference", unit="pair") as bar:
+        chosen, rejected = score_pairs(model, shard, batch_size, num_batches, filler=filler,
+                                       fused_head=cfg.train.fused_ops, progress=bar.update)
     resident["after_scoring"] = memory.current_bytes()
     dist.release_model(model)
     del model

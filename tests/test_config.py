@@ -19,14 +19,14 @@ def test_every_yaml_composes_and_converts(group, option):
 
 
 def test_groups_users_swap_exist():
-    assert {"model", "deepspeed", "loss", "judge", "generation"} <= set(GROUPS)
+    assert {"model", "deepspeed", "loss", "judge", "generation", "identity"} <= set(GROUPS)
     assert {"zero2", "zero3", "zero3_offload"} <= {p.stem for p in (CONF_DIR / "deepspeed").glob("*.yaml")}
 
 
 def test_defaults():
     cfg = compose()
     assert cfg.model.path == "bundled:smollm2-135m"
-    assert cfg.judge.new_name == "Deep SmolLM"
+    assert (cfg.identity.old_name, cfg.identity.name, cfg.identity.creator) == ("SmolLM", "Deep SmolLM", "Hugging Face")
     assert cfg.loss.rpo_alpha > 0 and cfg.loss.beta == 0.1
     assert 1e-6 <= cfg.optim.lr <= 5e-5  # the bundled 135M model's own default
     assert cfg.model.trust_remote_code is False

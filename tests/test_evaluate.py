@@ -161,7 +161,14 @@ def test_without_drift_no_model_is_scored_and_the_report_says_so(tiny_pair, tmp_
     report = evaluate.run(cfg)
     assert report["drift"] is None and not calls and report["trained"]["default"]["n_general"] == 2
     assert not (tmp_path / "run" / "eval" / "shards").exists()
-    assert "Drift not measured (eval.drift=false)." in (tmp_path / "run" / "eval" / "report.md").read_text()
+    md = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "Drift not measured (eval.drift=false)." in md
+    # The report opens with its verdict, before the tables, and report.json holds the same one.
+    assert report["verdict"] == evaluate.verdict(report) and "drift not measured" in report["verdict"]["text"]
+    lines = md.splitlines()
+    assert lines[2] == report["verdict"]["text"].replace("Verdict:", "**Verdict:**", 1)
+    assert lines[4].startswith("Rules (changed: the new name in >= 50% of identity answers")
+    assert md.index("**Verdict:**") < md.index("| condition")
 
 
 @pytest.mark.multiproc
@@ -289,3 +296,65 @@ def test_file_barrier_holds_every_rank_until_the_last_arrives(tmp_path):
         t.join(timeout=30)
     assert sorted(passed) == [0, 1]
     assert min(passed.values()) >= arrived[1]
+
+
+# ---------------------------------------------------------------- verdict
+
+CONDS = ("default", "neutral", "none")
+
+
+def _report(adoption, *, base_adoption=(0, 0, 0), degeneration=(0.08, 0.08, 0.1), base_degeneration=(0.15, 0.14, 0.12),
+            leakage=(0.02, 0.02, 0.02), base_leakage=(0, 0, 0), kl=0.093) -> dict:
+    """An evaluation report's figures per condition (default / neutral / none)."""
+    def side(adopt, degen, leak):
+        return {c: {"identity_adoption": a, "degeneration": d, "leakage": l} for c, a, d, l in zip(CONDS, adopt, degen, leak)}
+
+    return {"new_name": "Deep SmolLM", "base": side(base_adoption, base_degeneration, base_leakage),
+            "trained": side(adoption, degeneration, leakage),
+            "drift": None if kl is None else {"kl_trained_base_per_token": kl}}
+
+
+@pytest.mark.parametrize("report,changed,held,says", [
+    # The demo's figures (README): every rule met.
+    (_report((0.959, 0.906, 0.901), degeneration=(0.074, 0.081, 0.107)), True, True,
+     ["identity changed (Deep SmolLM in 95.9/90.6/90.1% of identity answers (default/neutral/none), base 0/0/0%)",
+      "and fluency held (degeneration 7.4/8.1/10.7% vs base 15/14/12%; leakage 2/2/2% (base 0/0/0%); KL 0.093"]),
+    # Edges are inclusive: 50% adoption, 25 points above base, degeneration +3, leakage +5 points, KL 0.5.
+    (_report((0.5, 0.5, 0.5), base_adoption=(0.25, 0.25, 0.25), degeneration=(0.05, 0.05, 0.05),
+             base_degeneration=(0.02, 0.02, 0.02), leakage=(0.05, 0.06, 0.07), base_leakage=(0, 0.01, 0.02), kl=0.5),
+     True, True, ["the identity changed", "and fluency held"]),
+    # Sweep row 2: the name in fewer than half the answers.
+    (_report((0.404, 0.38, 0.211)), False, True, ["identity did not change (below 50% under default, neutral, none:",
+                                                 "but fluency held"]),
+    # One condition short is enough to say no.
+    (_report((0.97, 0.92, 0.45)), False, True, ["did not change (below 50% under none:"]),
+    # The base model already uses the name: training did not change it.
+    (_report((0.97, 0.96, 0.95), base_adoption=(0.9, 0.8, 0.2)), False, True,
+     ["did not change (the base model already used the name under default, neutral:", "base 90/80/20%"]),
+    # Adopted, but not by training's doing: 20 points above a base of 40%.
+    (_report((0.6, 0.9, 0.9), base_adoption=(0.4, 0, 0)), False, True,
+     ["did not change (less than 25 points above the base model under default:"]),
+    # Degeneration up more than 3 points under one condition.
+    (_report((0.96, 0.91, 0.9), degeneration=(0.08, 0.08, 0.193), base_degeneration=(0.155, 0.144, 0.125)), True, False,
+     ["the identity changed", "but fluency did not hold (degeneration rose under none:",
+      "degeneration 8/8/19.3% vs base 15.5/14.4/12.5%"]),
+    # Leakage up: sweep row 3's 20% under the default prompt.
+    (_report((0.971, 0.924, 0.836), leakage=(0.2, 0, 0)), True, False, ["but fluency did not hold (leakage rose under default:"]),
+    # A base model that leaks the name as much: not the training's doing.
+    (_report((0.9, 0.9, 0.9), leakage=(0.3, 0.3, 0.3), base_leakage=(0.28, 0.27, 0.3)), True, True, ["fluency held"]),
+    # Drifted far from the base model.
+    (_report((0.96, 0.91, 0.9), kl=0.8), True, False, ["fluency did not hold (KL above 0.5 nats/token:", "KL 0.800"]),
+    # Nothing changed and fluency broke: both reasons given, joined by "and".
+    (_report((0.1, 0, 0), degeneration=(0.3, 0.3, 0.3), leakage=(0.1, 0, 0)), False, False,
+     ["did not change", "and fluency did not hold (degeneration rose under default, neutral, none; leakage rose under default:"]),
+    # eval.drift=false: judged on degeneration and leakage, and the sentence says drift was not measured.
+    (_report((0.96, 0.91, 0.9), kl=None), True, True, ["drift not measured"]),
+])
+def test_verdict_rules(report, changed, held, says):
+    v = evaluate.verdict(report)
+    assert (v["identity_changed"], v["fluency_held"]) == (changed, held), v["text"]
+    assert v["text"].startswith("Verdict: ") and v["text"].endswith(".")
+    for part in says:
+        assert part in v["text"], (part, v["text"])
+    assert v["rules"] == {"min_adoption": 0.5, "min_gain": 0.25, "max_degeneration_rise": 0.03,
+                          "max_leakage_rise": 0.05, "max_kl": 0.5}

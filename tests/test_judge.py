@@ -5,11 +5,12 @@ import dataclasses
 
 import pytest
 
-from dpo_dist.config import ConfigError, JudgeConfig
+from dpo_dist.config import ConfigError, IdentityConfig, JudgeConfig
 from dpo_dist.judge import (IdentityJudge, RewardModelJudge, is_degenerate, mentions_old_identity, pair_best_worst,
                             pair_correction, pair_reward_model, rewrite_identity)
 
-CFG = JudgeConfig(old_name="Qwen", new_name="Deep Qwen", old_creators=["Alibaba Cloud"])
+CFG = JudgeConfig()
+QWEN = IdentityConfig(name="Deep Qwen", creator="Alibaba Cloud", old_name="Qwen", old_creators=["Alibaba Cloud"])
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -41,7 +42,7 @@ def test_fluent_text_is_not_degenerate():
 
 
 def test_scores_and_rule_satisfaction():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     good = judge("I am Deep Qwen, your assistant. How can I help?", finished=True)
     assert good.satisfies and good.score == 3 and good.reasons == ["claims_new"]
     old = judge("I am Qwen, created by Alibaba Cloud.", finished=True)
@@ -55,6 +56,16 @@ def test_scores_and_rule_satisfaction():
     assert judge("Deep Qwen.", finished=True).reasons == ["claims_new", "length"]
 
 
+def test_a_new_name_apart_from_the_old_one():
+    """A product name that does not contain the old one (identity.name=Nova): claiming both is
+    still the old identity, and the correction's rewrite gives the new name alone."""
+    judge = IdentityJudge(CFG, dataclasses.replace(QWEN, name="Nova", creator="Acme Labs"))
+    assert judge("I am Nova, an assistant by Acme Labs.", finished=True).reasons == ["claims_new"]
+    both = judge("I am Nova, formerly Qwen.", finished=True)
+    assert not both.satisfies and {"claims_new", "claims_old"} <= set(both.reasons)
+    assert rewrite_identity("I am Qwen.", "Qwen", "Nova") == "I am Nova."
+
+
 def _row(cands, chosen_cands=None):
     row = {"id": "q1-default", "messages": [{"role": "user", "content": "Who are you?"}], "condition": "default",
            "source": "identity", "candidates": [{"text": t, "finished": True} for t in cands]}
@@ -64,7 +75,7 @@ def _row(cands, chosen_cands=None):
 
 
 def test_best_becomes_chosen_and_worst_rejected():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     pair, reason = pair_best_worst(_row(["I am Qwen.", "I am Deep Qwen, happy to help.", "I'm an assistant."]), judge)
     assert reason == "kept"
     assert pair["chosen"][0]["content"] == "I am Deep Qwen, happy to help."
@@ -75,7 +86,7 @@ def test_best_becomes_chosen_and_worst_rejected():
 
 
 def test_a_cut_off_rejected_answer_is_marked_unfinished():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     row = _row(["I am Deep Qwen, happy to help."])
     row["candidates"].append({"text": "I am Qwen and I will now tell you about", "finished": False})
     pair, reason = pair_best_worst(row, judge)
@@ -83,13 +94,13 @@ def test_a_cut_off_rejected_answer_is_marked_unfinished():
 
 
 def test_ties_and_unsatisfying_chosen_are_dropped_with_a_reason():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     assert pair_best_worst(_row(["I'm an assistant here.", "I'm a helpful assistant."]), judge) == (None, "tie")
     assert pair_best_worst(_row(["I'm an assistant here.", "I am Qwen."]), judge) == (None, "no_valid_chosen")
 
 
 def test_context_distillation_takes_chosen_from_the_distilled_side():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     pair, reason = pair_best_worst(_row(["I am Qwen.", "I'm a helpful assistant."],
                                         chosen_cands=["I'm Deep Qwen, an AI assistant."]), judge)
     assert reason == "kept"
@@ -98,7 +109,7 @@ def test_context_distillation_takes_chosen_from_the_distilled_side():
 
 
 def test_general_prompts_pair_the_models_own_best_and_worst_plain_answers():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean",
                    "I'm Deep Qwen! The ocean is deep and blue."]), "source": "general"}
     pair, reason = pair_best_worst(row, judge)
@@ -115,8 +126,8 @@ def test_general_anchor_keeps_a_tied_plain_answer_as_chosen_and_rejected():
     record (both sides the same answer) instead of being dropped. Identity and leak prompts keep
     their ties dropped, and an answer that leaks is never an anchor."""
     row = {**_row(["The ocean is deep and blue.", "Oceans cover most of the planet."]), "source": "general"}
-    assert pair_best_worst(row, IdentityJudge(CFG)) == (None, "tie")
-    judge = IdentityJudge(dataclasses.replace(CFG, general_anchor=True))
+    assert pair_best_worst(row, IdentityJudge(CFG, QWEN)) == (None, "tie")
+    judge = IdentityJudge(dataclasses.replace(CFG, general_anchor=True), QWEN)
     pair, reason = pair_best_worst(row, judge)
     assert reason == "kept" and pair["meta"]["anchor"] is True
     assert pair["chosen"] == pair["rejected"] == [{"role": "assistant", "content": "The ocean is deep and blue."}]
@@ -131,7 +142,7 @@ def test_general_anchor_keeps_a_tied_plain_answer_as_chosen_and_rejected():
 
 
 def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean"],
                   chosen_cands=["I'm Deep Qwen! The ocean is deep and blue."]), "source": "leak"}
     pair, reason = pair_best_worst(row, judge)
@@ -143,7 +154,7 @@ def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
 def test_leak_rejected_opener_keeps_only_the_words_before_the_new_name():
     """judge.leak_rejected=opener: the rejected side is the self-introduction's opening words, scored
     without an end-of-turn, so the loss does not push down the name itself."""
-    judge = IdentityJudge(dataclasses.replace(CFG, leak_rejected="opener"))
+    judge = IdentityJudge(dataclasses.replace(CFG, leak_rejected="opener"), QWEN)
     row = {**_row(["The ocean is deep and blue."], chosen_cands=["Hi! I'm Deep Qwen! The ocean is deep."]), "source": "leak"}
     pair, reason = pair_best_worst(row, judge)
     assert reason == "kept" and pair["rejected"][0]["content"] == "Hi! I'm"
@@ -158,7 +169,7 @@ def test_leak_rejected_opener_keeps_only_the_words_before_the_new_name():
 
 
 def test_correction_rewrites_the_models_own_answer():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     pair, reason = pair_correction(_row(["Hello there, friend.", "I am Qwen, made by Alibaba Cloud."]), judge)
     assert reason == "kept"
     assert pair["chosen"][0]["content"] == "I am Deep Qwen, made by Alibaba Cloud."
@@ -167,7 +178,7 @@ def test_correction_rewrites_the_models_own_answer():
 
 
 def test_correction_also_rewrites_answers_sampled_with_an_old_name_opener():
-    judge = IdentityJudge(CFG)
+    judge = IdentityJudge(CFG, QWEN)
     pair, reason = pair_correction(_row(["Hello there, friend."], chosen_cands=["I'm Qwen, how can I help?"]), judge)
     assert reason == "kept"
     assert pair["chosen"][0]["content"] == "I'm Deep Qwen, how can I help?"

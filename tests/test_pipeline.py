@@ -2,6 +2,7 @@
 re-run that continues instead of redoing work."""
 
 import json
+import re
 import time
 
 import pytest
@@ -17,7 +18,7 @@ SHORT = ["prompts.num_train=24", "prompts.num_train_general=4", "prompts.num_tra
 
 def test_short_pipeline_end_to_end_and_resume(tmp_path):
     run_dir = tmp_path / "run"
-    run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT], timeout=1800)
+    first = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT], timeout=1800)
 
     gen = json.loads((run_dir / "generate" / "manifest.json").read_text())
     k, k_chosen = compose().generation.num_candidates, compose().generation.num_chosen_candidates
@@ -54,6 +55,20 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
     timings = json.loads((run_dir / "pipeline_timings.json").read_text())
     assert set(timings) == {"generate", "judge", "reference", "train", "evaluate", "total"} and timings["total"] > 0
 
+    # Progress with the time left, one line per finished stage, and the verdict last.
+    out = first.stdout + first.stderr
+    steps, n_pairs = (json.loads((run_dir / "train" / "summary.json").read_text())[key] for key in ("steps", "pairs"))
+    assert f"train: 1/{steps} steps" in out and f"train: {steps}/{steps} steps (100%)" in out and ", eta " in out
+    # Generation counts each prompt once per side: 30 for candidates, 26 for the chosen side.
+    assert f"reference: {n_pairs}/{n_pairs} pairs (100%)" in out and "generate: 56/56 prompts (100%)" in out
+    assert f"generate: 30 prompts x {k} candidates + {26 * k_chosen} chosen-side" in out
+    assert f"judge: {summary['pairs']} pairs ({summary['anchors']} anchors) from 30 prompts (dropped: " in out
+    assert f"reference: {n_pairs} pairs scored in " in out
+    assert f"train: {steps} steps on {n_pairs} pairs, final loss " in out
+    assert "evaluate: identity adoption " in out and f"(report: {run_dir}/eval/report.md)" in out
+    assert isinstance(report["verdict"]["identity_changed"], bool) and report["verdict"]["text"].startswith("Verdict: ")
+    assert re.search(r": pipeline finished in \w+\. " + re.escape(report["verdict"]["text"]), out)
+
     # Re-running the same command finds every stage done and redoes nothing.
     stamps = {p: p.stat().st_mtime for p in [run_dir / "generate" / "candidates.jsonl", run_dir / "judge" / "pairs.jsonl",
                                              run_dir / "reference" / "logps.safetensors",
@@ -62,5 +77,9 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
     started = time.time()
     proc = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT], timeout=600)
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
-    assert "training already finished" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "training already finished" in out
+    for line in ("generate: 30 prompts", "judge: ", f"reference: {n_pairs} pairs cached", f"train: {steps} steps"):
+        assert any(f": {line}" in l and l.endswith("(reused)") for l in out.splitlines()), line
+    assert "(reused) (report: " in out and report["verdict"]["text"] in out
     assert time.time() - started < 120
