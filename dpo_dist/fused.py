@@ -10,7 +10,7 @@ projection:
   whole logits for backward and, at its start, holds the logits' gradient and the softmax
   besides: three (tokens, vocab) fp32 tensors, 71 MiB each for 377 tokens of a 49k vocabulary.
   The price is the projection run once more in backward: about 4% of a step's FLOPs here, too
-  little to show in a measured A/B (docs/measured.md).
+  little to show in a measured A/B (docs/benchmark.md).
 - ``SwiGLUDown``: down(silu(gate) * up) keeping only gate and up for backward. Autograd also keeps
   silu(gate) and the product (the down projection's input); both are recomputed, elementwise.
 - ``RMSNorm``: keeps its input and 1/rms, not the normalised input as well (17% of the activations).
@@ -19,7 +19,10 @@ Each runs inside the forward of the module that owns its weight (the head for ``
 MLP's ``down_proj`` for ``SwiGLUDown``, the norm for ``RMSNorm``). Under ZeRO-3 a weight is whole only
 while its own module runs: DeepSpeed's hooks gather it before that module's forward and again before
 its backward, and release it after each. Reading ``down_proj.weight`` from the MLP's forward, or the
-head's weight after the model's forward, would meet an empty partition there, so nothing here does.
+head's weight after the model's forward, may meet an empty partition there, so nothing here does.
+It may also not: a weight DeepSpeed still holds gathered (the tied input embedding, kept for reuse)
+reads fine from the wrong place, so only the numbers catch a mix-up
+(tests/test_fused_zero3_bf16.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from dpo_dist.config import Config, ConfigError, OptimConfig
 from dpo_dist.data import collate_shared_prompt, global_batches, load_pairs, micro_batches, tokenize_pairs
 from dpo_dist.losses import dpo_loss
 from dpo_dist.models import load_model, load_tokenizer, torch_dtype
+from dpo_dist.progress import Progress
 from dpo_dist.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,11 @@ def run(cfg: Config) -> dict:
     engine = dist.build_engine(model, optimizer, scheduler, ds_config)
 
     client_state = checkpoint.resume(engine, resume_from) or {}
+    # Loading and partitioning the model peak on their own (a whole tensor beside its partitions and
+    # DeepSpeed's flat copies): read that apart, so the training loop's own peak -- what the
+    # micro-batch, checkpointing and the fused ops change -- shows under it.
+    setup_peaks = (memory.peak_bytes(), memory.device_peak_bytes())
+    memory.reset_peak()
     start_step = int(client_state.get("step", 0))
     metrics: dict = dict(client_state.get("metrics", {}))  # a resume at the last step still has them
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -182,6 +188,7 @@ def run(cfg: Config) -> dict:
     stop, watch = StopFlag(), CollapseWatch(cfg.train.logps_chosen_patience)
     saved = None
     dev = dist.device()
+    bar = Progress(total_steps, "train", unit="step", initial=start_step)
 
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -217,6 +224,7 @@ def run(cfg: Config) -> dict:
                                    f"stopped without saving. Last good checkpoint: "
                                    f"{ckpt_dir / checkpoint.tag(last) if last else 'none'}")
         watch.update(metrics["logps/chosen"], step + 1)
+        bar.update(1, loss=metrics["loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
             tracker.log(metrics, step + 1)
         preempted, last = total["stop"] > 0, step + 1 == total_steps
@@ -232,9 +240,11 @@ def run(cfg: Config) -> dict:
             log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
             tracker.finish()
             raise Preempted()
+    bar.close()
 
     # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
-    peaks = dist.all_gather_object((memory.peak_bytes(), memory.device_peak_bytes()))
+    peaks = dist.all_gather_object((*setup_peaks, memory.peak_bytes(), memory.device_peak_bytes()))
+    gib = lambda b: None if b is None else round(b / memory.GIB, 3)  # noqa: E731
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:
@@ -242,9 +252,12 @@ def run(cfg: Config) -> dict:
                                   "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
                                   "fused_ops": fused_counts,
                                   "checkpoint_save_gbps": round(saved.gbps, 3) if saved else None,
-                                  "peak_rss_gib_per_rank": [round(rss / memory.GIB, 3) for rss, _ in peaks],
-                                  "peak_gpu_gib_per_rank": [None if gpu is None else round(gpu / memory.GIB, 3)
-                                                            for _, gpu in peaks]})
+                                  # The stage's peak: the larger of loading the model and the loop.
+                                  "peak_rss_gib_per_rank": [gib(max(s, t)) for s, _, t, _ in peaks],
+                                  "peak_gpu_gib_per_rank": [gib(max((b for b in (s, t) if b is not None), default=None))
+                                                            for _, s, _, t in peaks],
+                                  "setup_peak_rss_gib_per_rank": [gib(s) for s, _, _, _ in peaks],
+                                  "loop_peak_rss_gib_per_rank": [gib(t) for _, _, t, _ in peaks]})
         if not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()

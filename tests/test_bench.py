@@ -86,6 +86,10 @@ def test_multi_rank_runs_report_time_and_per_rank_memory(bench):
         assert "error" not in c, c.get("error")
         assert _positive(c["seconds_per_step"])
         assert len(c["peak_rss_gib_per_rank"]) == c["ranks"] and all(_positive(x) for x in c["peak_rss_gib_per_rank"])
+        # The stage's peak is the larger of loading the model and the training loop, rank by rank.
+        assert c["peak_rss_gib_per_rank"] == [max(s, t) for s, t in zip(c["setup_peak_rss_gib_per_rank"],
+                                                                          c["loop_peak_rss_gib_per_rank"])]
+        assert all(_positive(x) for x in c["loop_peak_rss_gib_per_rank"])
 
 
 def test_generation_rates_and_ratios_follow_from_the_measurements(bench):
@@ -106,6 +110,8 @@ def test_generation_rates_and_ratios_follow_from_the_measurements(bench):
     rows = r["training"]["multi_rank"]
     assert r["ratios"]["zero3_fused_memory"] == pytest.approx(
         max(rows[3]["peak_rss_gib_per_rank"]) / max(rows[4]["peak_rss_gib_per_rank"]))
+    assert r["ratios"]["zero3_fused_memory_loop"] == pytest.approx(
+        max(rows[3]["loop_peak_rss_gib_per_rank"]) / max(rows[4]["loop_peak_rss_gib_per_rank"]))
 
 
 def test_markdown_table_shows_the_json_figures(bench):

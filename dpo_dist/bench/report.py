@@ -24,6 +24,7 @@ def _training_targets(train_default: float, train_precompute: float, memory: flo
 TARGETS = {model: _training_targets(*t) for model, t in TRAINING_TARGETS.items()}
 COMMON_TARGETS = {
     "zero3_fused_memory": ("peak RSS per rank, ZeRO-3 2 ranks, fused ops / without", 0.75, False),
+    "zero3_fused_memory_loop": ("the same, training loop only (model loading left out)", 0.75, False),
     "batched_vs_sequential": ("generation tokens/s, hf batched / one at a time", 10.0, True),
     "vllm_vs_hf": ("generation tokens/s, vLLM / hf batched", 1.0, True),
 }
@@ -70,16 +71,19 @@ def markdown(r: dict) -> str:
                       f"{a['max_abs_diff']:.2e} over {a['steps']} steps (step-1 loss {a['first_loss']:.4f}, ln 2 = 0.6931).", ""]
         if t.get("multi_rank"):
             lines += ["### Ours at 1 and 2 ranks (torchrun, gloo)", "",
-                      "| ranks | ZeRO | fused ops | threads/rank | s/step | peak RSS GiB per rank |", "|---|---|---|---|---|---|"]
+                      "| ranks | ZeRO | fused ops | threads/rank | s/step | peak RSS GiB per rank | loading the model | "
+                      "training loop |", "|---|---|---|---|---|---|---|---|"]
             for c in t["multi_rank"]:
                 if "error" in c:
-                    lines.append(f"| {c['ranks']} | {c['zero_stage']} | | failed: {c['error'][:120]} |||")
+                    lines.append(f"| {c['ranks']} | {c['zero_stage']} | | failed: {c['error'][:120]} |||||")
                     continue
                 used = c.get("zero_stage_used", c["zero_stage"])
                 stage = f"{c['zero_stage']}" if used == c["zero_stage"] else f"{c['zero_stage']} (runs as {used})"
                 fused = "on" if c.get("fused_ops", True) else "off"
                 lines.append(f"| {c['ranks']} | {stage} | {fused} | {c['threads_per_rank']} | {_f(c['seconds_per_step'])} | "
-                             f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} |")
+                             f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} | "
+                             f"{', '.join(_f(x) for x in c.get('setup_peak_rss_gib_per_rank', []))} | "
+                             f"{', '.join(_f(x) for x in c.get('loop_peak_rss_gib_per_rank', []))} |")
             lines.append("")
     g = r.get("generation")
     if g:

@@ -98,7 +98,9 @@ def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_fr
     summary = read_json(run_dir / "train" / "summary.json")
     out["zero_stage_used"] = summary["zero_stage"]  # one fp32 rank trains at stage 0 (DeepSpeedConfig.for_world)
     out.update(step_seconds=[m["step_seconds"] for m in metrics], losses=[m["loss"] for m in metrics],
-               peak_rss_gib_per_rank=summary["peak_rss_gib_per_rank"], peak_rss_gib=max(summary["peak_rss_gib_per_rank"]))
+               peak_rss_gib_per_rank=summary["peak_rss_gib_per_rank"], peak_rss_gib=max(summary["peak_rss_gib_per_rank"]),
+               setup_peak_rss_gib_per_rank=summary["setup_peak_rss_gib_per_rank"],
+               loop_peak_rss_gib_per_rank=summary["loop_peak_rss_gib_per_rank"])
     # The checkpoint and exported model are GBs the benchmark does not need.
     shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "train" / "final", ignore_errors=True)
