@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -153,7 +154,9 @@ class VLLMBackend:
         params = [SamplingParams(n=n, temperature=g.temperature, max_tokens=g.max_new_tokens,
                                  seed=row_seed(g.seed, pid, 0) % (1 << 31), **nucleus)
                   for pid in ids]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=dist.is_main())
+        # vLLM's own bar on a terminal only: in a Slurm or CI log its redraws would be one line each.
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+                                    use_tqdm=dist.is_main() and sys.stderr.isatty())
         if progress:
             progress(len(prompt_ids))
         return [[{"token_ids": list(c.token_ids), "finished": c.finish_reason == "stop"} for c in o.outputs]

@@ -58,6 +58,47 @@ def current_bytes() -> int:
     return _status_bytes("VmRSS") or 0
 
 
+class PhasePeaks:
+    """One process's peak memory per phase (loading the model, the training loop, checkpoint saves):
+    each phase's high-water marks are read and reset at its end, so a save's copy of the optimizer
+    states does not pass for the loop's peak, nor loading for either. Where the kernel refuses the
+    reset, every later phase would carry the earlier ones' peak: those read as unknown (None).
+
+        phases = PhasePeaks()        # from now: "setup"
+        ...; phases.end("setup")
+        ...; phases.end("loop"); save(); phases.end("save")
+    """
+
+    ALL = "all"  # every phase together: the stage's peak, known even where the resets are refused
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, tuple[int | None, int | None]] = {}  # phase -> (host bytes, device bytes)
+        self.reset_ok = reset_peak()
+
+    def end(self, phase: str) -> None:
+        host, device = peak_bytes(), device_peak_bytes()
+        for key, h in ((phase, host if self.reset_ok else None), (self.ALL, host)):
+            old_h, old_d = self.peaks.get(key, (None, None))
+            self.peaks[key] = (_larger(old_h, h), _larger(old_d, device))
+        self.reset_ok = reset_peak() and self.reset_ok
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def phase_summary(per_rank: list[dict[str, tuple[int | None, int | None]]], phases: tuple[str, ...]) -> dict:
+    """summary.json's memory fields from each rank's PhasePeaks.peaks: the stage's peak (all phases,
+    host and device) and each phase's, in GiB per rank (None: unknown, absent, or no GPU)."""
+    gib = lambda b: None if b is None else round(b / GIB, 3)  # noqa: E731
+    out = {"peak_rss_gib_per_rank": [gib(p.get(PhasePeaks.ALL, (None, None))[0]) for p in per_rank],
+           "peak_gpu_gib_per_rank": [gib(p.get(PhasePeaks.ALL, (None, None))[1]) for p in per_rank]}
+    for phase in phases:
+        out[f"{phase}_peak_rss_gib_per_rank"] = [gib(p.get(phase, (None, None))[0]) for p in per_rank]
+        out[f"{phase}_peak_gpu_gib_per_rank"] = [gib(p.get(phase, (None, None))[1]) for p in per_rank]
+    return out
+
+
 _libc_trim = None
 
 

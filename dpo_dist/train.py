@@ -121,7 +121,7 @@ def run(cfg: Config) -> dict:
     accum = cfg.train.accumulation_steps(denv.world_size)
 
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
-    memory.reset_peak()  # the training peak is its own, not the reference pass's
+    phases = memory.PhasePeaks()  # the training peak is its own, not the reference pass's
     ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
@@ -177,10 +177,10 @@ def run(cfg: Config) -> dict:
 
     client_state = checkpoint.resume(engine, resume_from) or {}
     # Loading and partitioning the model peak on their own (a whole tensor beside its partitions and
-    # DeepSpeed's flat copies): read that apart, so the training loop's own peak -- what the
-    # micro-batch, checkpointing and the fused ops change -- shows under it.
-    setup_peaks = (memory.peak_bytes(), memory.device_peak_bytes())
-    memory.reset_peak()
+    # DeepSpeed's flat copies), and so do checkpoint saves (the states copied to host memory): each
+    # read apart, so the loop's own peak -- what the micro-batch, checkpointing and the fused ops
+    # change -- shows under them.
+    phases.end("setup")
     start_step = int(client_state.get("step", 0))
     metrics: dict = dict(client_state.get("metrics", {}))  # a resume at the last step still has them
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -220,6 +220,7 @@ def run(cfg: Config) -> dict:
 
         if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
             last = checkpoint.latest_step(ckpt_dir)
+            bar.close()
             raise TrainingDiverged(f"step {step + 1}: loss={metrics['loss']} grad_norm={grad_norm} is not finite; "
                                    f"stopped without saving. Last good checkpoint: "
                                    f"{ckpt_dir / checkpoint.tag(last) if last else 'none'}")
@@ -231,20 +232,23 @@ def run(cfg: Config) -> dict:
         # The last step goes straight to the export; a checkpoint there only serves to continue training.
         periodic = (step + 1) % cfg.train.save_every == 0 and not last
         if periodic or preempted or (last and cfg.train.keep_checkpoints_after_export):
+            phases.end("loop")
             saved = checkpoint.save(engine, ckpt_dir, step + 1, {"step": step + 1, "metrics": metrics},
                                     cfg.train.keep_checkpoints, layout)
+            phases.end("save")
             if denv.is_main:
                 log.info("checkpoint %s: %.2f GB in %.1f s, %.2f GB/s", checkpoint.tag(step + 1), saved.bytes / 1e9,
                          saved.seconds, saved.gbps)
         if preempted and step + 1 < total_steps:
             log.warning("stopping after step %d on request; re-run the same command to resume", step + 1)
             tracker.finish()
+            bar.close()
             raise Preempted()
     bar.close()
 
     # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
-    peaks = dist.all_gather_object((*setup_peaks, memory.peak_bytes(), memory.device_peak_bytes()))
-    gib = lambda b: None if b is None else round(b / memory.GIB, 3)  # noqa: E731
+    phases.end("loop")
+    peaks = memory.phase_summary(dist.all_gather_object(phases.peaks), ("setup", "loop", "save"))
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:
@@ -252,12 +256,7 @@ def run(cfg: Config) -> dict:
                                   "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
                                   "fused_ops": fused_counts,
                                   "checkpoint_save_gbps": round(saved.gbps, 3) if saved else None,
-                                  # The stage's peak: the larger of loading the model and the loop.
-                                  "peak_rss_gib_per_rank": [gib(max(s, t)) for s, _, t, _ in peaks],
-                                  "peak_gpu_gib_per_rank": [gib(max((b for b in (s, t) if b is not None), default=None))
-                                                            for _, s, _, t in peaks],
-                                  "setup_peak_rss_gib_per_rank": [gib(s) for s, _, _, _ in peaks],
-                                  "loop_peak_rss_gib_per_rank": [gib(t) for _, _, t, _ in peaks]})
+                                  **peaks})
         if not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()

@@ -21,3 +21,47 @@ def test_release_free_heap_gives_freed_blocks_back():
     after = memory.current_bytes()
     assert before - after > 200 * 2 ** 20, f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"
     assert pin.sum() == 1 << 10
+
+
+GIB = memory.GIB
+
+
+def _phases(monkeypatch, readings, resets):
+    """PhasePeaks over scripted readings: ``readings`` the (host, device) high-water marks each end()
+    reads, ``resets`` what each reset_peak() returns (the constructor's first)."""
+    readings, resets = iter(readings), iter(resets)
+    current = {}
+    monkeypatch.setattr(memory, "reset_peak", lambda: next(resets))
+    monkeypatch.setattr(memory, "peak_bytes", lambda: current["r"][0])
+    monkeypatch.setattr(memory, "device_peak_bytes", lambda: current["r"][1])
+    phases = memory.PhasePeaks()
+
+    def end(phase):
+        current["r"] = next(readings)
+        phases.end(phase)
+    return phases, end
+
+
+@pytest.mark.parametrize("name,resets,readings,expect", [
+    # Every reset works: each phase its own peak; the stage's peak is the save's here.
+    ("resets work", [True] * 5, [(2, None), (3, None), (5, None), (4, None)],
+     {"peak_rss": [5.0], "setup_peak_rss": [2.0], "loop_peak_rss": [4.0], "save_peak_rss": [5.0]}),
+    # The kernel refuses the first reset: VmHWM then still holds the reference pass; no phase is known.
+    ("refused from the start", [False] * 5, [(2, None), (3, None), (5, None), (6, None)],
+     {"peak_rss": [6.0], "setup_peak_rss": [None], "loop_peak_rss": [None], "save_peak_rss": [None]}),
+    # Refused after setup: setup is known, every later phase carries it and reads as unknown.
+    ("refused after setup", [True, False, False, False, False], [(2, None), (3, None), (5, None), (4, None)],
+     {"peak_rss": [5.0], "setup_peak_rss": [2.0], "loop_peak_rss": [None], "save_peak_rss": [None]}),
+    # A GPU: each phase's device peak too (the CUDA reset is separate and always allowed).
+    ("gpu", [True] * 5, [(2, 10), (3, 30), (3, 20), (3, 25)],
+     {"peak_gpu": [30.0], "setup_peak_gpu": [10.0], "loop_peak_gpu": [30.0], "save_peak_gpu": [20.0]}),
+])
+def test_phase_peaks_read_each_phase_apart(monkeypatch, name, resets, readings, expect):
+    phases, end = _phases(monkeypatch, [(h * GIB, d if d is None else d * GIB) for h, d in readings], resets)
+    for phase in ("setup", "loop", "save", "loop"):  # a loop, a save, the loop again
+        end(phase)
+    summary = memory.phase_summary([phases.peaks], ("setup", "loop", "save"))
+    for key, value in expect.items():
+        assert summary[f"{key}_gib_per_rank"] == value, (name, key)
+    if all(d is None for _, d in readings):
+        assert summary["peak_gpu_gib_per_rank"] == [None]

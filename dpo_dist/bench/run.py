@@ -181,8 +181,9 @@ def ratios(r: dict) -> dict:
     if fused and unfused:
         out["zero3_fused_memory"] = max(fused["peak_rss_gib_per_rank"]) / max(unfused["peak_rss_gib_per_rank"])
         # The same, training loop only: the model's loading has a peak of its own the ops cannot touch.
-        out["zero3_fused_memory_loop"] = (max(fused["loop_peak_rss_gib_per_rank"])
-                                          / max(unfused["loop_peak_rss_gib_per_rank"]))
+        loops = [r.get("loop_peak_rss_gib_per_rank") or [None] for r in (fused, unfused)]
+        if all(None not in x for x in loops):  # None: this kernel refused to reset the peak
+            out["zero3_fused_memory_loop"] = max(loops[0]) / max(loops[1])
     g = r.get("generation")
     if g:
         out["batched_vs_sequential"] = g[f"batched_k{g['k']}"]["tokens_per_s"] / g["sequential"]["tokens_per_s"]
