@@ -388,7 +388,7 @@ def verdict(report: dict, rules: VerdictRules = VerdictRules()) -> dict:
     conds = list(trained)
 
     def figures(which: dict, key: str) -> str:
-        return "/".join(percent(which[c][key]) for c in conds) + "%"
+        return by_condition(which, key, conds)
 
     def where(cs: list[str]) -> str:
         return "under " + ", ".join(cs)
@@ -421,6 +421,11 @@ def verdict(report: dict, rules: VerdictRules = VerdictRules()) -> dict:
     fluency = f"fluency held ({fluency})" if held else f"fluency did not hold ({'; '.join(why)}: {fluency})"
     text = f"Verdict: {identity} {'and' if changed == held else 'but'} {fluency}."
     return {"identity_changed": changed, "fluency_held": held, "text": text, "rules": asdict(rules)}
+
+
+def by_condition(results: dict, key: str, conds: list[str]) -> str:
+    """One figure per system-prompt condition, in ``conds``' order: "95.9/90.6/90.1%"."""
+    return "/".join(percent(results[c][key]) for c in conds) + "%"
 
 
 def percent(share: float) -> str:

@@ -94,7 +94,7 @@ def summary_line(name: str, run_dir: Path, seconds: float, reused: bool, result=
             conds = list(r["trained"])
 
             def shares(which: str, key: str) -> str:
-                return "/".join(evaluate.percent(r[which][c][key]) for c in conds) + "%"
+                return evaluate.by_condition(r[which], key, conds)
 
             return (f"evaluate: identity adoption {shares('trained', 'identity_adoption')} "
                     f"(base {shares('base', 'identity_adoption')}) over {'/'.join(conds)}, leakage "
