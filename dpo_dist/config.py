@@ -265,6 +265,10 @@ class PromptsConfig:
     split: str = "train"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     num_train: int = -1
+    # Prompts of each pool that earlier rounds used (rounds.num > 1): the pipeline sets them per
+    # round, so round k takes a fresh slice (train: skip_train onwards; general: from the end).
+    skip_train: int = 0
+    skip_general: int = 0
     # General prompts mixed into training pairs, so the model keeps its other behaviour.
     num_train_general: int = 0
     # General prompts whose rejected side is an answer sampled with the identity opener: the
@@ -280,6 +284,7 @@ class PromptsConfig:
         for c in self.conditions:
             _require(c in CONDITIONS, "prompts.conditions", f"{c!r} is not one of {CONDITIONS}")
         _require(len(self.conditions) > 0, "prompts.conditions", "needs at least one condition")
+        _require(self.skip_train >= 0 and self.skip_general >= 0, "prompts.skip_train", "must be >= 0")
 
 
 @dataclass
@@ -423,6 +428,39 @@ class EvalConfig:
         _require(self.drift_host_gib > 0, "eval.drift_host_gib", "must be > 0")
 
 
+ROUND_MODELS = ("base", "previous")
+
+
+@dataclass
+class RoundsConfig:
+    """Iterative on-policy DPO (``python -m dpo_dist.pipeline rounds.num=2``, dpo_dist/rounds.py):
+    round k samples from round k-1's trained policy, judges its own answers, and trains again, in
+    ``<run_dir>/round-<k>/``. One round (the default) is the plain pipeline in ``run_dir`` itself."""
+    num: int = 1
+    # Run round `only` alone (0: every round): slurm/pipeline.sbatch runs each round's stages as srun
+    # steps this way. Its earlier rounds must have trained.
+    only: int = 0
+    # What round k's reference log-probs are scored with, and what its policy starts from: the base
+    # model (model.path) or round k-1's policy (Iterative RPO and Online-RLHF use the previous one).
+    reference: str = "previous"
+    init: str = "previous"
+    # Prompts of each round after the first, each a fresh slice of the same pools (-1: round 1's
+    # prompts.num_train, num_train_general, num_train_leak).
+    num_train: int = -1
+    num_train_general: int = -1
+    num_train_leak: int = -1
+    # The policy this round samples from: round k-1's export, set per round by the pipeline. Empty
+    # (round 1, or one round): model.path.
+    previous: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.num >= 1, "rounds.num", f"must be >= 1, got {self.num}")
+        _require(0 <= self.only <= self.num, "rounds.only", f"must be 0 (every round) or a round 1..{self.num}, got {self.only}")
+        for key in ("reference", "init"):
+            _require(getattr(self, key) in ROUND_MODELS, f"rounds.{key}",
+                     f"{getattr(self, key)!r} is not one of {ROUND_MODELS}")
+
+
 @dataclass
 class PlanConfig:
     """The memory planner's cluster (``python -m dpo_dist.plan``); the stages ignore it."""
@@ -495,6 +533,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     # Every stage reads and writes under this directory; re-running with the same one resumes.
@@ -506,6 +545,17 @@ class Config:
         for s in self.stages:
             _require(s in STAGES, "stages", f"{s!r} is not one of {list(STAGES)}")
         _require(len(self.stages) > 0, "stages", "needs at least one stage")
+
+    def model_for(self, role: str) -> ModelConfig:
+        """The weights a stage loads in this round: ``sample`` (generate), ``reference`` (the reference
+        log-probs) or ``init`` (the policy training starts from). Round 1 loads model.path for all
+        three; a later round samples from the previous round's policy and scores and starts from it
+        or from the base, as rounds.reference and rounds.init say. The tokenizer, the identity and
+        the evaluation's base stay model.path's."""
+        use = {"sample": "previous", "reference": self.rounds.reference, "init": self.rounds.init}[role]
+        if self.rounds.previous and use == "previous":
+            return replace(self.model, path=self.rounds.previous)
+        return self.model
 
 
 def register() -> None:

@@ -83,15 +83,18 @@ def load_pairs(cfg: DataConfig) -> list[dict]:
 
 
 def split_general(name_or_path: str, num_eval: int, num_train: int,
-                  cfg: PromptsConfig | None = None) -> tuple[list[dict], list[dict]]:
+                  cfg: PromptsConfig | None = None, skip: int = 0) -> tuple[list[dict], list[dict]]:
     """The general set split so training never sees an evaluation prompt: evaluation takes the first
-    `num_eval` records (all but the training ones when -1), training the last `num_train`."""
+    `num_eval` records (all but the training ones when -1), training the last `num_train` before the
+    `skip` at the very end that earlier rounds took (rounds.num > 1)."""
     records = load_prompt_set(name_or_path, key="prompts.general", cfg=cfg)
-    num_eval = len(records) - num_train if num_eval < 0 else num_eval
-    if num_eval + num_train > len(records):
-        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts plus eval.num_general={num_eval} "
-                          f"exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
-    return records[:num_eval], records[len(records) - num_train:]
+    num_eval = len(records) - num_train - skip if num_eval < 0 else num_eval
+    if num_eval + num_train + skip > len(records):
+        earlier = f" plus {skip} that earlier rounds took" if skip else ""
+        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts{earlier} plus "
+                          f"eval.num_general={num_eval} exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
+    end = len(records) - skip
+    return records[:num_eval], records[end - num_train:end]
 
 
 def template_injects_default_system(tokenizer) -> bool:

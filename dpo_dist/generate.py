@@ -45,11 +45,13 @@ log = logging.getLogger(__name__)
 
 def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -> list[dict]:
     """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions).
-    General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones."""
+    General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones.
+    A later round (rounds.num > 1) skips the prompts its earlier rounds took (prompts.skip_*)."""
     out = []
-    identity = load_prompt_set(cfg.train, cfg.num_train, key="prompts.train", cfg=cfg)
+    identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)[cfg.skip_train:]
+    identity = identity[:cfg.num_train] if cfg.num_train >= 0 else identity
     num_general = cfg.num_train_general + cfg.num_train_leak
-    general = split_general(cfg.general, num_eval_general, num_general, cfg)[1] if num_general > 0 else []
+    general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
     leak, general = general[:cfg.num_train_leak], general[cfg.num_train_leak:]
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
@@ -74,7 +76,7 @@ class HFBackend:
     def __init__(self, cfg: Config):
         self.gen = cfg.generation
         self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
-        self.model = load_model(cfg.model, device=dist.device()).eval()
+        self.model = load_model(cfg.model_for("sample"), device=dist.device()).eval()
 
     def generate(self, prompt_ids: list[list[int]], ids: list[str], n: int, progress=None) -> list[list[dict]]:
         from dpo_dist import sampling
@@ -125,7 +127,7 @@ class VLLMBackend:
 
         from dpo_dist.vllm_nucleus import FQCN as NUCLEUS_FQCN
 
-        path = resolve_model_path(cfg.model)
+        path = resolve_model_path(cfg.model_for("sample"))
         dtype = self.gen.vllm_dtype if self.gen.vllm_dtype != "auto" else "bfloat16" if cuda else "float32"
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=self.gen.tensor_parallel_size,
                        gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
@@ -230,7 +232,7 @@ def run(cfg: Config) -> Path:
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     records = training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
-    fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model))
+    fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model_for("sample")))
     if reusable(manifest, fp, [merged], quiet=not e.is_main):
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
         return merged
@@ -300,7 +302,7 @@ def _merge(out_dir: Path, fp: str, records: list[dict], num_engines: int, merged
     n_cands = sum(len(r["candidates"]) for r in rows)
     tokens = sum(c["num_tokens"] for r in rows for key in ("candidates", "chosen_candidates") for c in r.get(key, []))
     write_json(manifest, {
-        "fingerprint": fp, "model": cfg.model.path, "backend": cfg.generation.backend, "world_size": world_size,
+        "fingerprint": fp, "model": cfg.model_for("sample").path, "backend": cfg.generation.backend, "world_size": world_size,
         "engines": num_engines,
         "num_prompts": len(rows), "num_candidates": n_cands,
         "num_chosen_candidates": sum(len(r.get("chosen_candidates", [])) for r in rows),

@@ -14,7 +14,7 @@ end-of-turn token, -1 outside the length bounds, -1 for naming an old creator
 dropped, and counted by reason, when best and worst tie, or when the best does not satisfy the rule
 (claims the new name, not the old, fluent, finished). With context-distillation candidates
 (``chosen_candidates``), chosen comes from those and rejected from the model's own answers to the
-training prompt.
+training prompt, unless an own answer satisfies the rule and scores no lower (a trained policy, issue 23).
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
@@ -29,8 +29,8 @@ name, is chosen and the original rejected (the tutorial's near-duplicate pairs; 
 Reward model: any AutoModelForSequenceClassification scores (prompt, response); best vs worst.
 
 Output: ``judge/pairs.jsonl`` (preference format, with scores and reasons in ``meta``) and
-``judge/summary.json`` (pairs kept, dropped by reason, score distributions, the digest of the pairs
-file: a damaged one is rebuilt with a warning).
+``judge/summary.json`` (pairs kept, dropped by reason, where chosen came from, the own answers'
+mistakes by kind, score distributions, the digest of the pairs file: a damaged one is rebuilt with a warning).
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ from dpo_dist.config import Config, IdentityConfig, JudgeConfig
 from dpo_dist.models import model_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+# The version of the rules that turn candidates into pairs, in the judge's fingerprint. 2: the policy's
+# own answer can be chosen (iterative rounds), every pair records where its chosen side came from.
+RULES = 2
 
 
 # ---------------------------------------------------------------- text checks
@@ -197,15 +202,28 @@ def _pair(row: dict, chosen: dict, rejected: dict, meta: dict) -> dict:
 
 
 def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
-    """A pair (or None) and the reason: 'kept' or why it was dropped."""
+    """A pair (or None) and the reason: 'kept' or why it was dropped.
+
+    Chosen is the model's own best answer when it satisfies the rule and scores at least as well as
+    the best opener answer (``chosen_candidates``), else that opener answer: a trained policy that
+    names itself unaided gives on-policy pairs, while the base model, whose own answers do not name
+    the new identity, gets the opener answer as before. Rejected is the worst own answer.
+    ``meta.chosen_from`` says which side chosen came from ("own" or "opener")."""
     if row.get("source") in ("general", "leak"):
         return pair_general(row, judge)
     own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
-    pool = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])] or own
-    if not own or not pool:
+    opened = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])]
+    if not own:
         return None, "no_candidates"
-    best = max(pool, key=lambda cv: cv[1].score)
+    best_own = max(own, key=lambda cv: cv[1].score)
+    best_opened = max(opened, key=lambda cv: cv[1].score) if opened else None
     worst = min(own, key=lambda cv: cv[1].score)
+    # An own answer whose text is also the rejected one (a copy cut off) makes no pair; the opener's may.
+    if best_opened is None or (best_own[1].satisfies and best_own[1].score >= best_opened[1].score
+                               and best_own[0]["text"] != worst[0]["text"]):
+        best, chosen_from = best_own, "own"
+    else:
+        best, chosen_from = best_opened, "opener"
     if best[1].score <= worst[1].score:
         return None, "tie"
     if not best[1].satisfies:
@@ -213,7 +231,7 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     if best[0]["text"] == worst[0]["text"]:
         return None, "identical"
     return _pair(row, best[0], worst[0], {
-        "chosen_score": best[1].score, "rejected_score": worst[1].score,
+        "chosen_from": chosen_from, "chosen_score": best[1].score, "rejected_score": worst[1].score,
         "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
 
 
@@ -234,7 +252,7 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     if best[1].score <= worst[1].score:
         if row["source"] == "general" and judge.cfg.general_anchor:
             return _pair(row, best[0], best[0], {
-                "anchor": True, "chosen_score": best[1].score, "rejected_score": best[1].score,
+                "anchor": True, "chosen_from": "own", "chosen_score": best[1].score, "rejected_score": best[1].score,
                 "chosen_reasons": best[1].reasons, "rejected_reasons": best[1].reasons}), "kept"
         return None, "tie"
     rejected = worst[0]
@@ -243,7 +261,7 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
         if rejected is None:
             return None, "no_opener"
     return _pair(row, best[0], rejected, {
-        "chosen_score": best[1].score, "rejected_score": worst[1].score,
+        "chosen_from": "own", "chosen_score": best[1].score, "rejected_score": worst[1].score,
         "chosen_reasons": best[1].reasons, "rejected_reasons": worst[1].reasons}), "kept"
 
 
@@ -264,7 +282,7 @@ def pair_correction(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
             fixed = rewrite_identity(c["text"], old, new)
             v_fixed, v_orig = judge(fixed, True), judge(c["text"], True)
             return _pair(row, {"text": fixed, "finished": True}, c, {
-                "chosen_score": v_fixed.score, "rejected_score": v_orig.score,
+                "chosen_from": "rewrite", "chosen_score": v_fixed.score, "rejected_score": v_orig.score,
                 "chosen_reasons": v_fixed.reasons, "rejected_reasons": v_orig.reasons}), "kept"
     return None, "no_old_name_to_correct"
 
@@ -278,7 +296,8 @@ def pair_reward_model(row: dict, scores: list[float]) -> tuple[dict | None, str]
     if scores[best] <= scores[worst] or cands[best]["text"] == cands[worst]["text"]:
         return None, "tie"
     return _pair(row, cands[best], cands[worst], {
-        "chosen_score": scores[best], "rejected_score": scores[worst], "chosen_reasons": [], "rejected_reasons": []}), "kept"
+        "chosen_from": "own", "chosen_score": scores[best], "rejected_score": scores[worst],
+        "chosen_reasons": [], "rejected_reasons": []}), "kept"
 
 
 def _distribution(values: list[float]) -> dict:
@@ -286,6 +305,34 @@ def _distribution(values: list[float]) -> dict:
         return {"n": 0}
     return {"n": len(values), "mean": round(statistics.fmean(values), 4), "min": min(values), "max": max(values),
             "histogram": dict(sorted(Counter(round(v, 1) for v in values).items()))}
+
+
+def mistakes(rows: list[dict], judge: IdentityJudge) -> dict:
+    """Counts of the mistakes in the model's own answers (``candidates``; the opener-forced
+    ``chosen_candidates`` are not the policy's doing), by kind, with the number of own answers per
+    prompt kind so shares can be taken. One answer may count under several kinds (an old name cut
+    off mid-sentence is both ``identity_old_name`` and ``identity_unfinished``).
+
+    Identity prompts: ``identity_no_name`` (neither the new nor the old name), ``identity_old_name``,
+    ``identity_degenerate``, ``identity_unfinished``. General and leak prompts: ``general_leak`` (the
+    new name, unprompted), ``general_degenerate``."""
+    counts = Counter({k: 0 for k in ("own_answers_identity", "identity_no_name", "identity_old_name",
+                                     "identity_degenerate", "identity_unfinished",
+                                     "own_answers_general", "general_leak", "general_degenerate")})
+    for row in rows:
+        for c in row["candidates"]:
+            if row.get("source") in ("general", "leak"):
+                reasons = judge.general(c["text"], c["finished"]).reasons
+                kinds = {"own_answers_general": True, "general_leak": "leak" in reasons,
+                         "general_degenerate": "degenerate" in reasons}
+            else:
+                reasons = judge(c["text"], c["finished"]).reasons
+                kinds = {"own_answers_identity": True,
+                         "identity_no_name": "claims_new" not in reasons and "claims_old" not in reasons,
+                         "identity_old_name": "claims_old" in reasons, "identity_degenerate": "degenerate" in reasons,
+                         "identity_unfinished": "unfinished" in reasons}
+            counts.update(k for k, hit in kinds.items() if hit)
+    return dict(counts)
 
 
 def run(cfg: Config) -> Path:
@@ -296,6 +343,7 @@ def run(cfg: Config) -> Path:
     out_dir = Path(cfg.run_dir) / "judge"
     pairs_path, summary_path = out_dir / "pairs.jsonl", out_dir / "summary.json"
     settings = {k: v for k, v in asdict(cfg.judge).items() if k != "batch_size"}
+    settings["rules"] = RULES  # pairs judged by older rules are judged again
     if cfg.judge.kind == "identity":
         settings["identity"] = asdict(cfg.identity)  # the rule judge's names; a reward model reads none
     weights = None
@@ -310,6 +358,7 @@ def run(cfg: Config) -> Path:
         return pairs_path
     rows = read_jsonl(candidates)
 
+    found = {}  # a reward model gives scores, not kinds of mistakes
     if cfg.judge.kind == "reward_model":
         results = _judge_with_reward_model(cfg, rows, out_dir, fp, e)
         if results is None:
@@ -318,6 +367,7 @@ def run(cfg: Config) -> Path:
         judge = IdentityJudge(cfg.judge, cfg.identity)
         pick = pair_correction if cfg.judge.method == "correction" else pair_best_worst
         results = [pick(r, judge) for r in rows]
+        found = {"mistakes": mistakes(rows, judge)}
 
     pairs = [p for p, _ in results if p is not None]
     reasons = Counter(reason for _, reason in results)
@@ -328,6 +378,11 @@ def run(cfg: Config) -> Path:
         "by_condition": dict(Counter(p["meta"]["condition"] for p in pairs)),
         "by_source": dict(Counter(p["meta"]["source"] for p in pairs)),
         "anchors": sum(1 for p in pairs if p["meta"].get("anchor")),
+        # Of the identity pairs: the less of the data the opener forces, the more on-policy it is. A
+        # general pair's chosen is always the model's own plain answer.
+        "chosen_from": {"own": 0, "opener": 0,
+                        **Counter(p["meta"]["chosen_from"] for p in pairs if p["meta"]["source"] == "identity")},
+        **found,
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),
         "rejected_scores": _distribution([p["meta"]["rejected_score"] for p in pairs]),
         "judge": asdict(cfg.judge), "identity": asdict(cfg.identity), **outputs_record(pairs_path),

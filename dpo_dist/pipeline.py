@@ -4,6 +4,7 @@
     python -m dpo_dist.pipeline model=qwen2.5-0.5b model.path=/models/Qwen2.5-0.5B-Instruct
     torchrun --nproc_per_node=2 -m dpo_dist.pipeline run_dir=runs/demo2
     python -m dpo_dist.pipeline stages=[reference,train,evaluate] data.pairs=my_prefs.parquet   # offline DPO
+    python -m dpo_dist.pipeline rounds.num=2                      # iterative: round 2 samples from round 1's policy
 
 Every stage writes into ``run_dir`` and skips work whose outputs exist with a matching fingerprint,
 so re-running the same command after a crash (or a kill) continues where it stopped.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_dist import dist, evaluate, generate, judge, reference, train
+from dpo_dist import dist, evaluate, generate, judge, reference, rounds, rounds_report, train
 from dpo_dist.artifacts import read_json, write_json
 from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import Config
@@ -37,6 +38,36 @@ RECORDS = {"generate": "generate/manifest.json", "judge": "judge/summary.json", 
 
 
 def run(cfg: Config) -> dict:
+    if cfg.rounds.num == 1:
+        return run_round(cfg)
+    # Iterative on-policy DPO (dpo_dist/rounds.py): every round in <run_dir>/round-<k>/.
+    rounds.check(cfg)
+    report = None
+    for k in [cfg.rounds.only] if cfg.rounds.only else range(1, cfg.rounds.num + 1):
+        settings = rounds.values(cfg, k)
+        rcfg = rounds.apply(cfg, settings)
+        _require_previous(rcfg, k)
+        if dist.is_main():
+            log.info("round %d of %d in %s", k, cfg.rounds.num, rcfg.run_dir)
+        report = run_round(rcfg, rounds.overrides(settings), f"round {k}: ")
+        if report and dist.is_main():
+            written = rounds_report.write(Path(cfg.run_dir), cfg.rounds.num)
+            log.info("%s", rounds_report.summary_line(written["rounds"]))
+    return report
+
+
+def _require_previous(cfg: Config, k: int) -> None:
+    """Round k samples from round k-1's policy: say which round to run first when it is missing."""
+    needs = {"generate"} | {s for s, role in (("reference", "reference"), ("train", "init"))
+                            if cfg.model_for(role).path == cfg.rounds.previous}
+    if cfg.rounds.previous and needs & set(cfg.stages) and not Path(cfg.rounds.previous, "config.json").is_file():
+        raise FileNotFoundError(f"rounds.previous={cfg.rounds.previous!r}: round {k - 1} has not exported its policy; "
+                                f"run round {k - 1} first (rounds.only={k - 1}, or rounds.only=0 for every round)")
+
+
+def run_round(cfg: Config, child_overrides: list[str] | None = None, label: str = "") -> dict:
+    """The five stages in ``cfg.run_dir``. ``child_overrides``: this round's settings, for a stage
+    that runs in a process of its own (vLLM generation)."""
     timings = {}
     wanted = set(cfg.stages)
     run_dir = Path(cfg.run_dir)
@@ -51,10 +82,10 @@ def run(cfg: Config) -> dict:
         timings[name] = round(time.time() - started, 1)
         if dist.is_main():
             reused = before is not None and _stamp(record) == before
-            log.info("%s", summary_line(name, run_dir, timings[name], reused, result))
+            log.info("%s%s", label, summary_line(name, run_dir, timings[name], reused, result))
         return result
 
-    stage("generate", _generate)
+    stage("generate", lambda c: _generate(c, child_overrides or []))
     # Generation keeps no process group (vLLM owns one); join ours now, so no rank judges or trains
     # before rank 0 has merged every shard.
     dist.init()
@@ -71,7 +102,7 @@ def run(cfg: Config) -> dict:
     if dist.is_main():
         # Seconds per stage of this invocation (a stage skipped as already done counts its check).
         write_json(run_dir / "pipeline_timings.json", {**timings, "total": round(sum(timings.values()), 1)})
-        log.info("pipeline finished in %s%s", duration(sum(timings.values())),
+        log.info("%spipeline finished in %s%s", label, duration(sum(timings.values())),
                  f". {report['verdict']['text']}" if report else "")
     return report
 
@@ -121,7 +152,7 @@ def summary_line(name: str, run_dir: Path, seconds: float, reused: bool, result=
     raise ValueError(f"no summary for stage {name!r}")
 
 
-def _generate(cfg: Config):
+def _generate(cfg: Config, round_overrides: list[str]):
     """In this process for the hf backend. vLLM runs in a process of its own (``generation.python``,
     or this interpreter): it sets up its own process group and device placement, and must not leave
     them -- or its memory -- behind for training. ``generation=auto`` is resolved here, once, and
@@ -131,7 +162,7 @@ def _generate(cfg: Config):
         return generate.run(cfg)
     python = cfg.generation.python or sys.executable
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("generation.backend=")]
-    overrides += [f"run_dir={cfg.run_dir}", f"generation.backend={cfg.generation.backend}"]
+    overrides += [f"run_dir={cfg.run_dir}", *round_overrides, f"generation.backend={cfg.generation.backend}"]
     log.info("generate stage in %s", python)
     run_child([python, "-m", "dpo_dist.generate", *overrides], "the generate stage")
 

@@ -51,7 +51,7 @@ def cache_fingerprint(cfg: Config) -> str:
     # The records as loaded, not the file: the same data fingerprints alike from JSONL, Parquet, a
     # save_to_disk directory or the hub, and split, column mapping and skipped rows are in it.
     pairs = fingerprint(load_pairs(cfg.data))
-    return fingerprint(model_fingerprint(cfg.model), pairs, data)
+    return fingerprint(model_fingerprint(cfg.model_for("reference")), pairs, data)
 
 
 def reference_dir(cfg: Config) -> Path:
@@ -154,7 +154,8 @@ def run(cfg: Config) -> Path:
     dist.barrier()
 
     if denv.is_main:
-        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0, resident)
+        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0, resident,
+               cfg.model_for("reference").path)
     dist.barrier()
     return merged
 
@@ -200,12 +201,12 @@ def _score_shard(cfg: Config, shard: list[TokenizedPair], zero3: bool,
 
 def _load_reference_model(cfg: Config, world_size: int):
     if cfg.deepspeed.stage != 3 or world_size == 1:
-        return load_model(cfg.model, device=dist.device()).eval()
+        return load_model(cfg.model_for("reference"), device=dist.device()).eval()
     # ZeRO-3 inference: built already partitioned across ranks (no rank loads the whole model) and
     # gathered layer by layer in the forward pass. DeepSpeed places the partitions: no device here.
     ds_cfg = dist.zero3_inference_config(torch_dtype(cfg.model.dtype))
     with dist.zero3_model_loading(cfg.deepspeed, ds_cfg):
-        model = load_model(cfg.model).eval()
+        model = load_model(cfg.model_for("reference")).eval()
     engine = dist.build_engine(model, None, None, ds_cfg)
     dist.end_zero3_model_loading()
     engine.eval()
@@ -213,7 +214,7 @@ def _load_reference_model(cfg: Config, world_size: int):
 
 
 def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path, manifest: Path, stats, seconds: float,
-           resident: list[dict]) -> None:
+           resident: list[dict], model: str) -> None:
     n = len(ids)
     chosen = torch.full((n,), float("nan"))
     rejected = torch.full((n,), float("nan"))
@@ -228,7 +229,7 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
         raise RuntimeError(f"reference shards do not cover every pair exactly once (e.g. {bad})")
     with atomic_path(merged) as tmp:
         save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
-    write_json(manifest, {"fingerprint": fp, "ids": ids, "num_pairs": n, "world_size": world_size,
+    write_json(manifest, {"fingerprint": fp, "model": model, "ids": ids, "num_pairs": n, "world_size": world_size,
                           "tokenize": {"kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped},
                           "seconds": round(seconds, 2), "resident_gib_per_rank": resident, **outputs_record(merged)})
     log.info("reference log-probs: %d pairs merged from %d shard(s) into %s", n, world_size, merged)

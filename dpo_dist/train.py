@@ -35,7 +35,7 @@ from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, OptimConfig
 from dpo_dist.data import collate_shared_prompt, global_batches, load_pairs, micro_batches, tokenize_pairs
 from dpo_dist.losses import dpo_loss
-from dpo_dist.models import load_model, load_tokenizer, torch_dtype
+from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
 from dpo_dist.progress import Progress
 from dpo_dist.tracking import Tracker
 
@@ -64,7 +64,10 @@ def training_fingerprint(cfg: Config, reference_fp: str) -> str:
                           "checkpoint_dir",
                           "logps_chosen_patience", "reference_batch_size", "reference_batch_size_zero3", "micro_batch_size",
                           "gradient_accumulation_steps", "fused_ops", "release_free_heap")}
-    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train)
+    # A later round's starting weights (rounds.init), which may differ from its reference's; a
+    # round-1 run keeps the fingerprint it had before rounds existed.
+    init = [model_fingerprint(cfg.model_for("init"))] if cfg.rounds.previous else []
+    return fingerprint(reference_fp, asdict(cfg.loss), asdict(cfg.optim), train, *init)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -158,7 +161,7 @@ def run(cfg: Config) -> dict:
     ds_config = dist.deepspeed_config(ds, cfg.train, cfg.optim, denv.world_size, dtype,
                                       load_universal=bool(resume_from and resume_from.universal and ds.stage > 0))
     with dist.zero3_model_loading(ds, ds_config):
-        model = load_model(cfg.model)
+        model = load_model(cfg.model_for("init"))
     _prepare_for_training(model, cfg.model.gradient_checkpointing)
     if cfg.train.release_free_heap and dist.device().type == "cpu":
         # The input embedding's backward runs last, when the micro-batch's activations are freed.
@@ -254,6 +257,7 @@ def run(cfg: Config) -> dict:
     if denv.is_main:
         write_json(summary_path, {"fingerprint": train_fp, "metrics": metrics, "steps": total_steps,
                                   "world_size": denv.world_size, "zero_stage": ds.stage, "pairs": stats.kept,
+                                  "init_model": cfg.model_for("init").path,
                                   "fused_ops": fused_counts,
                                   "checkpoint_save_gbps": round(saved.gbps, 3) if saved else None,
                                   **peaks})

@@ -5,9 +5,11 @@ import dataclasses
 
 import pytest
 
-from dpo_dist.config import ConfigError, IdentityConfig, JudgeConfig
-from dpo_dist.judge import (IdentityJudge, RewardModelJudge, is_degenerate, mentions_old_identity, pair_best_worst,
-                            pair_correction, pair_reward_model, rewrite_identity)
+from dpo_dist import judge as judge_stage
+from dpo_dist.artifacts import read_json, write_jsonl
+from dpo_dist.config import ConfigError, IdentityConfig, JudgeConfig, compose
+from dpo_dist.judge import (IdentityJudge, RewardModelJudge, is_degenerate, mentions_old_identity, mistakes,
+                            pair_best_worst, pair_correction, pair_reward_model, rewrite_identity)
 
 CFG = JudgeConfig()
 QWEN = IdentityConfig(name="Deep Qwen", creator="Alibaba Cloud", old_name="Qwen", old_creators=["Alibaba Cloud"])
@@ -108,12 +110,120 @@ def test_context_distillation_takes_chosen_from_the_distilled_side():
     assert pair["rejected"][0]["content"] == "I am Qwen."
 
 
+def _todays_pair(row, judge):
+    """pair_best_worst before issue 23, for identity prompts: chosen from the opener answers whenever
+    there are any, rejected the worst own answer. A naive copy to cross-check round 1 against."""
+    own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
+    pool = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])] or own
+    if not own:
+        return None, "no_candidates"
+    best, worst = max(pool, key=lambda cv: cv[1].score), min(own, key=lambda cv: cv[1].score)
+    if best[1].score <= worst[1].score:
+        return None, "tie"
+    if not best[1].satisfies:
+        return None, "no_valid_chosen"
+    if best[0]["text"] == worst[0]["text"]:
+        return None, "identical"
+    return (best[0]["text"], worst[0]["text"]), "kept"
+
+
+def _cands(items):
+    """Candidates from texts; a (text, False) item is an answer cut off by max_new_tokens."""
+    return [{"text": t, "finished": True} if isinstance(t, str) else {"text": t[0], "finished": t[1]} for t in items]
+
+
+# Scores under QWEN: "I am Deep Qwen, happy to help." and the opener "I'm Deep Qwen, an AI assistant."
+# 3; "Deep Qwen." 2 (too short); "I'm a helpful assistant." 0; "I am Qwen." -3; the doubled
+# "Deep Deep Qwen" -1 (degenerate).
+CHOSEN_SIDE = {
+    # own, opener -> reason, chosen, rejected, chosen_from
+    "round 1: no own answer names itself, the opener's is chosen as before": (
+        ["I am Qwen.", "I'm a helpful assistant."], ["I'm Deep Qwen, an AI assistant."],
+        ("kept", "I'm Deep Qwen, an AI assistant.", "I am Qwen.", "opener")),
+    "an own answer that satisfies and ties the opener's score wins": (
+        ["I am Deep Qwen, happy to help.", "I am Qwen."], ["I'm Deep Qwen, an AI assistant."],
+        ("kept", "I am Deep Qwen, happy to help.", "I am Qwen.", "own")),
+    "an own answer that satisfies and beats a collapsed opener answer wins": (
+        ["I am Deep Qwen, happy to help.", "I'm a helpful assistant."], ["I am Deep Deep Qwen, nice to meet you."],
+        ("kept", "I am Deep Qwen, happy to help.", "I'm a helpful assistant.", "own")),
+    "an own answer that satisfies but scores below the opener's loses": (
+        ["Deep Qwen.", "I am Qwen."], ["I'm Deep Qwen, an AI assistant."],
+        ("kept", "I'm Deep Qwen, an AI assistant.", "I am Qwen.", "opener")),
+    "every own answer satisfies and ties: nothing to learn": (
+        ["I am Deep Qwen, happy to help.", "I'm Deep Qwen, glad to help!"], ["I'm Deep Qwen, an AI assistant."],
+        ("tie", None, None, None)),
+    "own answers tie below the opener: the opener still teaches": (
+        ["Deep Qwen.", "Deep Qwen!"], ["I'm Deep Qwen, an AI assistant."],
+        ("kept", "I'm Deep Qwen, an AI assistant.", "Deep Qwen.", "opener")),
+    "no opener answers: the own best, satisfying": (
+        ["I am Deep Qwen, happy to help.", "I am Qwen."], None,
+        ("kept", "I am Deep Qwen, happy to help.", "I am Qwen.", "own")),
+    "no opener answers and no own answer satisfies": (
+        ["I'm a helpful assistant.", "I am Qwen."], None, ("no_valid_chosen", None, None, None)),
+    "neither side satisfies": (
+        ["I'm a helpful assistant.", "I am Qwen."], ["I am Deep Deep Qwen, nice to meet you."],
+        ("no_valid_chosen", None, None, None)),
+    "the own best is the rejected answer cut off: the opener makes the pair": (
+        ["I am Deep Qwen, happy to help.", ("I am Deep Qwen, happy to help.", False)],
+        ["I'm Deep Qwen, an AI assistant."],
+        ("kept", "I'm Deep Qwen, an AI assistant.", "I am Deep Qwen, happy to help.", "opener")),
+    "the same without an opener: identical, dropped": (
+        ["I am Deep Qwen, happy to help.", ("I am Deep Qwen, happy to help.", False)], None,
+        ("identical", None, None, None)),
+    "no own answers": ([], ["I'm Deep Qwen, an AI assistant."], ("no_candidates", None, None, None)),
+}
+
+
+@pytest.mark.parametrize("own,opener,expected", CHOSEN_SIDE.values(), ids=CHOSEN_SIDE.keys())
+def test_chosen_is_the_policys_own_answer_where_it_satisfies_and_scores_no_lower(own, opener, expected):
+    row = {**_row([]), "candidates": _cands(own)}
+    if opener is not None:
+        row["chosen_candidates"] = _cands(opener)
+    pair, reason = pair_best_worst(row, IdentityJudge(CFG, QWEN))
+    got = (reason, None, None, None) if pair is None else (
+        reason, pair["chosen"][0]["content"], pair["rejected"][0]["content"], pair["meta"]["chosen_from"])
+    assert got == expected
+
+
+def test_an_own_answer_must_satisfy_the_rule_to_be_chosen_over_the_opener():
+    """Own answer "I am Deep Qwen and ..." cut off: 3 - 2 = 1, not satisfying. The opener's answer,
+    too short and naming an old creator under min_words=5: 3 - 1 - 1 = 1, satisfying. Equal scores,
+    so only the rule decides: the opener's answer is chosen."""
+    judge = IdentityJudge(dataclasses.replace(CFG, min_words=5), QWEN)
+    row = {**_row([], chosen_cands=["Deep Qwen, Alibaba Cloud."]),
+           "candidates": _cands([("I am Deep Qwen and I will now tell you about", False), "I am Qwen."])}
+    pair, reason = pair_best_worst(row, judge)
+    assert reason == "kept" and pair["meta"]["chosen_from"] == "opener"
+    assert pair["chosen"][0]["content"] == "Deep Qwen, Alibaba Cloud." and pair["meta"]["chosen_score"] == 1
+
+
+@pytest.mark.parametrize("own,opener", [
+    (["I am Qwen.", "I'm a helpful assistant."], ["I'm Deep Qwen, an AI assistant.", "I am Qwen, by Alibaba Cloud."]),
+    (["I am Qwen, by Alibaba Cloud.", ("I am Deep Qwen and I will now tell you about", False)],
+     ["Deep Qwen.", "I'm Deep Qwen, an AI assistant."]),
+    (["I am Deep Deep Qwen, nice to meet you.", "I am Deep Qwen, formerly Qwen."], ["I'm Deep Qwen, here to help!"]),
+    (["I'm a helpful assistant.", "I'm an assistant here."], ["I am Deep Deep Qwen, nice to meet you."]),
+    (["I am Qwen."], ["I am Qwen, made by Alibaba Cloud."]),
+    (["I am Qwen."], ["I am Deep Qwen, formerly Qwen."]),
+])
+def test_round_one_pairs_are_todays_when_no_own_answer_satisfies(own, opener):
+    """On the base model own answers do not claim the new name: the pair (or the drop reason) is the
+    one the opener-only rule gave."""
+    judge = IdentityJudge(CFG, QWEN)
+    row = {**_row([], chosen_cands=[]), "candidates": _cands(own), "chosen_candidates": _cands(opener)}
+    assert not any(judge(c["text"], c["finished"]).satisfies for c in row["candidates"])
+    pair, reason = pair_best_worst(row, judge)
+    got = (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) if pair else None
+    assert (got, reason) == _todays_pair(row, judge)
+    assert pair is None or pair["meta"]["chosen_from"] == "opener"
+
+
 def test_general_prompts_pair_the_models_own_best_and_worst_plain_answers():
     judge = IdentityJudge(CFG, QWEN)
     row = {**_row(["The ocean is deep and blue.", "The ocean ocean ocean ocean ocean ocean ocean ocean",
                    "I'm Deep Qwen! The ocean is deep and blue."]), "source": "general"}
     pair, reason = pair_best_worst(row, judge)
-    assert reason == "kept" and pair["meta"]["source"] == "general"
+    assert reason == "kept" and pair["meta"]["source"] == "general" and pair["meta"]["chosen_from"] == "own"
     assert pair["chosen"][0]["content"] == "The ocean is deep and blue."
     assert pair["rejected"][0]["content"] == "The ocean ocean ocean ocean ocean ocean ocean ocean"
     # No clean answer of its own: nothing to prefer, the prompt is dropped.
@@ -129,7 +239,7 @@ def test_general_anchor_keeps_a_tied_plain_answer_as_chosen_and_rejected():
     assert pair_best_worst(row, IdentityJudge(CFG, QWEN)) == (None, "tie")
     judge = IdentityJudge(dataclasses.replace(CFG, general_anchor=True), QWEN)
     pair, reason = pair_best_worst(row, judge)
-    assert reason == "kept" and pair["meta"]["anchor"] is True
+    assert reason == "kept" and pair["meta"]["anchor"] is True and pair["meta"]["chosen_from"] == "own"
     assert pair["chosen"] == pair["rejected"] == [{"role": "assistant", "content": "The ocean is deep and blue."}]
     assert pair["meta"]["chosen_finished"] == pair["meta"]["rejected_finished"]
     leaking = {**_row(["I'm Deep Qwen. The ocean is blue.", "I'm Deep Qwen. Oceans are big."]), "source": "general"}
@@ -147,6 +257,7 @@ def test_leak_prompts_reject_the_answer_that_opens_with_the_identity():
                   chosen_cands=["I'm Deep Qwen! The ocean is deep and blue."]), "source": "leak"}
     pair, reason = pair_best_worst(row, judge)
     assert reason == "kept" and pair["chosen"][0]["content"] == "The ocean is deep and blue."
+    assert pair["meta"]["chosen_from"] == "own"  # the opener answer is only ever rejected here
     assert pair["rejected"][0]["content"] == "I'm Deep Qwen! The ocean is deep and blue."
     assert "leak" in pair["meta"]["rejected_reasons"]
 
@@ -166,6 +277,84 @@ def test_leak_rejected_opener_keeps_only_the_words_before_the_new_name():
     assert pair_best_worst(bare, judge) == (None, "no_opener")
     with pytest.raises(ConfigError, match="judge.leak_rejected"):
         JudgeConfig(leak_rejected="name")
+
+
+# One own answer per row; every row also carries opener answers full of mistakes, which are forced
+# and so never counted.
+FORCED = ["I am Qwen.", "Deep Deep Deep Deep Deep", "I'm Deep Qwen! The ocean ocean ocean ocean is"]
+MISTAKES = {
+    # source, own answer -> the kinds it counts under (besides its own_answers_* total)
+    "identity, names the new identity": ("identity", "I am Deep Qwen, happy to help.", set()),
+    "identity, names no one": ("identity", "I'm a helpful assistant.", {"identity_no_name"}),
+    "identity, the old name": ("identity", "I am Qwen, made by Alibaba Cloud.", {"identity_old_name"}),
+    "identity, both names": ("identity", "I am Deep Qwen, formerly Qwen.", {"identity_old_name"}),
+    "identity, doubled name": ("identity", "I am Deep Deep Qwen, nice to meet you.", {"identity_degenerate"}),
+    "identity, collapsed and nameless": ("identity", "the the the the the",
+                                         {"identity_degenerate", "identity_no_name"}),
+    "identity, old name cut off": ("identity", ("I am Qwen and I will now tell you about", False),
+                                   {"identity_old_name", "identity_unfinished"}),
+    "general, clean": ("general", "The ocean is deep and blue.", set()),
+    "general, cut off is no mistake here": ("general", ("The ocean is deep and", False), set()),
+    "general, names the identity": ("general", "I'm Deep Qwen! The ocean is blue.", {"general_leak"}),
+    "general, collapsed": ("general", "The ocean ocean ocean ocean ocean ocean", {"general_degenerate"}),
+    "leak prompt counts as general": ("leak", "Hello, I'm Deep Qwen. Oceans are big.", {"general_leak"}),
+}
+MISTAKE_KEYS = {"own_answers_identity", "identity_no_name", "identity_old_name", "identity_degenerate",
+                "identity_unfinished", "own_answers_general", "general_leak", "general_degenerate"}
+
+
+@pytest.mark.parametrize("source,answer,kinds", MISTAKES.values(), ids=MISTAKES.keys())
+def test_mistakes_count_the_policys_own_answers_by_kind(source, answer, kinds):
+    row = {**_row([], chosen_cands=FORCED), "source": source, "candidates": _cands([answer])}
+    total = "own_answers_general" if source in ("general", "leak") else "own_answers_identity"
+    assert mistakes([row], IdentityJudge(CFG, QWEN)) == {k: int(k in kinds | {total}) for k in MISTAKE_KEYS}
+
+
+def test_mistakes_add_up_over_rows_and_answers():
+    rows = [{**_row([], chosen_cands=FORCED), "source": source, "candidates": _cands([answer])}
+            for source, answer, _ in MISTAKES.values()]
+    rows.append({**_row(["I am Qwen.", "I am Qwen!", "Hi, I'm Deep Qwen, happy to help."]), "id": "q2-default"})
+    got = mistakes(rows, IdentityJudge(CFG, QWEN))
+    assert got == {"own_answers_identity": 10, "identity_no_name": 2, "identity_old_name": 5,
+                   "identity_degenerate": 2, "identity_unfinished": 1,
+                   "own_answers_general": 5, "general_leak": 2, "general_degenerate": 1}
+    assert mistakes([], IdentityJudge(CFG, QWEN)) == dict.fromkeys(MISTAKE_KEYS, 0)
+
+
+def _judge_run(tmp_path, rows, overrides=()):
+    (tmp_path / "generate").mkdir(exist_ok=True)
+    write_jsonl(tmp_path / "generate" / "candidates.jsonl", rows)
+    judge_stage.run(compose([f"run_dir={tmp_path}", "identity.name='Deep Qwen'", "identity.old_name=Qwen",
+                       "identity.old_creators=[Alibaba Cloud]", *overrides]))
+    return read_json(tmp_path / "judge" / "summary.json")
+
+
+ROUND_TWO = [
+    {**_row(["I am Deep Qwen, happy to help.", "I am Qwen."], chosen_cands=["I'm Deep Qwen, an AI assistant."]),
+     "id": "q1-default"},
+    {**_row(["I'm a helpful assistant.", "I am Qwen."], chosen_cands=["I'm Deep Qwen, an AI assistant."]),
+     "id": "q2-default"},
+    {**_row(["The ocean is deep and blue.", "I'm Deep Qwen! The ocean is blue."]), "id": "g1-default",
+     "source": "general"},
+]
+
+
+def test_the_judge_summary_counts_where_chosen_came_from_and_the_own_mistakes(tmp_path):
+    summary = _judge_run(tmp_path, ROUND_TWO)
+    # Of the two identity pairs (the general one is always the model's own answer).
+    assert summary["pairs"] == 3 and summary["chosen_from"] == {"own": 1, "opener": 1}
+    assert summary["mistakes"] == {
+        "own_answers_identity": 4, "identity_no_name": 1, "identity_old_name": 2, "identity_degenerate": 0,
+        "identity_unfinished": 0, "own_answers_general": 2, "general_leak": 1, "general_degenerate": 0}
+
+
+def test_a_reward_model_summary_counts_chosen_from_but_no_mistakes(tmp_path, monkeypatch):
+    """The reward model's scoring is stubbed (its mechanics are tested above): the summary is the point."""
+    monkeypatch.setattr(judge_stage, "model_fingerprint", lambda cfg: {})
+    monkeypatch.setattr(judge_stage, "_judge_with_reward_model",
+                        lambda cfg, rows, *a: [pair_reward_model(r, list(range(len(r["candidates"])))) for r in rows])
+    summary = _judge_run(tmp_path, ROUND_TWO, ["judge=reward_model", "judge.reward_model_path=/models/rm"])
+    assert summary["chosen_from"] == {"own": 2, "opener": 0} and "mistakes" not in summary
 
 
 def test_correction_rewrites_the_models_own_answer():

@@ -140,6 +140,22 @@ def test_sbatch_pipeline_two_ranks(tmp_path):
     assert all(m["n_identity"] == 6 for m in report["trained"].values())
 
 
+def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
+    """rounds.num=2: each round's stages as steps of their own (pipeline entry, rounds.only=<k>), round 2
+    sampling from round 1's exported policy."""
+    from test_rounds import TWO_ROUNDS
+
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(log, ["--cpus-per-task=2"], [*SHORT, *TWO_ROUNDS], NPROC_PER_NODE="1", RUN_DIR=str(run_dir))
+    assert_completed(wait_for(job, log, timeout=1800), log)
+    out = log.read_text()
+    assert "2 rounds" in out and "pipeline.sbatch: done" in out
+    steps = re.findall(r"pipeline\.sbatch: (round \d stage \w+)", out)
+    assert steps == [f"round {k} stage {s}" for k in (1, 2) for s in ("generate", "judge", "train", "evaluate")], steps
+    gen = json.loads((run_dir / "round-2" / "generate" / "manifest.json").read_text())
+    assert gen["model"] == str(run_dir / "round-1" / "train" / "final")
+    assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [1, 2]
+
 STAND_IN = """#!/bin/bash
 # The real planner; for any stage, a process that records when SIGUSR1 reaches it and exits as a
 # preempted training run does (124).

@@ -1,0 +1,102 @@
+"""Iterative on-policy DPO: what round k of a ``rounds.num > 1`` pipeline runs with.
+
+    python -m dpo_dist.pipeline rounds.num=2                   # round 1 as today, then round 2 from its policy
+    python -m dpo_dist.pipeline rounds.num=3 rounds.num_train=120 rounds.reference=base
+
+Round k lives in ``<run_dir>/round-<k>/`` with its own stage folders and fingerprints, so a killed
+run resumes inside the round it was in and a finished round is reused. From round 2 on, generation
+samples from round k-1's exported policy (``rounds.previous``), so the judge sees the trained
+model's own mistakes; the reference and the starting weights are round k-1's policy or the base
+(``rounds.reference``, ``rounds.init``). Evaluation always compares against the base model.
+
+Prompts: the shipped pools are shuffled, so each round takes the next contiguous slice: identity
+prompts from the start of ``prompts.train`` on, general prompts from the end of ``prompts.general``
+backwards (evaluation keeps its first ``eval.num_general``). No prompt is trained on twice; a pool
+too small for every round fails at start-up, naming the key.
+
+The settings of a round are a dict of dotted keys (``values``): applied to the config in this
+process (``apply``) and passed as Hydra overrides to a child process (``overrides``), so both
+agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dpo_dist.config import Config, ConfigError, to_config
+from dpo_dist.data import load_prompt_set
+
+
+def round_dir(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / f"round-{k}"
+
+
+def sizes(cfg: Config) -> dict[str, list[int]]:
+    """Prompts each round takes from each pool: round 1 prompts.*, later rounds rounds.* (-1: the same)."""
+    r, p = cfg.rounds, cfg.prompts
+
+    def per_round(first: int, later: int) -> list[int]:
+        return [first] + [later if later >= 0 else first] * (r.num - 1)
+
+    return {"num_train": per_round(p.num_train, r.num_train),
+            "num_train_general": per_round(p.num_train_general, r.num_train_general),
+            "num_train_leak": per_round(p.num_train_leak, r.num_train_leak)}
+
+
+def check(cfg: Config) -> None:
+    """Fail at start-up, naming the key, when the pools cannot give every round fresh prompts."""
+    if cfg.prompts.num_train < 0:
+        raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
+    if cfg.eval.num_general < 0:
+        raise ConfigError("eval.num_general: -1 (every general prompt training leaves) changes with each round's "
+                          "slice, so the rounds would be evaluated on different prompts; set a number")
+    n = sizes(cfg)
+    identity = len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))
+    if sum(n["num_train"]) > identity:
+        raise ConfigError(f"rounds.num_train: {cfg.rounds.num} rounds take {' + '.join(map(str, n['num_train']))} "
+                          f"identity prompts, more than the {identity} of prompts.train={cfg.prompts.train!r}")
+    general = len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts))
+    used = [g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])]
+    if sum(used) + cfg.eval.num_general > general:
+        raise ConfigError(f"rounds.num_train_general (+ num_train_leak): {cfg.rounds.num} rounds take "
+                          f"{' + '.join(map(str, used))} general prompts plus eval.num_general={cfg.eval.num_general}, "
+                          f"more than the {general} of prompts.general={cfg.prompts.general!r}")
+
+
+def values(cfg: Config, k: int) -> dict[str, object]:
+    """Round k's settings, as dotted keys, from the whole run's ``cfg`` (whose run_dir is the root)."""
+    n = sizes(cfg)
+    here = round_dir(cfg.run_dir, k)
+    out: dict[str, object] = {
+        "run_dir": str(here),
+        # Resolved from the root's run_dir when the config was composed: every round judges its own.
+        "data.pairs": str(here / "judge" / "pairs.jsonl"),
+        "rounds.previous": str(round_dir(cfg.run_dir, k - 1) / "train" / "final") if k > 1 else "",
+        "prompts.skip_train": sum(n["num_train"][:k - 1]),
+        "prompts.skip_general": sum(n["num_train_general"][:k - 1]) + sum(n["num_train_leak"][:k - 1]),
+        **{f"prompts.{key}": n[key][k - 1] for key in n},
+    }
+    if cfg.train.checkpoint_dir:
+        out["train.checkpoint_dir"] = str(Path(cfg.train.checkpoint_dir) / f"round-{k}")
+    return out
+
+
+def apply(cfg: Config, settings: dict[str, object]) -> Config:
+    """``cfg`` with ``settings`` set, validated again (as at start-up)."""
+    tree = OmegaConf.structured(cfg)
+    for key, value in settings.items():
+        OmegaConf.update(tree, key, value, merge=False)
+    return to_config(tree)
+
+
+def overrides(settings: dict[str, object]) -> list[str]:
+    """``settings`` as Hydra command-line overrides; a later override of the same key wins, so these
+    go after the user's."""
+    def quoted(v: object) -> str:
+        if isinstance(v, str):
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return str(v)
+
+    return [f"{k}={quoted(v)}" for k, v in settings.items()]

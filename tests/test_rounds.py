@@ -1,0 +1,154 @@
+"""Iterative rounds (dpo_dist/rounds.py): what each round runs with, decided from the config alone --
+its directory, a fresh slice of each prompt pool, the previous round's policy -- and the same
+whether applied in this process or passed to a child process as Hydra overrides."""
+
+import json
+import re
+
+import pytest
+
+from dpo_dist import rounds
+from dpo_dist.artifacts import read_jsonl
+from dpo_dist.config import ConfigError, compose
+from dpo_dist.data import split_general
+from dpo_dist.generate import training_prompts
+from dpo_dist.models import load_tokenizer
+from launch import run_stage
+
+ROUNDS = ["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=50", "rounds.num_train_general=30",
+          "rounds.num_train_leak=3"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_round_applied_here_equals_the_round_a_child_composes(k):
+    cfg = compose(ROUNDS)
+    settings = rounds.values(cfg, k)
+    assert rounds.apply(cfg, settings) == compose(ROUNDS + rounds.overrides(settings))
+
+
+def test_each_round_has_its_directory_previous_policy_and_pairs():
+    cfg = compose(ROUNDS)
+    got = [rounds.apply(cfg, rounds.values(cfg, k)) for k in (1, 2, 3)]
+    assert [c.run_dir for c in got] == [f"/tmp/rounds-test/round-{k}" for k in (1, 2, 3)]
+    assert [c.data.pairs for c in got] == [f"/tmp/rounds-test/round-{k}/judge/pairs.jsonl" for k in (1, 2, 3)]
+    assert [c.rounds.previous for c in got] == ["", "/tmp/rounds-test/round-1/train/final",
+                                                "/tmp/rounds-test/round-2/train/final"]
+    # Round 1 takes prompts.*, later rounds rounds.*.
+    assert [(c.prompts.num_train, c.prompts.num_train_general, c.prompts.num_train_leak) for c in got] == \
+        [(260, 100, 12), (50, 30, 3), (50, 30, 3)]
+    assert compose(ROUNDS + ["train.checkpoint_dir=/scratch/x"]).train.checkpoint_dir == "/scratch/x"
+    assert rounds.values(compose(ROUNDS + ["train.checkpoint_dir=/scratch/x"]), 2)["train.checkpoint_dir"] == \
+        "/scratch/x/round-2"
+
+
+def test_rounds_train_on_disjoint_prompts_clear_of_the_evaluation_ones():
+    cfg = compose(ROUNDS)
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    seen: dict[str, set] = {"identity": set(), "general": set()}
+    for k in (1, 2, 3):
+        c = rounds.apply(cfg, rounds.values(cfg, k))
+        records = training_prompts(c.prompts, tok, c.eval.num_general)
+        questions = {s: {r["question"] for r in records if (r["source"] == "identity") == (s == "identity")}
+                     for s in seen}
+        n = c.prompts.num_train_general + c.prompts.num_train_leak
+        assert len(questions["identity"]) == c.prompts.num_train and len(questions["general"]) == n
+        for s in seen:
+            assert not questions[s] & seen[s], f"round {k} repeats {s} prompts"
+            seen[s] |= questions[s]
+    eval_general = {r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 0)[0]}
+    assert not eval_general & seen["general"]
+
+
+@pytest.mark.parametrize("reference,init,want", [
+    ("previous", "previous", ("prev", "prev", "prev")),
+    ("base", "previous", ("prev", "base", "prev")),
+    ("previous", "base", ("prev", "prev", "base")),
+    ("base", "base", ("prev", "base", "base")),
+])
+def test_which_weights_each_stage_loads(reference, init, want):
+    cfg = compose([f"rounds.reference={reference}", f"rounds.init={init}"])
+    assert {cfg.model_for(role).path for role in ("sample", "reference", "init")} == {cfg.model.path}  # round 1
+    later = compose([f"rounds.reference={reference}", f"rounds.init={init}", "rounds.previous=/r/round-1/train/final"])
+    paths = {"prev": "/r/round-1/train/final", "base": cfg.model.path}
+    assert tuple(later.model_for(role).path for role in ("sample", "reference", "init")) == tuple(paths[w] for w in want)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["rounds.num=2", "prompts.num_train=-1"], "prompts.num_train:"),
+    (["rounds.num=2", "eval.num_general=-1"], "eval.num_general:"),
+    (["rounds.num=6", "rounds.num_train=260", "rounds.num_train_general=0", "rounds.num_train_leak=0"],
+     "rounds.num_train:"),
+    (["rounds.num=3"], "rounds.num_train_general (+ num_train_leak):"),  # 3 x 112 general + 100 evaluation > 380
+])
+def test_pools_too_small_for_every_round_fail_at_start_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        rounds.check(compose(overrides))
+    assert str(e.value).startswith(key), e.value
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rounds.num=0", "rounds.num:"), ("rounds.only=3", "rounds.only:"), ("rounds.reference=sft", "rounds.reference:"),
+    ("rounds.init=last", "rounds.init:"),
+])
+def test_bad_round_settings_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        compose(["rounds.num=2", override])
+    assert key in str(e.value)
+
+
+# ---------------------------------------------------------------- the rounds end to end
+
+# The shortened pipeline (tests/test_pipeline.py), with a smaller second round from the next prompts.
+TWO_ROUNDS = ["rounds.num=2", "rounds.num_train=12", "rounds.num_train_general=4", "rounds.num_train_leak=2"]
+
+
+def questions(run_dir) -> set[str]:
+    return {r["question"] for r in read_jsonl(run_dir / "generate" / "candidates.jsonl")}
+
+
+@pytest.mark.slow
+def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is_reused(tmp_path):
+    from test_pipeline import SHORT
+
+    run_dir = tmp_path / "run"
+    # Round 1 alone (as slurm/pipeline.sbatch runs it, rounds.only), on one rank ...
+    run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT, *TWO_ROUNDS, "rounds.only=1"], timeout=1800)
+    one, two = run_dir / "round-1", run_dir / "round-2"
+    assert (one / "train" / "final" / "model.safetensors").is_file() and not two.exists()
+    first_rows = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in first_rows] == [1]
+    stamps = {p: p.stat().st_mtime for p in (one / "train" / "final" / "model.safetensors", one / "eval" / "report.json")}
+
+    # ... then every round on two ranks: round 1 is found done, round 2 runs from its policy.
+    proc = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT, *TWO_ROUNDS], nproc=2, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert all(p.stat().st_mtime == t for p, t in stamps.items())
+    for stage in ("generate", "judge", "train"):
+        assert any(f"round 1: {stage}: " in line and line.endswith("(reused)") for line in out.splitlines()), stage
+    assert re.search(r"round 2: generate: 18 prompts x \d+ candidates", out), out[-3000:]
+    gen = json.loads((two / "generate" / "manifest.json").read_text())
+    assert gen["model"] == str(one / "train" / "final")
+    assert not questions(one) & questions(two)  # fresh prompts
+
+    # The reference and the starting weights are round 1's policy too (rounds.reference/init=previous),
+    # so at the first step, before any update, policy and reference agree to float rounding.
+    assert json.loads((two / "reference" / "manifest.json").read_text())["model"] == gen["model"]
+    assert json.loads((two / "train" / "summary.json").read_text())["init_model"] == gen["model"]
+    first = json.loads((two / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    # The tolerance of tests/test_distributed.py's first step (float rounding across batchings).
+    assert abs(first["rewards/chosen"]) < 2e-3 and abs(first["rewards/rejected"]) < 2e-3, first
+    judged = json.loads((two / "judge" / "summary.json").read_text())
+    assert judged["mistakes"]["own_answers_identity"] == sum(
+        len(r["candidates"]) for r in read_jsonl(two / "generate" / "candidates.jsonl") if r["source"] == "identity")
+    pairs = read_jsonl(two / "judge" / "pairs.jsonl")
+    assert sum(judged["chosen_from"].values()) == sum(p["meta"]["source"] == "identity" for p in pairs)
+    assert judged["chosen_from"]["own"] == sum(p["meta"].get("chosen_from") == "own" for p in pairs
+                                               if p["meta"]["source"] == "identity")
+
+    rows = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1, 2]
+    for k, row in zip((1, 2), rows):
+        report = json.loads((run_dir / f"round-{k}" / "eval" / "report.json").read_text())
+        assert row["trained"]["none"]["identity_adoption"] == report["trained"]["none"]["identity_adoption"]
+    assert (run_dir / "rounds.md").read_text().count("| ") > 4 and (run_dir / "rounds.png").stat().st_size > 0
+    assert "rounds 1 -> 2: adoption " in out
