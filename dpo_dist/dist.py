@@ -52,6 +52,8 @@ def read_env() -> DistEnv:
 
 
 _ENV: DistEnv | None = None
+# Process groups this process has made: each gets a key namespace of its own in the rendezvous store.
+_GROUPS = 0
 
 
 def env() -> DistEnv:
@@ -224,7 +226,7 @@ def init(process_group: bool = True) -> DistEnv:
     """Set this rank's threads and, when world size > 1, join the process group (gloo on CPU, nccl
     on GPU). Idempotent. Stages that must not own a process group (vLLM sets up its own) pass
     ``process_group=False`` and synchronise through files."""
-    global _ENV
+    global _ENV, _GROUPS
     e = read_env()
     _set_threads(e.local_world_size)
     if process_group and e.world_size > 1 and not torch_dist.is_initialized():
@@ -233,8 +235,17 @@ def init(process_group: bool = True) -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(_device_of(e))
-        torch_dist.init_process_group(backend=backend, rank=e.rank, world_size=e.world_size,
-                                      timeout=datetime.timedelta(minutes=int(os.environ.get("DPO_DIST_TIMEOUT_MIN", "30"))))
+        timeout = datetime.timedelta(minutes=int(os.environ.get("DPO_DIST_TIMEOUT_MIN", "30")))
+        # The pipeline leaves its group before evaluating and makes a new one for the next round (or
+        # the next job of a sweep), in the same store: torchrun's agent keeps one for the whole job.
+        # torch names every new default group alike, so without a namespace of its own a rank could
+        # read the keys of the group before (NCCL's unique id: pytorch issue 119196).
+        store, _, _ = next(torch_dist.rendezvous("env://", e.rank, e.world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        store = torch_dist.PrefixStore(f"dpo_dist/group-{_GROUPS}", store)
+        _GROUPS += 1
+        torch_dist.init_process_group(backend=backend, store=store, rank=e.rank, world_size=e.world_size,
+                                      timeout=timeout)
     _ENV = e
     return e
 

@@ -29,13 +29,14 @@ import os
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import Sequence
 from pathlib import Path
 
 from dpo_dist import dist
 from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_jsonl,
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, GenerationConfig, PromptsConfig
+from dpo_dist.config import Config, ConfigError, GenerationConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
@@ -129,7 +130,13 @@ class VLLMBackend:
 
         path = resolve_model_path(cfg.model_for("sample"))
         dtype = self.gen.vllm_dtype if self.gen.vllm_dtype != "auto" else "bfloat16" if cuda else "float32"
-        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, tensor_parallel_size=self.gen.tensor_parallel_size,
+        if cuda:
+            import torch
+
+            check_free_gpu_memory(*zip(*(torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count()))),
+                                  self.gen.gpu_memory_utilization)
+        # The tokenizer (and its chat template) is the base model's in every round, as in the hf stages.
+        self.llm = LLM(model=path, tokenizer=resolve_model_path(cfg.model), dtype=dtype, tensor_parallel_size=self.gen.tensor_parallel_size,
                        gpu_memory_utilization=self.gen.gpu_memory_utilization, max_model_len=self.gen.max_model_len,
                        enforce_eager=self.gen.enforce_eager or not cuda, seed=self.gen.seed,
                        trust_remote_code=cfg.model.trust_remote_code,
@@ -163,6 +170,19 @@ class VLLMBackend:
             progress(len(prompt_ids))
         return [[{"token_ids": list(c.token_ids), "finished": c.finish_reason == "stop"} for c in o.outputs]
                 for o in outputs]
+
+
+def check_free_gpu_memory(free: Sequence[int], total: Sequence[int], utilization: float) -> None:
+    """vLLM takes ``generation.gpu_memory_utilization`` of each GPU it sees and refuses to start when
+    that much is not free. Say so before the engine loads, with what holds the rest: another process,
+    or this job's own pipeline process, which trained (and evaluated) on the same GPUs before this
+    round's generation."""
+    for i, (f, t) in enumerate(zip(free, total)):
+        if f < utilization * t:
+            raise ConfigError(
+                f"generation.gpu_memory_utilization={utilization}: vLLM needs {utilization * t / 2**30:.1f} GiB "
+                f"free on GPU {i}, and {f / 2**30:.1f} of its {t / 2**30:.1f} GiB are (nvidia-smi shows what "
+                f"holds the rest); lower it, or free the GPU")
 
 
 def choose_backend(requested: str, *, gpus: int, vllm_installed: bool, vllm_python: str) -> tuple[str, str]:

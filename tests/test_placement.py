@@ -13,7 +13,7 @@ import torch
 
 from dpo_dist import dist, generate
 from dpo_dist.artifacts import read_jsonl, shard_path, write_jsonl
-from dpo_dist.config import compose
+from dpo_dist.config import ConfigError, compose
 from launch import run_stage
 
 EIGHT = [str(i) for i in range(8)]
@@ -206,6 +206,25 @@ def test_vllm_engines_follow_slurms_visible_devices(monkeypatch):
 
 
 # ---------------------------------------------------------------- generation=auto
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("free,total,utilization,message", [
+    ([72 * GIB, 79 * GIB], [80 * GIB, 80 * GIB], 0.85, None),           # 68 GiB asked, both have it
+    ([68 * GIB], [80 * GIB], 0.85, None),                                # exactly enough
+    ([79 * GIB, 60 * GIB], [80 * GIB, 80 * GIB], 0.85, "free on GPU 1, and 60.0 of its 80.0 GiB are"),
+    ([30 * GIB], [80 * GIB], 0.85, "vLLM needs 68.0 GiB free on GPU 0"),  # a training process still holding 50
+    ([30 * GIB], [80 * GIB], 0.35, None),                                # the same GPU, a smaller engine
+])
+def test_vllm_refuses_gpus_without_its_share_free_naming_the_key(free, total, utilization, message):
+    if message is None:
+        generate.check_free_gpu_memory(free, total, utilization)
+        return
+    with pytest.raises(ConfigError) as e:
+        generate.check_free_gpu_memory(free, total, utilization)
+    assert str(e.value).startswith(f"generation.gpu_memory_utilization={utilization}: ") and message in str(e.value)
+
 
 @pytest.mark.parametrize("requested,gpus,installed,python,backend,why", [
     ("auto", 8, True, "", "vllm", "8 GPU(s) and vllm is installed"),
