@@ -157,9 +157,10 @@ def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [1, 2]
 
 STAND_IN = """#!/bin/bash
-# The real planner; for any stage, a process that records when SIGUSR1 reaches it and exits as a
+# The real interpreter for the script's config reads (the planner's lead time, rounds.num through
+# --cfg job); for any stage, a process that records when SIGUSR1 reaches it and exits as a
 # preempted training run does (124).
-[[ $2 == dpo_dist.plan ]] && exec {python} "$@"
+[[ $2 == dpo_dist.plan || " $* " == *" --cfg job "* ]] && exec {python} "$@"
 trap 'date +%s.%N >> {marks}; exit 124' USR1
 while true; do sleep 0.2; done
 """
