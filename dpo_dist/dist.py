@@ -387,6 +387,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # No memory_breakdown: its see_memory_usage resets the CUDA peak counters memory.PhasePeaks reads.
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 

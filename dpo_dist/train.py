@@ -212,9 +212,16 @@ def run(cfg: Config) -> dict:
             anchor = batch["anchor"]
             out = dpo_loss(logps[:n], logps[n:], ref_chosen[mb].to(dev), ref_rejected[mb].to(dev),
                            lengths[:n], lengths[n:], cfg.loss, anchor)
+            # Each part's own high-water mark, from what is live when it begins. forward: activations
+            # and gathered parameters (and the previous step's metrics); backward: the activations'
+            # and layers' gradients and their reduction (every micro-batch at ZeRO 2/3, at the
+            # boundary at 0/1); step: the optimizer update, at the accumulation boundary only.
+            phases.end("forward", within="loop")
             engine.backward(out.losses.mean())
             stage0_norm = dist.boundary_grad_norm(engine) or stage0_norm
+            phases.end("backward", within="loop")
             engine.step()
+            phases.end("step", within="loop")
             _accumulate(sums, out, logps.detach(), lengths, ~anchor, batch["input_ids"].numel(), batch["labels"].numel())
         grad_norm = float(engine.get_global_grad_norm() or stage0_norm or 0.0)
         sums["stop"] = float(stop.requested)
@@ -251,7 +258,7 @@ def run(cfg: Config) -> dict:
 
     # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
     phases.end("loop")
-    peaks = memory.phase_summary(dist.all_gather_object(phases.peaks), ("setup", "loop", "save"))
+    peaks = memory.phase_summary(dist.all_gather_object(phases.peaks), ("setup", "loop", "forward", "backward", "step", "save"))
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:

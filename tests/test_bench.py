@@ -91,6 +91,11 @@ def test_multi_rank_runs_report_time_and_per_rank_memory(bench):
         assert c["peak_rss_gib_per_rank"] == [max(s, t) for s, t in zip(c["setup_peak_rss_gib_per_rank"],
                                                                           c["loop_peak_rss_gib_per_rank"])]
         assert all(_positive(x) for x in c["loop_peak_rss_gib_per_rank"])
+        # Each step's forward, backward and optimizer step are read apart; the loop's peak is the
+        # largest of them (or of what runs between steps, the metrics' all-reduce).
+        parts = [c[f"{p}_peak_rss_gib_per_rank"] for p in ("forward", "backward", "step")]
+        for rank, loop in enumerate(c["loop_peak_rss_gib_per_rank"]):
+            assert all(_positive(part[rank]) and part[rank] <= loop for part in parts)
 
 
 def test_generation_rates_and_ratios_follow_from_the_measurements(bench):

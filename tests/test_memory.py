@@ -36,9 +36,9 @@ def _phases(monkeypatch, readings, resets):
     monkeypatch.setattr(memory, "device_peak_bytes", lambda: current["r"][1])
     phases = memory.PhasePeaks()
 
-    def end(phase):
+    def end(phase, within=None):
         current["r"] = next(readings)
-        phases.end(phase)
+        phases.end(phase, within)
     return phases, end
 
 
@@ -65,3 +65,21 @@ def test_phase_peaks_read_each_phase_apart(monkeypatch, name, resets, readings, 
         assert summary[f"{key}_gib_per_rank"] == value, (name, key)
     if all(d is None for _, d in readings):
         assert summary["peak_gpu_gib_per_rank"] == [None]
+
+
+def test_a_step_phase_counts_for_the_loop_too(monkeypatch):
+    # Two steps: forward, backward, optimizer step each, within the loop; the loop's own remainder
+    # (metrics, logging) closes as "loop". The loop's peak is the largest of all its parts.
+    readings = [(2, None), (5, None), (7, None), (6, None), (3, None), (4, None), (8, None), (6, None), (3, None)]
+    phases, end = _phases(monkeypatch, [(h * GIB, None) for h, _ in readings], [True] * 10)
+    end("setup")
+    for _ in range(2):
+        for part in ("forward", "backward", "step"):
+            end(part, within="loop")
+        end("loop")
+    summary = memory.phase_summary([phases.peaks], ("setup", "loop", "forward", "backward", "step"))
+    assert summary["forward_peak_rss_gib_per_rank"] == [5.0]   # 5, then 4
+    assert summary["backward_peak_rss_gib_per_rank"] == [8.0]  # 7, then 8
+    assert summary["step_peak_rss_gib_per_rank"] == [6.0]      # 6, then 6
+    assert summary["loop_peak_rss_gib_per_rank"] == [8.0]      # its parts' 8, not only its own 3s
+    assert summary["peak_rss_gib_per_rank"] == [8.0]

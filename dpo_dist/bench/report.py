@@ -72,10 +72,10 @@ def markdown(r: dict) -> str:
         if t.get("multi_rank"):
             lines += ["### Ours at 1 and 2 ranks (torchrun, gloo)", "",
                       "| ranks | ZeRO | fused ops | threads/rank | s/step | peak RSS GiB per rank | loading the model | "
-                      "training loop |", "|---|---|---|---|---|---|---|---|"]
+                      "training loop | forward | backward | optimizer step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for c in t["multi_rank"]:
                 if "error" in c:
-                    lines.append(f"| {c['ranks']} | {c['zero_stage']} | | failed: {c['error'][:120]} |||||")
+                    lines.append(f"| {c['ranks']} | {c['zero_stage']} | | failed: {c['error'][:120]} ||||||||")
                     continue
                 used = c.get("zero_stage_used", c["zero_stage"])
                 stage = f"{c['zero_stage']}" if used == c["zero_stage"] else f"{c['zero_stage']} (runs as {used})"
@@ -83,7 +83,8 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {c['ranks']} | {stage} | {fused} | {c['threads_per_rank']} | {_f(c['seconds_per_step'])} | "
                              f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} | "
                              f"{', '.join(_f(x) for x in c.get('setup_peak_rss_gib_per_rank', []))} | "
-                             f"{', '.join(_f(x) for x in c.get('loop_peak_rss_gib_per_rank', []))} |")
+                             + "".join(f"{', '.join(_f(x) for x in c.get(f'{part}_peak_rss_gib_per_rank') or [])} | "
+                                       for part in ("loop", "forward", "backward", "step")).rstrip())
             lines.append("")
     g = r.get("generation")
     if g:

@@ -100,7 +100,8 @@ def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_fr
     out.update(step_seconds=[m["step_seconds"] for m in metrics], losses=[m["loss"] for m in metrics],
                peak_rss_gib_per_rank=summary["peak_rss_gib_per_rank"], peak_rss_gib=max(summary["peak_rss_gib_per_rank"]),
                setup_peak_rss_gib_per_rank=summary["setup_peak_rss_gib_per_rank"],
-               loop_peak_rss_gib_per_rank=summary["loop_peak_rss_gib_per_rank"])
+               **{f"{part}_peak_rss_gib_per_rank": summary.get(f"{part}_peak_rss_gib_per_rank")
+                  for part in ("loop", "forward", "backward", "step")})
     # The checkpoint and exported model are GBs the benchmark does not need.
     shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "train" / "final", ignore_errors=True)
