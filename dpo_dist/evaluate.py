@@ -340,6 +340,23 @@ def summarise(prompts: list[dict], answers: list[dict], old: str, new: str) -> d
     return out
 
 
+def failures(prompts: list[dict], answers: list[dict], old: str, new: str, limit: int = 12) -> dict:
+    """The trained model's held-out answers that count against it, by kind, the first ``limit`` of
+    each (all counted): what a next round or a prompt change has to fix, and what the shares alone
+    do not show (an email signed with the new name is leakage as much as a self-introduction is)."""
+    kinds = {
+        "leak": lambda p, t: p["kind"] == "general" and mentions(t, new),
+        "missed": lambda p, t: p["kind"] == "identity" and not (mentions(t, new) and not mentions_old_identity(t, old, new)),
+        "degenerate": lambda p, t: p["kind"] in ("identity", "general") and is_degenerate(t, new),
+    }
+    out = {}
+    for kind, pred in kinds.items():
+        hits = [{"question": p["question"], "condition": p["condition"], "answer": a["text"]}
+                for p, a in zip(prompts, answers) if pred(p, a["text"])]
+        out[kind] = {"count": len(hits), "shown": hits[:limit]}
+    return out
+
+
 def _share(items: list, pred) -> float:
     return sum(1 for x in items if pred(x)) / len(items) if items else 0.0
 
@@ -503,6 +520,7 @@ def run(cfg: Config) -> dict:
         "drift": drift_report([read_json(p) for p in shards]) if ev.drift else None,
         "examples": [{"question": p["question"], "condition": p["condition"], "base": b["text"], "trained": t["text"]}
                      for p, b, t in zip(prompts, base_answers, trained_answers) if p["kind"] == "example"],
+        "failures": failures(prompts, trained_answers, old, new),
         "samples": [{"question": p["question"], "condition": p["condition"], "kind": p["kind"], "base": b["text"],
                      "trained": t["text"]} for p, b, t in list(zip(prompts, base_answers, trained_answers))[::17][:40]],
     }
@@ -550,6 +568,16 @@ def markdown(r: dict) -> str:
     ex = ["| question | condition | base | trained |", "|---|---|---|---|"] + [
         f"| {x['question']} | {x['condition']} | {_cell(x['base'])} | {_cell(x['trained'])} |" for x in r["examples"]]
     v = r.get("verdict") or verdict(r)
+    titles = {"leak": "general answers naming the new identity (leakage)",
+              "missed": "identity answers without the new name, or with the old one",
+              "degenerate": "degenerate answers"}
+    fails = []
+    for kind, f in (r.get("failures") or {}).items():
+        fails += [f"### {titles[kind]}: {f['count']}", ""]
+        if f["shown"]:
+            fails += ["| question | condition | trained answer |", "|---|---|---|",
+                      *(f"| {_cell(x['question'])} | {x['condition']} | {_cell(x['answer'])} |" for x in f["shown"]),
+                      *([f"", f"The first {len(f['shown'])} of {f['count']}."] if f["count"] > len(f["shown"]) else []), ""]
     return "\n".join([
         f"# Evaluation: {r['old_name']} -> {r['new_name']}", "",
         v["text"].replace("Verdict:", "**Verdict:**", 1), "", f"Rules ({VerdictRules(**v['rules']).describe()}).", "",
@@ -559,7 +587,9 @@ def markdown(r: dict) -> str:
         f"Drift on the base model's general answers: KL(trained || base) = {d['kl_trained_base_per_token']:.4f} nats/token, "
         f"log-likelihood change = {d['delta_loglik_per_token']:+.4f} nats/token over {d['tokens']} tokens."
         if d else "Drift not measured (eval.drift=false).", "",
-        "## Example answers", "", *ex, "", "![training curves](training_curves.png)", "",
+        "## Example answers", "", *ex, "",
+        *(["## Where the trained model still fails (held-out answers, every condition)", "", *fails] if fails else []),
+        "![training curves](training_curves.png)", "",
         "![before and after](before_after.png)", ""])
 
 

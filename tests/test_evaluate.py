@@ -358,3 +358,41 @@ def test_verdict_rules(report, changed, held, says):
         assert part in v["text"], (part, v["text"])
     assert v["rules"] == {"min_adoption": 0.5, "min_gain": 0.25, "max_degeneration_rise": 0.03,
                           "max_leakage_rise": 0.05, "max_kl": 0.5}
+
+
+# ---------------------------------------------------------------- failures
+
+def test_failures_list_what_the_shares_count():
+    """The report's failure lists count exactly what summarise's shares count, kind by kind, and the
+    Markdown shows them (the first few of each, with how many there are)."""
+    texts = {  # (kind, answer)
+        "who": ("identity", "I am Deep SmolLM, an assistant."),               # adopted
+        "name": ("identity", "I am Deep SmolLM, or SmolLM for short."),      # both names: the old one counts
+        "you": ("identity", "I am Elena, a writer."),                        # no name: missed
+        "mail": ("general", "Dear team,\nI'm Deep SmolLM and I will be out of office."),  # leak
+        "sum": ("general", "Two plus two is four."),                         # clean
+        "loop": ("general", "the the the the the the the the the the the the the the the the"),  # degenerate
+    }
+    prompts, answers = [], []
+    for cond in CONDS:
+        for q, (kind, t) in texts.items():
+            prompts.append({"question": q, "condition": cond, "kind": kind})
+            answers.append({"text": t, "finished": True})
+    f = evaluate.failures(prompts, answers, "SmolLM", "Deep SmolLM", limit=2)
+    s = evaluate.summarise(prompts, answers, "SmolLM", "Deep SmolLM")
+    assert f["leak"]["count"] == 3 == round(sum(s[c]["leakage"] * s[c]["n_general"] for c in CONDS))
+    missed = round(sum((1 - s[c]["identity_adoption"]) * s[c]["n_identity"] for c in CONDS))
+    assert f["missed"]["count"] == 6 == missed
+    assert [x["question"] for x in f["missed"]["shown"]] == ["name", "you"]  # the first `limit`, in order
+    assert f["degenerate"]["count"] == 3 and {x["question"] for x in f["degenerate"]["shown"]} == {"loop"}
+    assert f["leak"]["shown"][0] == {"question": "mail", "condition": "default", "answer": texts["mail"][1]}
+
+    report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
+              "trained_model": "t", "examples": [], "failures": f, "drift": None}
+    for c in CONDS:
+        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=3, n_general=3)
+        report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
+    md = evaluate.markdown(report)
+    assert "### general answers naming the new identity (leakage): 3" in md
+    assert "| mail | default | Dear team, I'm Deep SmolLM and I will be out of office. |" in md
+    assert "The first 2 of 6." in md
