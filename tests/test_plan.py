@@ -397,3 +397,37 @@ def test_checkpoint_size_is_what_deepspeed_writes(tmp_path, deepspeed, world, st
         assert files["mp_rank_00_model_states.pt"] == pytest.approx(4 * P, rel=1e-2)
         for rank in range(world):
             assert files[f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] == pytest.approx(12 * P / world, rel=1e-2)
+
+
+def _window(a, max_live=1e9):
+    """Prefetched elements beyond the module in use: up to max_live, which it can pass by one matrix."""
+    return max(0, min(a.params, max_live + a.hidden * a.intermediate) - a.largest_module_params)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    # ZeRO-2 gathers nothing.
+    (["model=qwen2.5-0.5b", "deepspeed=zero2", "plan.gpus_per_node=8"], lambda a: 0),
+    # A model under stage3_max_live_parameters is prefetched whole (less the module in use), bf16.
+    (["model=qwen2.5-0.5b", "deepspeed=zero3", "plan.gpus_per_node=8"], lambda a: 2 * (a.params - a.largest_module_params)),
+    # 7B: up to max_live (1e9) elements, one MLP matrix past it.
+    (["model=qwen2.5-7b", "deepspeed=zero3", "plan.gpus_per_node=8"], lambda a: 2 * (1e9 + 3584 * 18944 - a.largest_module_params)),
+    # 72B: the window is no larger than its embedding, already counted as the gathered module.
+    (["model=qwen2.5-72b", "deepspeed=zero3", "plan.gpus_per_node=8"], lambda a: 0),
+    # Prefetching off, or capped lower.
+    (["model=qwen2.5-7b", "deepspeed=zero3", "deepspeed.stage3_prefetch_bucket_size=0"], lambda a: 0),
+    (["model=qwen2.5-7b", "deepspeed=zero3", "deepspeed.stage3_max_live_parameters=600000000"],
+     lambda a: 2 * _window(a, 6e8)),
+    # fp32 on the CPU: 4 bytes per element.
+    (["model=qwen2.5-0.5b", "deepspeed=zero3", "plan.device=cpu", "plan.gpus_per_node=2"],
+     lambda a: 4 * (a.params - a.largest_module_params)),
+])
+def test_zero3_prefetch_is_counted_up_to_max_live(overrides, expected):
+    """ZeRO-3 prefetches parameters ahead of use from the second forward, up to
+    stage3_max_live_parameters in all (measured: the whole 0.5B shape, docs/benchmark.md); the
+    training phase counts it with the run's settings, the reference pass with DeepSpeed's defaults
+    (its forward-only engine sets none)."""
+    _, arch, s = setup_for(overrides)
+    key = "parameters prefetched ahead (ZeRO-3, to max_live)"
+    assert dict(plan.training(arch, s).terms).get(key, 0) == pytest.approx(expected(arch))
+    ref = dict(plan.reference(arch, s).terms).get("parameters prefetched ahead (DeepSpeed's defaults)", 0)
+    assert ref == pytest.approx(s.weight_bytes * _window(arch) if s.stage == 3 else 0)
