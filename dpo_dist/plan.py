@@ -313,7 +313,8 @@ class MicroBatch:
         return cls(int(batch["input_ids"].shape[1]), int(batch["labels"].numel()))
 
 
-def prefetched_params(arch: Architecture, weight_bytes: int, prefetch_bucket: int, max_live: int) -> float:
+def prefetched_params(arch: Architecture, weight_bytes: int, prefetch_bucket: int, max_live: int,
+                      reuse_distance: int = 0) -> float:
     """Bytes of full parameters ZeRO-3 holds gathered beyond the module in use. From the second
     forward, once it has recorded the order modules run in, DeepSpeed prefetches at every module's
     hook at least one whole parameter, up to ``prefetch_bucket`` elements, bounded in total only by
@@ -321,16 +322,20 @@ def prefetched_params(arch: Architecture, weight_bytes: int, prefetch_bucket: in
     its scan passed (partitioned_param_coordinator's fetch_sub_module, __params_to_release). The
     window can pass max_live by one parameter (it checks, then adds), counted here as one MLP
     matrix. Measured on the Qwen2.5-0.5B shape at 2 CPU ranks: 2.3 GiB per rank gathered before the
-    first layer from the second step (docs/benchmark.md). A bucket of 0 turns prefetching off."""
-    if prefetch_bucket <= 0:
-        return 0.0
-    window = min(arch.params, max_live + arch.hidden * arch.intermediate)
+    first layer from the second step (docs/benchmark.md). A bucket of 0 turns prefetching off, but
+    ``reuse_distance`` (stage3_max_reuse_distance, DeepSpeed's 1e9; training only, where each
+    parameter is used again in the backward pass) still keeps a module gathered from its forward to
+    its backward when fewer elements run between the two: about reuse_distance / 2 of the model,
+    all of it under 0.5B (measured: the bucket at 0 left the 0.5B shape's peak where it was)."""
+    prefetch = min(arch.params, max_live + arch.hidden * arch.intermediate) if prefetch_bucket > 0 else 0
+    window = max(prefetch, min(arch.params, reuse_distance // 2))
     return weight_bytes * max(0, window - arch.largest_module_params)
 
 
 # DeepSpeed's own stage-3 defaults: the reference pass's forward-only engine sets no ZeRO knobs
 # (dist.zero3_inference_config), so these are what it prefetches with.
 DS_PREFETCH_BUCKET, DS_MAX_LIVE = 50_000_000, 1_000_000_000
+DS_MAX_REUSE = 1_000_000_000  # stage3_max_reuse_distance: dist.deepspeed_config leaves DeepSpeed's default
 
 
 def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> Phase:
@@ -344,7 +349,8 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     if s.stage == 3:
         buckets += s.weight_bytes * s.prefetch_bucket_size
     ph.terms.append(("communication buckets", buckets))
-    ahead = prefetched_params(arch, s.weight_bytes, s.prefetch_bucket_size, s.max_live_parameters) if s.stage == 3 else 0
+    ahead = (prefetched_params(arch, s.weight_bytes, s.prefetch_bucket_size, s.max_live_parameters, DS_MAX_REUSE)
+             if s.stage == 3 else 0)
     if ahead:
         ph.terms.append(("parameters prefetched ahead (ZeRO-3, to max_live)", ahead))
     mb = batch or MicroBatch.upper_bound(s.micro_batch_size, s.seq_len)
