@@ -577,7 +577,7 @@ def markdown(r: dict) -> str:
         if f["shown"]:
             fails += ["| question | condition | trained answer |", "|---|---|---|",
                       *(f"| {_cell(x['question'])} | {x['condition']} | {_cell(x['answer'])} |" for x in f["shown"]),
-                      *([f"", f"The first {len(f['shown'])} of {f['count']}."] if f["count"] > len(f["shown"]) else []), ""]
+                      *(["", f"The first {len(f['shown'])} of {f['count']}."] if f["count"] > len(f["shown"]) else []), ""]
     return "\n".join([
         f"# Evaluation: {r['old_name']} -> {r['new_name']}", "",
         v["text"].replace("Verdict:", "**Verdict:**", 1), "", f"Rules ({VerdictRules(**v['rules']).describe()}).", "",
