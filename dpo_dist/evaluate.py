@@ -321,6 +321,11 @@ def distinct(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def adopts(text: str, old: str, new: str) -> bool:
+    """An identity answer that says the new name and not the old one standing alone."""
+    return mentions(text, new) and not mentions_old_identity(text, old, new)
+
+
 def summarise(prompts: list[dict], answers: list[dict], old: str, new: str) -> dict:
     out = {}
     for cond in CONDITIONS:
@@ -329,7 +334,7 @@ def summarise(prompts: list[dict], answers: list[dict], old: str, new: str) -> d
         general = [a["text"] for p, a in rows if p["kind"] == "general"]
         texts = ident + general
         out[cond] = {
-            "identity_adoption": _share(ident, lambda t: mentions(t, new) and not mentions_old_identity(t, old, new)),
+            "identity_adoption": _share(ident, lambda t: adopts(t, old, new)),
             "identity_old_name": _share(ident, lambda t: mentions_old_identity(t, old, new)),
             "leakage": _share(general, lambda t: mentions(t, new)),
             "degeneration": _share(texts, lambda t: is_degenerate(t, new)),
@@ -346,7 +351,7 @@ def failures(prompts: list[dict], answers: list[dict], old: str, new: str, limit
     do not show (an email signed with the new name is leakage as much as a self-introduction is)."""
     kinds = {
         "leak": lambda p, t: p["kind"] == "general" and mentions(t, new),
-        "missed": lambda p, t: p["kind"] == "identity" and not (mentions(t, new) and not mentions_old_identity(t, old, new)),
+        "missed": lambda p, t: p["kind"] == "identity" and not adopts(t, old, new),
         "degenerate": lambda p, t: p["kind"] in ("identity", "general") and is_degenerate(t, new),
     }
     out = {}
