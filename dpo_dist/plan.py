@@ -22,11 +22,11 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   2P/N of its 18P/N + 4L for stage 3 (tests/test_plan.py compares them). One fp32 rank trains at
   stage 0 whatever stage 1 or 2 says (DeepSpeedConfig.for_world): weights, their gradients and
   AdamW's moments, 16P, with no master copy and no buckets.
-- communication buckets: the gradient reduce bucket (doubled with overlap_comm) and at stage 3 the
-  parameter prefetch bucket, b bytes per element.
+- communication buckets: the gradient reduce bucket (doubled with overlap_comm), b bytes per element.
 - ZeRO-3's prefetch: from the second forward, parameters gathered ahead of use, up to
-  ``deepspeed.stage3_max_live_parameters`` elements (all of a model smaller than that), b bytes each
-  (``prefetched_params``); the reference pass's engine prefetches with DeepSpeed's defaults.
+  ``deepspeed.stage3_max_live_parameters`` elements (all of a model smaller than that) and never less
+  than one prefetch bucket, b bytes each (``prefetched_params``); the reference pass's engine
+  prefetches with DeepSpeed's defaults.
 - activations: train.py packs a micro-batch of m pairs into one row (data.collate_shared_prompt):
   each prompt once, then its chosen and its rejected response, under an additive row x row attention
   mask; the vocabulary projection runs only where a response token is predicted. With pairs of at
@@ -326,10 +326,13 @@ def prefetched_params(arch: Architecture, weight_bytes: int, prefetch_bucket: in
     ``reuse_distance`` (stage3_max_reuse_distance, DeepSpeed's 1e9; training only, where each
     parameter is used again in the backward pass) still keeps a module gathered from its forward to
     its backward when fewer elements run between the two: about reuse_distance / 2 of the model,
-    all of it under 0.5B (measured: the bucket at 0 left the 0.5B shape's peak where it was)."""
+    all of it under 0.5B (measured: the bucket at 0 left the 0.5B shape's peak where it was).
+    Where the window is no larger than the module in use (72B's embedding), one prefetch bucket is
+    still in flight ahead of it: the bucket is the floor, and it is counted here only, not again
+    among the communication buckets."""
     prefetch = min(arch.params, max_live + arch.hidden * arch.intermediate) if prefetch_bucket > 0 else 0
     window = max(prefetch, min(arch.params, reuse_distance // 2))
-    return weight_bytes * max(0, window - arch.largest_module_params)
+    return weight_bytes * max(prefetch_bucket, window - arch.largest_module_params, 0)
 
 
 # DeepSpeed's own stage-3 defaults: the reference pass's forward-only engine sets no ZeRO knobs
@@ -346,8 +349,6 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     buckets = s.weight_bytes * s.reduce_bucket_size * (2 if s.overlap_comm else 1)
     if s.stage == 0 and s.world == 1:
         buckets = 0  # dist.build_engine skips the all-reduce over one rank
-    if s.stage == 3:
-        buckets += s.weight_bytes * s.prefetch_bucket_size
     ph.terms.append(("communication buckets", buckets))
     ahead = (prefetched_params(arch, s.weight_bytes, s.prefetch_bucket_size, s.max_live_parameters, DS_MAX_REUSE)
              if s.stage == 3 else 0)
