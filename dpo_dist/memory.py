@@ -58,6 +58,11 @@ def current_bytes() -> int:
     return _status_bytes("VmRSS") or 0
 
 
+# The parts of a training step train.py measures inside the loop, in the order they run: the
+# forward pass and loss, engine.backward, engine.step.
+STEP_PARTS = ("forward", "backward", "step")
+
+
 class PhasePeaks:
     """One process's peak memory per phase (loading the model, the training loop, checkpoint saves):
     each phase's high-water marks are read and reset at its end, so a save's copy of the optimizer

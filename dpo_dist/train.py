@@ -258,7 +258,7 @@ def run(cfg: Config) -> dict:
 
     # Read before the export: gathering full weights on rank 0 is not the training loop's memory.
     phases.end("loop")
-    peaks = memory.phase_summary(dist.all_gather_object(phases.peaks), ("setup", "loop", "forward", "backward", "step", "save"))
+    peaks = memory.phase_summary(dist.all_gather_object(phases.peaks), ("setup", "loop", *memory.STEP_PARTS, "save"))
     checkpoint.export_hf(engine, tokenizer, final_dir, run_config, metrics)
     dist.end_zero3_model_loading()
     if denv.is_main:

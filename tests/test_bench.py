@@ -14,6 +14,7 @@ import pytest
 
 from launch import REPO, stage_env
 
+from dpo_dist import memory
 from dpo_dist.bench.run import OURS, TRL_DEFAULT, TRL_PRECOMPUTE, contender
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -93,7 +94,7 @@ def test_multi_rank_runs_report_time_and_per_rank_memory(bench):
         assert all(_positive(x) for x in c["loop_peak_rss_gib_per_rank"])
         # Each step's forward, backward and optimizer step are read apart; the loop's peak is the
         # largest of them (or of what runs between steps, the metrics' all-reduce).
-        parts = [c[f"{p}_peak_rss_gib_per_rank"] for p in ("forward", "backward", "step")]
+        parts = [c[f"{p}_peak_rss_gib_per_rank"] for p in memory.STEP_PARTS]
         for rank, loop in enumerate(c["loop_peak_rss_gib_per_rank"]):
             assert all(_positive(part[rank]) and part[rank] <= loop for part in parts)
 

@@ -74,10 +74,10 @@ def test_a_step_phase_counts_for_the_loop_too(monkeypatch):
     phases, end = _phases(monkeypatch, [(h * GIB, None) for h, _ in readings], [True] * 10)
     end("setup")
     for _ in range(2):
-        for part in ("forward", "backward", "step"):
+        for part in memory.STEP_PARTS:
             end(part, within="loop")
         end("loop")
-    summary = memory.phase_summary([phases.peaks], ("setup", "loop", "forward", "backward", "step"))
+    summary = memory.phase_summary([phases.peaks], ("setup", "loop", *memory.STEP_PARTS))
     assert summary["forward_peak_rss_gib_per_rank"] == [5.0]   # 5, then 4
     assert summary["backward_peak_rss_gib_per_rank"] == [8.0]  # 7, then 8
     assert summary["step_peak_rss_gib_per_rank"] == [6.0]      # 6, then 6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dpo_dist.memory import STEP_PARTS
+
 # Training ratios per model: (steps/s vs TRL reference resident, vs TRL precomputed, peak RSS vs TRL
 # reference resident). They compare like with like: both trainers with gradient checkpointing off,
 # or both with it on (TRL's DPOConfig default); the thresholds are the same either way.
@@ -84,7 +86,7 @@ def markdown(r: dict) -> str:
                              f"{', '.join(_f(x) for x in c['peak_rss_gib_per_rank'])} | "
                              f"{', '.join(_f(x) for x in c.get('setup_peak_rss_gib_per_rank', []))} | "
                              + "".join(f"{', '.join(_f(x) for x in c.get(f'{part}_peak_rss_gib_per_rank') or [])} | "
-                                       for part in ("loop", "forward", "backward", "step")).rstrip())
+                                       for part in ("loop", *STEP_PARTS)).rstrip())
             lines.append("")
     g = r.get("generation")
     if g:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.artifacts import read_json
+from dpo_dist.memory import STEP_PARTS
 from dpo_dist.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +102,7 @@ def ours(s: TrainSetup, work: Path, nproc: int = 1, stage: int = 2, reference_fr
                peak_rss_gib_per_rank=summary["peak_rss_gib_per_rank"], peak_rss_gib=max(summary["peak_rss_gib_per_rank"]),
                setup_peak_rss_gib_per_rank=summary["setup_peak_rss_gib_per_rank"],
                **{f"{part}_peak_rss_gib_per_rank": summary.get(f"{part}_peak_rss_gib_per_rank")
-                  for part in ("loop", "forward", "backward", "step")})
+                  for part in ("loop", *STEP_PARTS)})
     # The checkpoint and exported model are GBs the benchmark does not need.
     shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "train" / "final", ignore_errors=True)
