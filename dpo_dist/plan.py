@@ -22,11 +22,15 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   2P/N of its 18P/N + 4L for stage 3 (tests/test_plan.py compares them). One fp32 rank trains at
   stage 0 whatever stage 1 or 2 says (DeepSpeedConfig.for_world): weights, their gradients and
   AdamW's moments, 16P, with no master copy and no buckets.
-- communication buckets: the gradient reduce bucket (doubled with overlap_comm), b bytes per element.
-- ZeRO-3's prefetch: from the second forward, parameters gathered ahead of use, up to
-  ``deepspeed.stage3_max_live_parameters`` elements (all of a model smaller than that) and never less
-  than one prefetch bucket, b bytes each (``prefetched_params``); the reference pass's engine
-  prefetches with DeepSpeed's defaults.
+- communication buckets, b bytes per element: at stages 1-2 the gradient reduce bucket, doubled
+  with overlap_comm (stage_1_and_2 swaps two). At stage 3 the reduce bucket twice whatever
+  overlap_comm says (stage3's one IPG buffer, and reduce_scatter_coalesced's flattened copy of it),
+  plus one prefetch bucket: a prefetch of several parameters all-gathers into one flat buffer that
+  stays alive beside the parameters split out of it until they are all released.
+- ZeRO-3's prefetch: from the second forward, parameters gathered ahead of use beyond the module in
+  use, up to ``deepspeed.stage3_max_live_parameters`` elements (all of a model smaller than that),
+  b bytes each (``prefetched_params``); the reference pass's engine prefetches with DeepSpeed's
+  defaults and counts its prefetch bucket too.
 - activations: train.py packs a micro-batch of m pairs into one row (data.collate_shared_prompt):
   each prompt once, then its chosen and its rejected response, under an additive row x row attention
   mask; the vocabulary projection runs only where a response token is predicted. With pairs of at
@@ -320,19 +324,19 @@ def prefetched_params(arch: Architecture, weight_bytes: int, prefetch_bucket: in
     hook at least one whole parameter, up to ``prefetch_bucket`` elements, bounded in total only by
     ``max_live`` (stage3_max_live_parameters), and it keeps any gathered parameter whose later use
     its scan passed (partitioned_param_coordinator's fetch_sub_module, __params_to_release). The
-    window can pass max_live by one parameter (it checks, then adds), counted here as one MLP
-    matrix. Measured on the Qwen2.5-0.5B shape at 2 CPU ranks: 2.3 GiB per rank gathered before the
-    first layer from the second step (docs/benchmark.md). A bucket of 0 turns prefetching off, but
+    live count can pass max_live by one parameter (it checks, then adds), and the parameter that
+    does so can be the largest (the untied lm_head fetched onto a full window, the embedding in the
+    backward): so up to max_live beyond the largest module, which is counted already. Measured on
+    the Qwen2.5-0.5B shape at 2 CPU ranks: 2.3 GiB per rank gathered before the first layer from the
+    second step (docs/benchmark.md). A bucket of 0 turns prefetching off, but
     ``reuse_distance`` (stage3_max_reuse_distance, DeepSpeed's 1e9; training only, where each
     parameter is used again in the backward pass) still keeps a module gathered from its forward to
     its backward when fewer elements run between the two: about reuse_distance / 2 of the model,
-    all of it under 0.5B (measured: the bucket at 0 left the 0.5B shape's peak where it was).
-    Where the window is no larger than the module in use (72B's embedding), one prefetch bucket is
-    still in flight ahead of it: the bucket is the floor, and it is counted here only, not again
-    among the communication buckets."""
-    prefetch = min(arch.params, max_live + arch.hidden * arch.intermediate) if prefetch_bucket > 0 else 0
-    window = max(prefetch, min(arch.params, reuse_distance // 2))
-    return weight_bytes * max(prefetch_bucket, window - arch.largest_module_params, 0)
+    all of it under 0.5B (measured: the bucket at 0 left the 0.5B shape's peak where it was)."""
+    beyond = arch.params - arch.largest_module_params
+    prefetch = min(max_live, beyond) if prefetch_bucket > 0 else 0
+    reused = max(0, min(arch.params, reuse_distance // 2) - arch.largest_module_params)
+    return weight_bytes * max(prefetch, reused)
 
 
 # DeepSpeed's own stage-3 defaults: the reference pass's forward-only engine sets no ZeRO knobs
@@ -346,9 +350,11 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
     unit = "GPU" if s.device == "gpu" else "rank"
     ph = Phase("training", unit, _device_budget(s))
     ph.terms += [(label, b) for label, b, on_host in model_states(arch, s) if not on_host]
-    buckets = s.weight_bytes * s.reduce_bucket_size * (2 if s.overlap_comm else 1)
+    buckets = s.weight_bytes * s.reduce_bucket_size * (2 if s.overlap_comm or s.stage == 3 else 1)
     if s.stage == 0 and s.world == 1:
         buckets = 0  # dist.build_engine skips the all-reduce over one rank
+    if s.stage == 3:
+        buckets += s.weight_bytes * s.prefetch_bucket_size
     ph.terms.append(("communication buckets", buckets))
     ahead = (prefetched_params(arch, s.weight_bytes, s.prefetch_bucket_size, s.max_live_parameters, DS_MAX_REUSE)
              if s.stage == 3 else 0)
@@ -373,6 +379,10 @@ def training(arch: Architecture, s: Setup, batch: MicroBatch | None = None) -> P
         ph.notes.append(f"train.global_batch_size={s.global_batch_size} does not split into micro-batches of "
                         f"{s.micro_batch_size} on {s.world} ranks; node counts on which it does: "
                         f"{', '.join(map(str, nodes)) or 'none'}")
+        # A smaller micro-batch keeps the recipe's global batch (more accumulation, same update), so
+        # it comes first; then the nearest global batches that split, then more nodes.
+        smaller = [m for m in range(s.micro_batch_size - 1, 0, -1) if s.global_batch_size % (m * s.world) == 0]
+        ph.fixable += [f"train.micro_batch_size={m}" for m in smaller[:1]]
         ph.fixable += [f"train.global_batch_size={b}" for b in nearest_global_batches(s.global_batch_size, per_step)]
         above = [n for n in nodes if n > s.nodes]
         if above:
@@ -388,6 +398,7 @@ def reference(arch: Architecture, s: Setup) -> Phase:
         ph.terms.append(("gathered module", b * arch.largest_module_params))
         ph.terms.append(("parameters prefetched ahead (DeepSpeed's defaults)",
                          prefetched_params(arch, b, DS_PREFETCH_BUCKET, DS_MAX_LIVE)))
+        ph.terms.append(("prefetch all-gather buffer", b * DS_PREFETCH_BUCKET))
     else:
         ph.terms.append((f"weights ({'bf16' if b == 2 else 'fp32'}, a full copy)", b * arch.params))
     # reference.score_pairs: reference_batch_size pairs in one prefix-shared row, as in training;
@@ -704,12 +715,15 @@ def all_shipped_table(gpu_memory_gib: float = 80.0, checkpoints: PlanConfig | No
             train, ref, gen, hst = estimate(arch, s)
             failing = [p for p in (train, ref, gen, hst) if not p.fits]
             tight = any(p.verdict == "fits (tight)" for p in (train, ref, gen, hst))
+            # A phase whose settings cannot start (a batch that does not split, TP that does not divide
+            # the heads) says so, and its GiB get no ✗ unless they are over the budget too: a bare
+            # "no: training" beside a ✗ reads as out of memory.
             verdict = ("fits (tight)" if tight else "fits") if not failing else \
-                "no: " + ", ".join(p.name.split(" (")[0] for p in failing)
+                "no: " + ", ".join(p.name.split(" (")[0] + ("" if p.valid else " (invalid settings)") for p in failing)
             change = "; ".join(f for p in failing for f in p.fixable[:1]) or ("" if not failing else "see plan")
             if gen.fits and gen.notes:
                 change = (change + "; " if change else "") + gen.notes[0]
-            mark = {p.name: "" if p.fits else " ✗" for p in (train, ref, gen, hst)}
+            mark = {p.name: " ✗" if p.total > p.budget else "" for p in (train, ref, gen, hst)}
             sv = checkpoint_save(arch, s, checkpoints or cfg.plan)
             rows.append(f"| {name} | {nodes}x{gpus}x{gpu_memory_gib:g}GB | {s.deepspeed_name} "
                         f"| {train.total / GIB:.1f}{mark[train.name]} | {ref.total / GIB:.1f}{mark[ref.name]} "
