@@ -47,8 +47,24 @@ def read_env() -> DistEnv:
     if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         ntasks = int(e["SLURM_NTASKS"])
         nnodes = int(e.get("SLURM_NNODES", "1"))
-        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), max(1, ntasks // nnodes))
+        # `srun -n 5` over 2 nodes places 3 and 2 tasks: this node's own count, not 5 // 2, decides how
+        # many ranks share its GPUs (rank_device_index). The step's layout first, then the job's.
+        spec = e.get("SLURM_STEP_TASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE") or ""
+        local = tasks_on_node(spec, int(e.get("SLURM_NODEID", 0))) if spec else 0
+        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), local or max(1, ntasks // nnodes))
     return DistEnv()
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Tasks Slurm placed on node index `node`, from its compressed list: "2(x3),1" is 2, 2, 2, 1.
+    0 when the list is malformed or has no such node (the caller falls back to an even split)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.strip().partition("(x")
+        if not count.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return 0
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node] if 0 <= node < len(counts) else 0
 
 
 _ENV: DistEnv | None = None

@@ -14,7 +14,7 @@ def test_first_host_of_a_slurm_nodelist(nodelist, first):
 
 def test_rank_from_torchrun_then_slurm_then_single(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_LOCALID", "SLURM_NNODES"):
+                "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):
         monkeypatch.delenv(key, raising=False)
     assert dist.read_env() == dist.DistEnv()
     monkeypatch.setenv("SLURM_PROCID", "5")
@@ -27,6 +27,30 @@ def test_rank_from_torchrun_then_slurm_then_single(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert dist.read_env() == dist.DistEnv(rank=3, world_size=4, local_rank=1, local_world_size=2)
+
+
+@pytest.mark.parametrize("spec,node,tasks", [
+    ("8", 0, 8), ("4(x2)", 1, 4), ("3,2", 0, 3), ("3,2", 1, 2), ("2(x3),1", 2, 2), ("2(x3),1", 3, 1),
+    ("2(x3),1", 4, 0), ("", 0, 0), ("2(xx),1", 0, 0), ("a,2", 1, 0)])
+def test_tasks_on_a_node_from_slurms_compressed_list(spec, node, tasks):
+    assert dist.tasks_on_node(spec, node) == tasks
+
+
+def test_uneven_slurm_tasks_give_each_node_its_own_local_world(monkeypatch):
+    """`srun -n 5` over 2 nodes: 3 tasks on the first, 2 on the second; each node's ranks split its
+    own GPUs, not 5 // 2 of them."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                       "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,2"}.items():
+        monkeypatch.setenv(key, value)
+    assert dist.read_env() == dist.DistEnv(rank=4, world_size=5, local_rank=1, local_world_size=2)
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert dist.read_env().local_world_size == 3
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "garbage")  # an even split, as before
+    assert dist.read_env().local_world_size == 2
 
 
 @pytest.mark.parametrize("n,world", [(7, 2), (10, 3), (2, 4), (0, 2), (16, 16)])
