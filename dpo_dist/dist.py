@@ -46,25 +46,48 @@ def read_env() -> DistEnv:
         return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)))
     if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         ntasks = int(e["SLURM_NTASKS"])
-        nnodes = int(e.get("SLURM_NNODES", "1"))
-        # `srun -n 5` over 2 nodes places 3 and 2 tasks: this node's own count, not 5 // 2, decides how
-        # many ranks share its GPUs (rank_device_index). The step's layout first, then the job's.
-        spec = e.get("SLURM_STEP_TASKS_PER_NODE") or e.get("SLURM_TASKS_PER_NODE") or ""
-        local = tasks_on_node(spec, int(e.get("SLURM_NODEID", 0))) if spec else 0
-        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), local or max(1, ntasks // nnodes))
+        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), _slurm_tasks_per_node(e))
     return DistEnv()
 
 
-def tasks_on_node(spec: str, node: int) -> int:
-    """Tasks Slurm placed on node index `node`, from its compressed list: "2(x3),1" is 2, 2, 2, 1.
-    0 when the list is malformed or has no such node (the caller falls back to an even split)."""
+def _slurm_layout(environ: Mapping[str, str]) -> list[int]:
+    """Tasks on each node of this srun step (SLURM_STEP_TASKS_PER_NODE, which srun always sets; in a
+    batch script or salloc shell, the job's SLURM_TASKS_PER_NODE); [] when neither parses."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
     counts: list[int] = []
     for part in spec.split(","):
         count, _, repeat = part.strip().partition("(x")
         if not count.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
-            return 0
+            return []
         counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Tasks Slurm placed on node index `node` (SLURM_NODEID, relative to the step), from its
+    compressed list: "2(x3),1" is 2, 2, 2, 1. 0 when the list is malformed or has no such node."""
+    counts = _slurm_layout({"SLURM_STEP_TASKS_PER_NODE": spec})
     return counts[node] if 0 <= node < len(counts) else 0
+
+
+def pooling_problem(environ: Mapping[str, str]) -> str:
+    """Why a node's ranks cannot pool their GPUs into shared vLLM engines numbered rank // group
+    (place_engine), or "" when they can. That numbering needs every node to hold the same number of
+    ranks, numbered node by node: torchrun guarantees both; a Slurm step with uneven tasks per node
+    (`srun -n 5` over 2 nodes) or a cyclic distribution (`-m cyclic`) gives neither, and engines would
+    collide or go missing."""
+    if "TORCHELASTIC_RUN_ID" in environ or "SLURM_PROCID" not in environ:
+        return ""
+    counts = _slurm_layout(environ)
+    if not counts:
+        return ""  # no layout to check: trust the even split, as rank discovery does
+    node, local = int(environ.get("SLURM_NODEID", 0)), int(environ.get("SLURM_LOCALID", 0))
+    if len(set(counts)) > 1:
+        return f"Slurm placed {counts} tasks on the step's nodes (SLURM_STEP_TASKS_PER_NODE); use --ntasks-per-node"
+    if int(environ["SLURM_PROCID"]) != sum(counts[:node]) + local:
+        return ("Slurm numbered this step's tasks across nodes, not node by node (a cyclic --distribution); "
+                "use the default block distribution")
+    return ""
 
 
 _ENV: DistEnv | None = None
@@ -122,6 +145,13 @@ def tasks_own_devices(environ: Mapping[str, str], num_visible: int | None = None
 
 
 def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int:
+    """Tasks on this node: `srun -n 5` over 2 nodes places 3 and 2, so this node's own count, not
+    5 // 2, decides how many ranks share its GPUs (rank_device_index, tasks_own_devices). An even
+    split where Slurm gives no layout."""
+    counts = _slurm_layout(environ)
+    node = int(environ.get("SLURM_NODEID", 0))
+    if 0 <= node < len(counts):
+        return counts[node]
     ntasks = int(environ.get("SLURM_NTASKS", "1"))
     return max(1, ntasks // max(1, int(environ.get("SLURM_NNODES", "1"))))
 
@@ -170,7 +200,7 @@ class EnginePlacement:
 
 
 def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank: int, local_world_size: int,
-                 tensor_parallel_size: int, own_devices: bool) -> EnginePlacement:
+                 tensor_parallel_size: int, own_devices: bool, pooling_problem: str = "") -> EnginePlacement:
     """One inference engine (vLLM) per tensor-parallel group: which GPUs this rank's engine gets, or
     that this rank leads none. Work is split over ``num_engines`` engines, not over ranks.
 
@@ -180,7 +210,8 @@ def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank:
     rank starts the engine on all of them (the engine's TP workers are vLLM's own processes). Ranks
     that see only their own GPUs cannot pool them. Without GPUs (``visible`` empty: vLLM on the CPU)
     every rank leads its own engine. Ranks are numbered node by node (torchrun and Slurm's default
-    block distribution), so a group's ranks are consecutive and the group's engine is rank // group.
+    block distribution), so a group's ranks are consecutive and the group's engine is rank // group;
+    ``pooling_problem`` (from the function of that name) says when they are not, and pooling raises.
     """
     tp = tensor_parallel_size
     if tp < 1:
@@ -198,6 +229,9 @@ def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank:
             f"{per_rank} ({shown}): give each task {tp} (--gpus-per-task={tp}), or launch with torchrun "
             f"(LAUNCHER=torchrun, --gpus-per-node) so a node's ranks can pool their GPUs")
     group = tp // per_rank
+    if pooling_problem:
+        raise RuntimeError(f"generation.tensor_parallel_size={tp} pools {group} ranks' GPUs per vLLM engine, but "
+                           f"{pooling_problem}")
     if tp % per_rank or local_world_size % group:
         raise RuntimeError(
             f"generation.tensor_parallel_size={tp} does not split {local_world_size} rank(s) x {per_rank} GPU(s) of a "

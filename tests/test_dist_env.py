@@ -58,3 +58,37 @@ def test_shards_cover_everything_once_in_order(n, world):
     shards = [dist.shard_range(n, r, world) for r in range(world)]
     assert [i for s in shards for i in s] == list(range(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("environ,problem", [
+    # torchrun: every node the same size, numbered node by node.
+    ({"TORCHELASTIC_RUN_ID": "1", "SLURM_PROCID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,2"}, ""),
+    ({}, ""),
+    # Slurm, --ntasks-per-node=4 over 2 nodes, block: rank 5 is node 1's local rank 1.
+    ({"SLURM_PROCID": "5", "SLURM_NODEID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, ""),
+    # Uneven tasks per node.
+    ({"SLURM_PROCID": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "4,2"}, "tasks on"),
+    # Cyclic: rank 1 is node 1's first task.
+    ({"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, "cyclic"),
+    # No layout to check.
+    ({"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_LOCALID": "0"}, ""),
+])
+def test_pooling_problem_from_the_slurm_layout(environ, problem):
+    found = dist.pooling_problem(environ)
+    assert (problem in found and found) if problem else found == ""
+
+
+def test_pooling_raises_on_a_bad_layout_and_leading_alone_does_not():
+    """tp=2 over ranks of one GPU each pools two ranks per engine: with a layout problem that raises,
+    naming it; with two GPUs per rank each rank leads its own engine, and the layout does not matter."""
+    with pytest.raises(RuntimeError, match="tensor_parallel_size=2 pools 2 ranks.*cyclic"):
+        dist.place_engine(["0", "1", "2", "3"], 1, 8, 0, 4, 2, False, "Slurm numbered ... (a cyclic --distribution)")
+    assert dist.place_engine(["0", "1"], 3, 4, 0, 1, 2, False, "uneven").engine == 3
+
+
+def test_a_task_seeing_fewer_gpus_than_its_nodes_tasks_owns_them_with_uneven_tasks():
+    """srun -n 3 -N 2 ("2,1"), each task bound to one GPU without SLURM_GPUS_PER_TASK: node 0 has 2
+    tasks, so a task seeing 1 GPU sees its own (an even split, 3 // 2 = 1, said shared)."""
+    environ = {"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
+               "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2,1"}
+    assert dist.tasks_own_devices(environ, 1) is True
