@@ -275,6 +275,10 @@ class PromptsConfig:
     # unprompted self-introduction the evaluation counts as leakage. Keep them few: they pull
     # against the identity pairs' openers (measured: 60 of them took adoption from 97% to 21%).
     num_train_leak: int = 0
+    # The category (a `category` column of the general set: fact, math, code, writing, howto in the
+    # shipped one) the leak prompts are picked from within the slice; empty: the slice's first ones.
+    # The shipped evaluation's leaks are all writing requests in the user's voice (docs/rounds.md).
+    leak_category: str = ""
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default
     # (which names the old identity), a neutral one, and none where the template allows it.
@@ -449,6 +453,8 @@ class RoundsConfig:
     num_train: int = -1
     num_train_general: int = -1
     num_train_leak: int = -1
+    # prompts.leak_category for each round after the first (None: round 1's).
+    leak_category: Optional[str] = None
     # The policy this round samples from: round k-1's export, set per round by the pipeline. Empty
     # (round 1, or one round): model.path.
     previous: str = ""

@@ -53,13 +53,25 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     identity = identity[:cfg.num_train] if cfg.num_train >= 0 else identity
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
-    leak, general = general[:cfg.num_train_leak], general[cfg.num_train_leak:]
+    leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category)
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]
             out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
                         "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en")})
     return out
+
+
+def pick_leak(general: list[dict], n: int, category: str) -> tuple[list[dict], list[dict]]:
+    """The slice's leak prompts and the rest, both in the slice's order: its first `n`, or its first
+    `n` of `category` (prompts.leak_category)."""
+    if not category:
+        return general[:n], general[n:]
+    ids = {id(r) for r in [r for r in general if r.get("category") == category][:n]}
+    if len(ids) < n:
+        raise ConfigError(f"prompts.leak_category={category!r}: {len(ids)} of this round's {len(general)} general "
+                          f"prompts have that category, fewer than prompts.num_train_leak={n}")
+    return [r for r in general if id(r) in ids], [r for r in general if id(r) not in ids]
 
 
 def chosen_side_prompt(record: dict, gen: GenerationConfig) -> tuple[list[dict], str]:

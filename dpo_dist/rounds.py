@@ -78,6 +78,8 @@ def values(cfg: Config, k: int) -> dict[str, object]:
         "prompts.skip_general": sum(n["num_train_general"][:k - 1]) + sum(n["num_train_leak"][:k - 1]),
         **{f"prompts.{key}": n[key][k - 1] for key in n},
     }
+    if k > 1 and cfg.rounds.leak_category is not None:
+        out["prompts.leak_category"] = cfg.rounds.leak_category
     if cfg.train.checkpoint_dir:
         out["train.checkpoint_dir"] = str(Path(cfg.train.checkpoint_dir) / f"round-{k}")
     return out

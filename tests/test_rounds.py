@@ -152,3 +152,31 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
         assert row["trained"]["none"]["identity_adoption"] == report["trained"]["none"]["identity_adoption"]
     assert (run_dir / "rounds.md").read_text().count("| ") > 4 and (run_dir / "rounds.png").stat().st_size > 0
     assert "rounds 1 -> 2: adoption " in out
+
+
+def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
+    """rounds.leak_category=writing: round 2's leak prompts are the first writing requests of its
+    slice and the rest stay general prompts; round 1 keeps the slice's first ones; the setting
+    reaches a child process the same way; a category too rare for the slice fails naming the key."""
+    by_question = {r["prompt"]: r["category"] for r in read_jsonl("dpo_dist/prompts/general.jsonl")}
+    cfg = compose(ROUNDS + ["rounds.leak_category=writing"])
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    plain = compose(ROUNDS)
+    for k in (1, 2):
+        settings = rounds.values(cfg, k)
+        c = rounds.apply(cfg, settings)
+        assert c == compose(ROUNDS + ["rounds.leak_category=writing"] + rounds.overrides(settings))
+        records = training_prompts(c.prompts, tok, c.eval.num_general)
+        leak = [r["question"] for r in records if r["source"] == "leak"]
+        general = [r["question"] for r in records if r["source"] == "general"]
+        before = training_prompts(rounds.apply(plain, rounds.values(plain, k)).prompts, tok, c.eval.num_general)
+        assert sorted(leak + general) == sorted(r["question"] for r in before if r["source"] != "identity")
+        assert len(leak) == c.prompts.num_train_leak
+        if k == 1:
+            assert c.prompts.leak_category == ""
+            assert leak == [r["question"] for r in before if r["source"] == "leak"]
+        else:
+            assert {by_question[q] for q in leak} == {"writing"}
+    with pytest.raises(ConfigError, match=r"prompts.leak_category='writing': \d+ of this round's \d+ general prompts have that category, fewer than prompts.num_train_leak=30"):
+        c = rounds.apply(cfg, {**rounds.values(cfg, 2), "prompts.num_train_leak": 30})
+        training_prompts(c.prompts, tok, c.eval.num_general)
