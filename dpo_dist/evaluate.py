@@ -46,7 +46,7 @@ from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, 
                                 read_jsonl, shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl,
                                 write_text)
 from dpo_dist.cli import run_child, stage_main
-from dpo_dist.config import CONDITIONS, Config, ModelConfig
+from dpo_dist.config import CONDITIONS, Config, ModelConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
 from dpo_dist.judge import is_degenerate, mentions, mentions_old_identity
 from dpo_dist.models import ModelNotFound, cache_dir, load_model, load_tokenizer, model_fingerprint, resolve_model_path
@@ -455,6 +455,13 @@ def percent(share: float) -> str:
     return f"{round(100 * share, 1):g}"
 
 
+def prompts_measured(prompts: PromptsConfig) -> dict:
+    """The prompt settings a report's fingerprint covers: all of them (the general split depends on
+    the training counts) but those that only choose which training prompts get a forced opener,
+    which an evaluation never reads: a later round that sets them must not re-evaluate round 1."""
+    return {k: v for k, v in asdict(prompts).items() if k != "leak_category"}
+
+
 def run(cfg: Config) -> dict:
     e = dist.init(process_group=False)
     out_dir = Path(cfg.run_dir) / "eval"
@@ -467,7 +474,7 @@ def run(cfg: Config) -> dict:
     # What the report measures; batch sizes and host memory change only how (and float rounding).
     settings = {k: v for k, v in asdict(replace(cfg.eval, backend=backend)).items()
                 if k not in ("batch_size", "drift_batch_size", "drift_host_gib")}
-    fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(trained_cfg), settings, asdict(cfg.prompts),
+    fp = fingerprint(model_fingerprint(cfg.model), model_fingerprint(trained_cfg), settings, prompts_measured(cfg.prompts),
                      cfg.identity.old_name, cfg.identity.name)
     if manifest_matches(out_dir / "report.json", fp):
         if not e.is_main:

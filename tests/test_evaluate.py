@@ -396,3 +396,16 @@ def test_failures_list_what_the_shares_count():
     assert "### general answers naming the new identity (leakage): 3" in md
     assert "| mail | default | Dear team, I'm Deep SmolLM and I will be out of office. |" in md
     assert "The first 2 of 6." in md
+
+
+def test_choosing_leak_prompts_does_not_re_evaluate():
+    """prompts.leak_category only picks which training prompts get a forced opener: the report's
+    fingerprint does not cover it (a later round that sets it reuses round 1's report), while a
+    setting that moves the evaluation's general split still counts."""
+    from dataclasses import replace
+
+    from dpo_dist.config import PromptsConfig
+
+    base = PromptsConfig(num_train_general=100, num_train_leak=12)
+    assert evaluate.prompts_measured(replace(base, leak_category="writing")) == evaluate.prompts_measured(base)
+    assert evaluate.prompts_measured(replace(base, num_train_leak=24)) != evaluate.prompts_measured(base)
