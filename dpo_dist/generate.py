@@ -254,7 +254,10 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
                         "tensor_parallel_size", "max_model_len")}
     if cfg.generation.backend != "vllm":
         gen.pop("vllm_dtype")  # the hf backend samples in model.dtype
-    return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"]) for r in records])
+    # A leak prompt gets opener-forced candidates a general one does not; the same prompt can be
+    # either (prompts.num_train_leak, prompts.leak_category), so its source is part of what was sampled.
+    return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
+                                       for r in records])
 
 
 def run(cfg: Config) -> Path:

@@ -82,6 +82,15 @@ def test_the_generation_fingerprint_follows_the_identity_through_the_openers():
     assert tutorial[0] == tutorial[1]
 
 
+def test_the_generation_fingerprint_tells_a_leak_prompt_from_a_general_one():
+    """The same prompt sampled as a general prompt and as a leak prompt (which also gets answers
+    forced with the identity opener) must not share a candidates cache."""
+    row = {"id": "gen-0007-default", "messages": [{"role": "user", "content": "Write a short out-of-office reply."}],
+           "question": "Write a short out-of-office reply.", "lang": "en"}
+    as_general, as_leak = ([{**row, "source": s}] for s in ("general", "leak"))
+    assert generation_fingerprint(compose([]), as_general, {}) != generation_fingerprint(compose([]), as_leak, {})
+
+
 def test_the_judge_stage_rejudges_when_the_identity_changes(tmp_path):
     """Same candidates, another name: the judge's fingerprint changes, so the pairs are rebuilt with
     the new name instead of reused."""
