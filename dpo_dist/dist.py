@@ -43,7 +43,9 @@ def read_env() -> DistEnv:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
         world = int(e["WORLD_SIZE"])
-        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world)))
+        # DeepSpeed's own launcher (launch/deepspeed.sh) exports LOCAL_SIZE, not LOCAL_WORLD_SIZE.
+        local_world = e.get("LOCAL_WORLD_SIZE") or e.get("LOCAL_SIZE") or world
+        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(local_world))
     if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         ntasks = int(e["SLURM_NTASKS"])
         return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), _slurm_tasks_per_node(e))
@@ -53,7 +55,11 @@ def read_env() -> DistEnv:
 def _slurm_layout(environ: Mapping[str, str]) -> list[int]:
     """Tasks on each node of this srun step (SLURM_STEP_TASKS_PER_NODE, which srun always sets; in a
     batch script or salloc shell, the job's SLURM_TASKS_PER_NODE); [] when neither parses."""
-    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    return parse_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "")
+
+
+def parse_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed tasks-per-node list, expanded: "2(x3),1" is [2, 2, 2, 1]; [] if malformed."""
     counts: list[int] = []
     for part in spec.split(","):
         count, _, repeat = part.strip().partition("(x")
@@ -63,31 +69,39 @@ def _slurm_layout(environ: Mapping[str, str]) -> list[int]:
     return counts
 
 
-def tasks_on_node(spec: str, node: int) -> int:
-    """Tasks Slurm placed on node index `node` (SLURM_NODEID, relative to the step), from its
-    compressed list: "2(x3),1" is 2, 2, 2, 1. 0 when the list is malformed or has no such node."""
-    counts = _slurm_layout({"SLURM_STEP_TASKS_PER_NODE": spec})
-    return counts[node] if 0 <= node < len(counts) else 0
+def _slurm_step_layout(environ: Mapping[str, str]) -> list[int]:
+    """Tasks per node of the srun step this rank is a task of; [] where the ranks do not come from
+    Slurm (torchrun or DeepSpeed's launcher set RANK, also inside a step) or outside a step (a batch
+    script or salloc shell, whose job layout says nothing of how another launcher placed ranks)."""
+    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ):
+        return []
+    if "SLURM_PROCID" not in environ or "SLURM_STEP_TASKS_PER_NODE" not in environ:
+        return []
+    return parse_tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
 
 
 def pooling_problem(environ: Mapping[str, str]) -> str:
-    """Why a node's ranks cannot pool their GPUs into shared vLLM engines numbered rank // group
-    (place_engine), or "" when they can. That numbering needs every node to hold the same number of
-    ranks, numbered node by node: torchrun guarantees both; a Slurm step with uneven tasks per node
-    (`srun -n 5` over 2 nodes) or a cyclic distribution (`-m cyclic`) gives neither, and engines would
-    collide or go missing."""
-    if "TORCHELASTIC_RUN_ID" in environ or "SLURM_PROCID" not in environ:
-        return ""
-    counts = _slurm_layout(environ)
-    if not counts:
-        return ""  # no layout to check: trust the even split, as rank discovery does
-    node, local = int(environ.get("SLURM_NODEID", 0)), int(environ.get("SLURM_LOCALID", 0))
+    """Why a node's ranks cannot pool their GPUs into shared vLLM engines (place_engine), or "" when
+    they can. Pooled engines are numbered node by node, and their count is world // group, which needs
+    the same number of ranks on every node: a Slurm step with uneven tasks per node (`srun -n 5` over
+    2 nodes) would leave an engine's shard unwritten."""
+    counts = _slurm_step_layout(environ)
     if len(set(counts)) > 1:
-        return f"Slurm placed {counts} tasks on the step's nodes (SLURM_STEP_TASKS_PER_NODE); use --ntasks-per-node"
-    if int(environ["SLURM_PROCID"]) != sum(counts[:node]) + local:
-        return ("Slurm numbered this step's tasks across nodes, not node by node (a cyclic --distribution); "
-                "use the default block distribution")
+        return (f"Slurm placed uneven tasks on the step's nodes (SLURM_STEP_TASKS_PER_NODE="
+                f"{environ['SLURM_STEP_TASKS_PER_NODE']}): start the same number on every node (--ntasks-per-node, "
+                f"or -n a multiple of -N), give each task its own GPUs (--gpus-per-task=<tp>), or launch with torchrun")
     return ""
+
+
+def node_major_position(environ: Mapping[str, str], rank: int, local_rank: int) -> int:
+    """This rank's index when ranks are counted node by node. torchrun numbers them so (the rank
+    itself); a Slurm step with `-m cyclic` numbers tasks across nodes, so a pooled engine's number
+    (place_engine) comes from the node's place in the step and the task's place on its node."""
+    counts = _slurm_step_layout(environ)
+    node = int(environ.get("SLURM_NODEID", 0))
+    if not counts or not 0 <= node < len(counts):
+        return rank
+    return sum(counts[:node]) + local_rank
 
 
 _ENV: DistEnv | None = None
@@ -200,7 +214,8 @@ class EnginePlacement:
 
 
 def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank: int, local_world_size: int,
-                 tensor_parallel_size: int, own_devices: bool, pooling_problem: str = "") -> EnginePlacement:
+                 tensor_parallel_size: int, own_devices: bool, pooling_problem: str = "",
+                 position: int | None = None) -> EnginePlacement:
     """One inference engine (vLLM) per tensor-parallel group: which GPUs this rank's engine gets, or
     that this rank leads none. Work is split over ``num_engines`` engines, not over ranks.
 
@@ -211,7 +226,9 @@ def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank:
     that see only their own GPUs cannot pool them. Without GPUs (``visible`` empty: vLLM on the CPU)
     every rank leads its own engine. Ranks are numbered node by node (torchrun and Slurm's default
     block distribution), so a group's ranks are consecutive and the group's engine is rank // group;
-    ``pooling_problem`` (from the function of that name) says when they are not, and pooling raises.
+    under another numbering (srun -m cyclic) ``position``, the rank's index node by node
+    (node_major_position), numbers it instead. ``pooling_problem`` (from the function of that name)
+    says when nodes hold different numbers of ranks, and pooling raises.
     """
     tp = tensor_parallel_size
     if tp < 1:
@@ -239,7 +256,8 @@ def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank:
             f"{local_world_size * per_rank} GPUs")
     if local_rank % group:
         return EnginePlacement(None, world_size // group)
-    return EnginePlacement(rank // group, world_size // group, tuple(visible[start:start + tp]))
+    return EnginePlacement((rank if position is None else position) // group, world_size // group,
+                           tuple(visible[start:start + tp]))
 
 
 def local_devices() -> tuple[list[str], bool]:

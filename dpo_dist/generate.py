@@ -240,7 +240,8 @@ def placement(cfg: Config, e: dist.DistEnv) -> dist.EnginePlacement:
         return dist.EnginePlacement(e.rank, e.world_size)
     visible, own = dist.local_devices()
     return dist.place_engine(visible, e.rank, e.world_size, e.local_rank, e.local_world_size,
-                             cfg.generation.tensor_parallel_size, own, dist.pooling_problem(os.environ))
+                             cfg.generation.tensor_parallel_size, own, dist.pooling_problem(os.environ),
+                             dist.node_major_position(os.environ, e.rank, e.local_rank))
 
 
 def make_backend(cfg: Config, where: dist.EnginePlacement):

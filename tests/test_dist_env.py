@@ -29,11 +29,11 @@ def test_rank_from_torchrun_then_slurm_then_single(monkeypatch):
     assert dist.read_env() == dist.DistEnv(rank=3, world_size=4, local_rank=1, local_world_size=2)
 
 
-@pytest.mark.parametrize("spec,node,tasks", [
-    ("8", 0, 8), ("4(x2)", 1, 4), ("3,2", 0, 3), ("3,2", 1, 2), ("2(x3),1", 2, 2), ("2(x3),1", 3, 1),
-    ("2(x3),1", 4, 0), ("", 0, 0), ("2(xx),1", 0, 0), ("a,2", 1, 0)])
-def test_tasks_on_a_node_from_slurms_compressed_list(spec, node, tasks):
-    assert dist.tasks_on_node(spec, node) == tasks
+@pytest.mark.parametrize("spec,tasks", [
+    ("8", [8]), ("4(x2)", [4, 4]), ("3,2", [3, 2]), ("2(x3),1", [2, 2, 2, 1]), ("", []), ("2(xx),1", []),
+    ("a,2", [])])
+def test_tasks_per_node_from_slurms_compressed_list(spec, tasks):
+    assert dist.parse_tasks_per_node(spec) == tasks
 
 
 def test_uneven_slurm_tasks_give_each_node_its_own_local_world(monkeypatch):
@@ -61,29 +61,62 @@ def test_shards_cover_everything_once_in_order(n, world):
 
 
 @pytest.mark.parametrize("environ,problem", [
-    # torchrun: every node the same size, numbered node by node.
+    # torchrun (also inside a Slurm step) and DeepSpeed's launcher set RANK: their layout is even.
     ({"TORCHELASTIC_RUN_ID": "1", "SLURM_PROCID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,2"}, ""),
+    ({"RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "5,3"}, ""),
     ({}, ""),
-    # Slurm, --ntasks-per-node=4 over 2 nodes, block: rank 5 is node 1's local rank 1.
-    ({"SLURM_PROCID": "5", "SLURM_NODEID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, ""),
-    # Uneven tasks per node.
-    ({"SLURM_PROCID": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "4,2"}, "tasks on"),
-    # Cyclic: rank 1 is node 1's first task.
-    ({"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, "cyclic"),
-    # No layout to check.
-    ({"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_LOCALID": "0"}, ""),
+    # One node; --ntasks-per-node=8 on 4 nodes.
+    ({"SLURM_PROCID": "3", "SLURM_NODEID": "0", "SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "8"}, ""),
+    ({"SLURM_PROCID": "29", "SLURM_NODEID": "3", "SLURM_LOCALID": "5", "SLURM_STEP_TASKS_PER_NODE": "8(x4)"}, ""),
+    # A batch script or salloc shell: the job's uneven layout says nothing about a launcher's ranks.
+    ({"SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "5,3"}, ""),
+    # An even step inside an uneven job: the step's layout counts.
+    ({"SLURM_PROCID": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+      "SLURM_TASKS_PER_NODE": "5,3"}, ""),
+    # Uneven tasks per node in the step: named with Slurm's own spec and the ways out.
+    ({"SLURM_PROCID": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "4,2"},
+     "SLURM_STEP_TASKS_PER_NODE=4,2): start the same number on every node"),
 ])
-def test_pooling_problem_from_the_slurm_layout(environ, problem):
+def test_pooling_problem_from_the_slurm_step_layout(environ, problem):
     found = dist.pooling_problem(environ)
     assert (problem in found and found) if problem else found == ""
 
 
-def test_pooling_raises_on_a_bad_layout_and_leading_alone_does_not():
+def test_cyclic_slurm_ranks_pool_into_engines_numbered_node_by_node():
+    """srun -m cyclic over 2 nodes of 2 tasks with one GPU each, tp=2: ranks 0 and 2 share node 0,
+    ranks 1 and 3 node 1. Engines are numbered by place node by node, so node 0's leader runs engine
+    0 and node 1's engine 1: every engine once, none twice (rank // group would give rank 1 engine 0)."""
+    placed = []
+    for rank, node, local in [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]:
+        environ = {"SLURM_PROCID": str(rank), "SLURM_NODEID": str(node), "SLURM_LOCALID": str(local),
+                   "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+        position = dist.node_major_position(environ, rank, local)
+        placed.append(dist.place_engine(["0", "1"], rank, 4, local, 2, 2, False, dist.pooling_problem(environ), position))
+    leaders = sorted(p.engine for p in placed if p.engine is not None)
+    assert leaders == [0, 1] and {p.num_engines for p in placed} == {2}
+    assert placed[0].engine == 0 and placed[0].devices == ("0", "1")
+    # torchrun: the rank is its place.
+    assert dist.node_major_position({"TORCHELASTIC_RUN_ID": "x", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, 5, 1) == 5
+
+
+def test_pooling_raises_on_uneven_nodes_and_leading_alone_does_not():
     """tp=2 over ranks of one GPU each pools two ranks per engine: with a layout problem that raises,
     naming it; with two GPUs per rank each rank leads its own engine, and the layout does not matter."""
-    with pytest.raises(RuntimeError, match="tensor_parallel_size=2 pools 2 ranks.*cyclic"):
-        dist.place_engine(["0", "1", "2", "3"], 1, 8, 0, 4, 2, False, "Slurm numbered ... (a cyclic --distribution)")
+    with pytest.raises(RuntimeError, match="tensor_parallel_size=2 pools 2 ranks.*uneven"):
+        dist.place_engine(["0", "1", "2", "3"], 1, 8, 0, 4, 2, False, "Slurm placed uneven tasks ...")
     assert dist.place_engine(["0", "1"], 3, 4, 0, 1, 2, False, "uneven").engine == 3
+
+
+def test_deepspeeds_launcher_gives_its_local_size():
+    """launch/deepspeed.sh: DeepSpeed's launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE; 2 nodes of
+    8 must give each node 8 local ranks, not the world's 16 (which leaves every rank 0 GPUs)."""
+    env = {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "8"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            mp.delenv(key, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        assert dist.read_env() == dist.DistEnv(rank=9, world_size=16, local_rank=1, local_world_size=8)
 
 
 def test_a_task_seeing_fewer_gpus_than_its_nodes_tasks_owns_them_with_uneven_tasks():

@@ -165,7 +165,7 @@ def test_impossible_engine_layouts_are_clear_errors(args, message):
 def _no_launcher_env(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
                 "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND",
-                "CUDA_VISIBLE_DEVICES"):
+                "CUDA_VISIBLE_DEVICES", "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(dist, "_ENV", None)
 
@@ -203,6 +203,25 @@ def test_vllm_engines_follow_slurms_visible_devices(monkeypatch):
     assert generate.placement(vllm, e) == P(None, 2)
     assert generate.placement(vllm, dist.DistEnv(2, 4, 2, 4)) == P(1, 2, ("6", "7"))
     assert generate.placement(compose(["generation=hf"]), e) == P(3, 4)
+
+
+def test_vllm_engines_under_a_cyclic_or_uneven_srun_step(monkeypatch):
+    """generate.placement under srun without torchrun, one GPU per task sharing the node's list, TP 2:
+    with -m cyclic, rank 1 (node 1's first task) leads engine 1, not engine 0 as rank // 2 would say;
+    with uneven tasks per node the node that pools refuses, naming the step's layout."""
+    _no_launcher_env(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for key, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+                       "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(key, value)
+    vllm = compose(["generation=vllm", "generation.tensor_parallel_size=2"])
+    assert generate.placement(vllm, dist.read_env()) == P(1, 2, ("0", "1"))
+    # srun -n 3 -N 2: node 0's two tasks pool its two GPUs, node 1's one task would lead alone.
+    for key, value in {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NTASKS": "3", "SLURM_NODEID": "0",
+                       "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="SLURM_STEP_TASKS_PER_NODE=2,1"):
+        generate.placement(vllm, dist.read_env())
 
 
 # ---------------------------------------------------------------- generation=auto
