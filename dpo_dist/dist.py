@@ -52,12 +52,6 @@ def read_env() -> DistEnv:
     return DistEnv()
 
 
-def _slurm_layout(environ: Mapping[str, str]) -> list[int]:
-    """Tasks on each node of this srun step (SLURM_STEP_TASKS_PER_NODE, which srun always sets; in a
-    batch script or salloc shell, the job's SLURM_TASKS_PER_NODE); [] when neither parses."""
-    return parse_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "")
-
-
 def parse_tasks_per_node(spec: str) -> list[int]:
     """Slurm's compressed tasks-per-node list, expanded: "2(x3),1" is [2, 2, 2, 1]; [] if malformed."""
     counts: list[int] = []
@@ -161,8 +155,9 @@ def tasks_own_devices(environ: Mapping[str, str], num_visible: int | None = None
 def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int:
     """Tasks on this node: `srun -n 5` over 2 nodes places 3 and 2, so this node's own count, not
     5 // 2, decides how many ranks share its GPUs (rank_device_index, tasks_own_devices). An even
-    split where Slurm gives no layout."""
-    counts = _slurm_layout(environ)
+    split where Slurm gives no layout. The step's layout (SLURM_STEP_TASKS_PER_NODE, which srun always
+    sets), else in a batch script or salloc shell the job's."""
+    counts = parse_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "")
     node = int(environ.get("SLURM_NODEID", 0))
     if 0 <= node < len(counts):
         return counts[node]

@@ -65,13 +65,14 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
 def pick_leak(general: list[dict], n: int, category: str) -> tuple[list[dict], list[dict]]:
     """The slice's leak prompts and the rest, both in the slice's order: its first `n`, or its first
     `n` of `category` (prompts.leak_category)."""
-    if not category:
-        return general[:n], general[n:]
-    ids = {id(r) for r in [r for r in general if r.get("category") == category][:n]}
-    if len(ids) < n:
-        raise ConfigError(f"prompts.leak_category={category!r}: {len(ids)} of this round's {len(general)} general "
+    leak: list[dict] = []
+    rest: list[dict] = []
+    for r in general:
+        (leak if len(leak) < n and (not category or r.get("category") == category) else rest).append(r)
+    if category and len(leak) < n:
+        raise ConfigError(f"prompts.leak_category={category!r}: {len(leak)} of this round's {len(general)} general "
                           f"prompts have that category, fewer than prompts.num_train_leak={n}")
-    return [r for r in general if id(r) in ids], [r for r in general if id(r) not in ids]
+    return leak, rest
 
 
 def chosen_side_prompt(record: dict, gen: GenerationConfig) -> tuple[list[dict], str]:
