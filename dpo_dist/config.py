@@ -311,6 +311,13 @@ class GenerationConfig:
     # candidate claim the identity while the rest of the answer stays the model's own.
     chosen_prefixes: Dict[str, List[str]] = field(default_factory=dict)
     num_chosen_candidates: int = 2
+    # Extra plain answers per general prompt, searched for the policy's own leaks only (issue 23). A
+    # trained policy names itself in a few percent of its general answers (round 2: 6 of 324), too few
+    # rejected sides to learn from. Where a prompt's num_candidates answers hold no leak and one of
+    # these does, that one becomes the rejected side against the best own answer; otherwise they are
+    # unused, so every other pair is the one num_candidates alone gives. They continue the prompt's
+    # seeded samples (numbers num_candidates, num_candidates + 1, ...).
+    leak_search_candidates: int = 0
     # Run the generate stage of the pipeline in this interpreter (e.g. a separate vLLM venv).
     python: str = ""
     # vLLM only.
@@ -336,6 +343,7 @@ class GenerationConfig:
         _require(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
         _require(self.batch_size > 0, "generation.batch_size", "must be > 0")
         _require(self.num_chosen_candidates >= 1, "generation.num_chosen_candidates", "must be >= 1")
+        _require(self.leak_search_candidates >= 0, "generation.leak_search_candidates", "must be >= 0")
         for lang, prefixes in self.chosen_prefixes.items():
             _require(len(prefixes) > 0 and all(p.strip() for p in prefixes), f"generation.chosen_prefixes.{lang}",
                      "needs at least one non-empty opener")
@@ -455,6 +463,9 @@ class RoundsConfig:
     num_train_leak: int = -1
     # prompts.leak_category for each round after the first (None: round 1's).
     leak_category: Optional[str] = None
+    # generation.leak_search_candidates for each round after the first (None: round 1's). Round 1's
+    # base model does not know the new name, so it has no leaks to find.
+    leak_search_candidates: Optional[int] = None
     # The policy this round samples from: round k-1's export, set per round by the pipeline. Empty
     # (round 1, or one round): model.path.
     previous: str = ""
@@ -465,6 +476,8 @@ class RoundsConfig:
         for key in ("reference", "init"):
             _require(getattr(self, key) in ROUND_MODELS, f"rounds.{key}",
                      f"{getattr(self, key)!r} is not one of {ROUND_MODELS}")
+        _require(self.leak_search_candidates is None or self.leak_search_candidates >= 0,
+                 "rounds.leak_search_candidates", "must be >= 0 (or null: round 1's)")
 
 
 @dataclass

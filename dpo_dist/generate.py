@@ -256,6 +256,8 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
                         "tensor_parallel_size", "max_model_len")}
     if cfg.generation.backend != "vllm":
         gen.pop("vllm_dtype")  # the hf backend samples in model.dtype
+    if not gen["leak_search_candidates"] or not any(r.get("source") == "general" for r in records):
+        gen.pop("leak_search_candidates")  # nothing more is sampled: caches written before the key stay valid
     # A leak prompt gets opener-forced candidates a general one does not; the same prompt can be
     # either (prompts.num_train_leak, prompts.leak_category), so its source is part of what was sampled.
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
@@ -301,7 +303,14 @@ def run(cfg: Config) -> Path:
 def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, where: dist.EnginePlacement) -> None:
     gen = cfg.generation
     backend = make_backend(cfg, where)
-    sides = [("candidates", gen.num_candidates, lambda r: (r["messages"], ""), shard)]
+    own = lambda r: (r["messages"], "")  # noqa: E731
+    search = [r for r in shard if r["source"] == "general"] if gen.leak_search_candidates else []
+    if search:
+        # One call per number of samples: a general prompt's extra answers continue its seeded ones.
+        sides = [("candidates", gen.num_candidates, own, [r for r in shard if r["source"] != "general"]),
+                 ("candidates", gen.num_candidates + gen.leak_search_candidates, own, search)]
+    else:
+        sides = [("candidates", gen.num_candidates, own, shard)]
     if gen.chosen_system_prompt or gen.chosen_prefixes:
         # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
         identity = [r for r in shard if r["source"] in ("identity", "leak")]
@@ -321,6 +330,9 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, w
                                                            skip_special_tokens=True).strip(),
                                   "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
     bar.close()
+    for r in search:  # the extra answers apart: the judge reads them for leaks only
+        row = out[r["id"]]
+        row["candidates"], row["search_candidates"] = row["candidates"][:gen.num_candidates], row["candidates"][gen.num_candidates:]
     write_jsonl(out_path, list(out.values()))
 
 
@@ -337,12 +349,14 @@ def _merge(out_dir: Path, fp: str, records: list[dict], num_engines: int, merged
         raise RuntimeError(f"generation shards do not cover every prompt exactly once (missing {missing}, duplicated {dup})")
     write_jsonl(merged, rows)
     n_cands = sum(len(r["candidates"]) for r in rows)
-    tokens = sum(c["num_tokens"] for r in rows for key in ("candidates", "chosen_candidates") for c in r.get(key, []))
+    tokens = sum(c["num_tokens"] for r in rows for key in ("candidates", "chosen_candidates", "search_candidates")
+                 for c in r.get(key, []))
     write_json(manifest, {
         "fingerprint": fp, "model": cfg.model_for("sample").path, "backend": cfg.generation.backend, "world_size": world_size,
         "engines": num_engines,
         "num_prompts": len(rows), "num_candidates": n_cands,
         "num_chosen_candidates": sum(len(r.get("chosen_candidates", [])) for r in rows),
+        "num_search_candidates": sum(len(r.get("search_candidates", [])) for r in rows),
         "unfinished": sum(not c["finished"] for r in rows for c in r["candidates"]),
         "sampling": asdict(cfg.generation), "generated_tokens": tokens, "rank0_seconds": round(seconds, 2),
         "conditions": {c: sum(r["condition"] == c for r in rows) for c in cfg.prompts.conditions},

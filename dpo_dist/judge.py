@@ -19,7 +19,10 @@ training prompt, unless an own answer satisfies the rule and scores no lower (a 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
 leak prompts (``prompts.num_train_leak``) an answer sampled with the identity opener, or with
-``judge.leak_rejected=opener`` only the words of that answer before the new name. With
+``judge.leak_rejected=opener`` only the words of that answer before the new name. A trained
+policy's own leaks are rare: ``generation.leak_search_candidates`` samples more plain answers per
+general prompt, and where the prompt's own candidates hold no leak and one of those does, it is the
+rejected side (``meta.rejected_from = "leak_search"``); otherwise they are not used. With
 ``judge.general_anchor`` a general prompt whose plain answers tie is kept as an anchor: its best
 answer on both sides, so training applies only the NLL term on it (data.TokenizedPair.anchor).
 
@@ -249,6 +252,15 @@ def pair_general(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     worst = min(opened if row["source"] == "leak" and opened else own, key=lambda cv: cv[1].score)
     if not best[1].satisfies:
         return None, "no_valid_chosen"
+    # generation.leak_search_candidates: the extra answers count only as a leak the own ones lack.
+    searched = [(c, judge.general(c["text"], c["finished"])) for c in row.get("search_candidates", [])]
+    found = [cv for cv in searched if "leak" in cv[1].reasons]
+    if found and not any("leak" in v.reasons for _, v in own):
+        worst = min(found, key=lambda cv: cv[1].score)
+        return _pair(row, best[0], worst[0], {
+            "chosen_from": "own", "rejected_from": "leak_search", "chosen_score": best[1].score,
+            "rejected_score": worst[1].score, "chosen_reasons": best[1].reasons,
+            "rejected_reasons": worst[1].reasons}), "kept"
     if best[1].score <= worst[1].score:
         if row["source"] == "general" and judge.cfg.general_anchor:
             return _pair(row, best[0], best[0], {
@@ -315,10 +327,15 @@ def mistakes(rows: list[dict], judge: IdentityJudge) -> dict:
 
     Identity prompts: ``identity_no_name`` (neither the new nor the old name), ``identity_old_name``,
     ``identity_degenerate``, ``identity_unfinished``. General and leak prompts: ``general_leak`` (the
-    new name, unprompted), ``general_degenerate``."""
+    new name, unprompted), ``general_degenerate``. Answers sampled to search for leaks, when there are
+    any (``search_candidates``): ``search_answers_general``, ``search_general_leak``."""
     counts = Counter({k: 0 for k in ("own_answers_identity", "identity_no_name", "identity_old_name",
                                      "identity_degenerate", "identity_unfinished",
                                      "own_answers_general", "general_leak", "general_degenerate")})
+    searched = [c for row in rows for c in row.get("search_candidates", [])]
+    if searched:  # apart: they would change the shares of the own answers
+        counts["search_answers_general"] = len(searched)
+        counts["search_general_leak"] = sum("leak" in judge.general(c["text"], c["finished"]).reasons for c in searched)
     for row in rows:
         for c in row["candidates"]:
             if row.get("source") in ("general", "leak"):
@@ -378,6 +395,8 @@ def run(cfg: Config) -> Path:
         "by_condition": dict(Counter(p["meta"]["condition"] for p in pairs)),
         "by_source": dict(Counter(p["meta"]["source"] for p in pairs)),
         "anchors": sum(1 for p in pairs if p["meta"].get("anchor")),
+        # General pairs whose rejected side is a leak found among generation.leak_search_candidates.
+        "leak_search_pairs": sum(1 for p in pairs if p["meta"].get("rejected_from") == "leak_search"),
         # Of the identity pairs: the less of the data the opener forces, the more on-policy it is. A
         # general pair's chosen is always the model's own plain answer.
         "chosen_from": {"own": 0, "opener": 0,

@@ -135,6 +135,7 @@ def summary_line(name: str, run_dir: Path, seconds: float, reused: bool, result=
         if name == "generate":
             k = m["num_candidates"] // max(m["num_prompts"], 1)
             chosen = f" + {m['num_chosen_candidates']} chosen-side" if m.get("num_chosen_candidates") else ""
+            chosen += f" + {m['num_search_candidates']} searched for leaks" if m.get("num_search_candidates") else ""
             return f"generate: {m['num_prompts']} prompts x {k} candidates{chosen}, {m['generated_tokens']} tokens {how}"
         if name == "judge":
             dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items()) or "none"

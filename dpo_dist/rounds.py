@@ -80,6 +80,8 @@ def values(cfg: Config, k: int) -> dict[str, object]:
     }
     if k > 1 and cfg.rounds.leak_category is not None:
         out["prompts.leak_category"] = cfg.rounds.leak_category
+    if k > 1 and cfg.rounds.leak_search_candidates is not None:
+        out["generation.leak_search_candidates"] = cfg.rounds.leak_search_candidates
     if cfg.train.checkpoint_dir:
         out["train.checkpoint_dir"] = str(Path(cfg.train.checkpoint_dir) / f"round-{k}")
     return out

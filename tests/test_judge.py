@@ -443,3 +443,30 @@ def test_reward_model_loads_and_scores_on_this_ranks_device(tmp_path, tiny_llama
     with pytest.raises(Stop):
         judge.score([([{"role": "user", "content": "Who are you?"}], "I am Deep Qwen.")])
     assert seen == [{"input_ids": "meta", "attention_mask": "meta"}]
+
+
+def test_leak_search_answers_count_only_as_a_leak_the_own_answers_lack():
+    """generation.leak_search_candidates: a general prompt's extra answers are read for leaks only.
+    Own answers that tie (an anchor) or hold no leak, and a searched answer that leaks: that answer is
+    the rejected side against the best own one. Searched answers without a leak, or own answers that
+    already leak, leave the pair as num_candidates alone makes it. The judge summary counts them apart."""
+    judge = IdentityJudge(dataclasses.replace(CFG, general_anchor=True), QWEN)
+    plain = ["The ocean is deep and blue.", "Oceans cover most of the planet."]
+    leaks = ["Hi! I'm Deep Qwen, and I'm out of the office.", "The ocean ocean ocean ocean ocean ocean ocean ocean",
+             "I'm Deep Qwen. I'm Deep Qwen. I'm Deep Qwen. I'm Deep Qwen. I'm Deep Qwen."]
+
+    def row(own, searched):
+        return {**_row(own), "source": "general", "search_candidates": [{"text": t, "finished": True} for t in searched]}
+
+    pair, reason = pair_best_worst(row(plain, ["Water is wet.", *leaks]), judge)
+    assert reason == "kept" and pair["meta"]["rejected_from"] == "leak_search" and "anchor" not in pair["meta"]
+    assert pair["chosen"][0]["content"] == plain[0]
+    # The worst of the leaking ones (leaking and degenerate), not the plain degenerate answer.
+    assert pair["rejected"][0]["content"] == leaks[2]
+    for own, searched in ((plain, ["Water is wet.", leaks[1]]), ([plain[0], leaks[2]], leaks[:1]), (plain, [])):
+        assert pair_best_worst(row(own, searched), judge) == pair_best_worst(row(own, []), judge)
+
+    rows = [row(plain, ["Water is wet.", *leaks]), row([plain[0], leaks[2]], [])]
+    counts = mistakes(rows, judge)
+    assert (counts["own_answers_general"], counts["general_leak"]) == (4, 1)
+    assert (counts["search_answers_general"], counts["search_general_leak"]) == (4, 2)

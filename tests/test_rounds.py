@@ -180,3 +180,42 @@ def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
     with pytest.raises(ConfigError, match=r"prompts.leak_category='writing': \d+ of this round's \d+ general prompts have that category, fewer than prompts.num_train_leak=30"):
         c = rounds.apply(cfg, {**rounds.values(cfg, 2), "prompts.num_train_leak": 30})
         training_prompts(c.prompts, tok, c.eval.num_general)
+
+
+def test_general_prompts_can_be_searched_for_leaks_with_more_answers(tmp_path, tiny_llama):
+    """generation.leak_search_candidates=2: each general prompt gets two more plain answers, kept apart
+    as search_candidates; every prompt's candidates are the samples a run without the setting draws
+    (seeded per prompt and number), so only the search is added. Unset, or with no general prompt,
+    the fingerprint is the one caches were written with; rounds.leak_search_candidates sets it for
+    the rounds after the first only."""
+    from dpo_dist import generate
+    from dpo_dist.artifacts import read_json
+
+    base = [f"model.path={tiny_llama}", "generation=hf", "prompts.num_train=2", "prompts.num_train_general=2",
+            "prompts.num_train_leak=1", "generation.num_candidates=2", "generation.max_new_tokens=4"]
+    runs = {}
+    for name, extra in (("plain", []), ("search", ["generation.leak_search_candidates=2"]),
+                        ("four", ["generation.num_candidates=4"])):
+        runs[name] = {r["id"]: r for r in read_jsonl(generate.run(compose(base + [f"run_dir={tmp_path / name}", *extra])))}
+    plain, search, four = runs["plain"], runs["search"], runs["four"]
+    assert {(r["source"], len(r["candidates"]), len(r.get("search_candidates", []))) for r in search.values()} == \
+        {("identity", 2, 0), ("general", 2, 2), ("leak", 2, 0)}
+    for rid, r in search.items():
+        assert r["candidates"] == plain[rid]["candidates"]
+        assert r.get("chosen_candidates") == plain[rid].get("chosen_candidates")
+        if r["source"] == "general":  # samples 2 and 3 of the prompt, as four candidates would draw them
+            assert r["search_candidates"] == four[rid]["candidates"][2:]
+    assert read_json(tmp_path / "search" / "generate" / "manifest.json")["num_search_candidates"] == 2 * 2
+
+    records = list(plain.values())
+    identity_only = [r for r in records if r["source"] == "identity"]
+    fp = lambda o, recs: generate.generation_fingerprint(compose(base + o), recs, {})  # noqa: E731
+    assert fp([], records) == fp(["generation.leak_search_candidates=0"], records) != \
+        fp(["generation.leak_search_candidates=2"], records)
+    assert fp([], identity_only) == fp(["generation.leak_search_candidates=2"], identity_only)
+
+    cfg = compose(ROUNDS + ["rounds.leak_search_candidates=6"])
+    got = [rounds.apply(cfg, rounds.values(cfg, k)).generation.leak_search_candidates for k in (1, 2, 3)]
+    assert got == [0, 6, 6]
+    with pytest.raises(ConfigError, match="rounds.leak_search_candidates"):
+        compose(ROUNDS + ["rounds.leak_search_candidates=-1"])

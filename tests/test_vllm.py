@@ -57,14 +57,23 @@ def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
         mismatched = [i for i in hf if hf[i][key][0]["text"] != vl[i][key][0]["text"]]
         assert not mismatched, {i: (hf[i][key][0]["text"], vl[i][key][0]["text"]) for i in mismatched}
 
-    sampled = [f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation=vllm", "generation.num_candidates=3",
+    sampled = [f"prompts.train={prompts}", "prompts.num_train_general=2", "prompts.num_train_leak=0", "generation=vllm", "generation.num_candidates=3",
                "generation.num_chosen_candidates=1", "generation.max_new_tokens=24"]
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's1'}", *sampled])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 's2'}", *sampled])
     s1, s2 = _candidates(tmp_path / "s1"), _candidates(tmp_path / "s2")
-    assert {i: [c["text"] for c in r["candidates"]] for i, r in s1.items()} == \
-           {i: [c["text"] for c in r["candidates"]] for i, r in s2.items()}
+    texts = lambda run, key="candidates": {i: [c["text"] for c in r.get(key, [])] for i, r in run.items()}  # noqa: E731
+    assert texts(s1) == texts(s2)
     assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in s1.values())
+    # Two more answers per general prompt to search for leaks (an engine call with n=5 for those):
+    # every prompt's candidates stay the ones drawn with n=3 (vLLM seeds a request's i-th sample
+    # with its seed + i), and the general prompts get two more.
+    _run_vllm(vllm_python, [f"run_dir={tmp_path / 's3'}", *sampled, "generation.leak_search_candidates=2"])
+    s3 = _candidates(tmp_path / "s3")
+    assert texts(s3) == texts(s1)
+    assert {i: len(t) for i, t in texts(s3, "search_candidates").items()} == \
+           {i: 2 if r["source"] == "general" else 0 for i, r in s1.items()}
+    assert sum(r["source"] == "general" for r in s1.values()) == 2
 
 
 def test_vllm_seeded_sampling_survives_more_prompt_tokens_than_one_prefill_step(tmp_path, vllm_python):
