@@ -68,7 +68,12 @@ def _judged(summary: dict) -> dict:
            "identity_pairs": sum(chosen.values()) if chosen else None,
            # Of the identity pairs, which judge.run counts in chosen_from (correction's rewrites are neither).
            "own_share": chosen.get("own", 0) / sum(chosen.values()) if chosen and any(chosen.values()) else None,
-           "own_answers": {}, "mistakes": {}, "mistake_shares": {}}
+           "own_answers": {}, "mistakes": {}, "mistake_shares": {},
+           # generation.leak_search_candidates: answers searched, leaks among them, pairs they gave.
+           "leak_search": None}
+    if found and found.get("search_answers_general"):
+        row["leak_search"] = {"answers": found["search_answers_general"], "leaks": found.get("search_general_leak", 0),
+                              "pairs": summary.get("leak_search_pairs", 0)}
     if found:  # the identity judge's, from issue 23 on
         own = {kind: found.get(f"own_answers_{kind}", 0) for kind in ("identity", "general")}
         row.update(own_answers=own, mistakes={k: found.get(k, 0) for k in MISTAKES},
@@ -122,6 +127,10 @@ def markdown(rows: list[dict], num_rounds: int) -> str:
         line("own answers judged (identity, general)",
              lambda r: f"{r['own_answers']['identity']}, {r['own_answers']['general']}" if r["own_answers"] else "n/a"),
         *(line(f"mistakes: {label}", mistake(key)) for key, label in MISTAKES.items()),
+        *([line("leak search: leaking answers of those searched, pairs made",
+                lambda r: "none" if not r["leak_search"] else
+                f"{r['leak_search']['leaks']} of {r['leak_search']['answers']}, {r['leak_search']['pairs']} pairs")]
+          if any(r["leak_search"] for r in rows) else []),
         line("train steps, final loss", lambda r: "n/a" if r["train_steps"] is None else
              f"{r['train_steps']}, {r['final_loss']:.4g}"),
     ]

@@ -152,6 +152,7 @@ def test_write_puts_the_rounds_side_by_side(run_dir):
     assert table["mistakes: identity answers without the new name"] == ["1000 (98%)", "102 (10%)"]
     assert table["mistakes: general answers naming the new identity"] == ["0 (0%)", "34 (5.1%)"]
     assert table["train steps, final loss"] == ["40, 0.2176", "36, 0.1012"]
+    assert "leak search: leaking answers of those searched, pairs made" not in table  # no round searched
     # The last evaluated round's verdict comes first, before the table.
     verdict_line = next(l for l in md.splitlines() if l.startswith("**"))
     assert verdict_line == f"**Round 2 verdict:** {ROUND_2['verdict']['text'].removeprefix('Verdict: ')}"
@@ -198,3 +199,16 @@ def test_nothing_evaluated_writes_nothing(tmp_path):
     assert rounds_report.write(tmp_path, 2) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1"]
     assert rounds_report.summary_line([]) == "rounds: none evaluated yet"
+
+
+def test_a_round_that_searched_for_leaks_shows_what_it_found(run_dir):
+    """generation.leak_search_candidates: the searched answers, the leaks among them and the pairs
+    they made, in the round's column; a round without a search says none."""
+    path = run_dir / "round-2" / "judge" / "summary.json"
+    judged = json.loads(path.read_text())
+    judged["mistakes"].update(search_answers_general=900, search_general_leak=21)
+    write_json(path, {**judged, "leak_search_pairs": 12})
+    rows = rounds_report.collect(run_dir, 3)
+    assert [r["leak_search"] for r in rows] == [None, {"answers": 900, "leaks": 21, "pairs": 12}]
+    assert _table(rounds_report.markdown(rows, 3))["leak search: leaking answers of those searched, pairs made"] == \
+        ["none", "21 of 900, 12 pairs"]
