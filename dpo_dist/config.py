@@ -316,7 +316,9 @@ class GenerationConfig:
     # rejected sides to learn from. Where a prompt's num_candidates answers hold no leak and one of
     # these does, that one becomes the rejected side against the best own answer; otherwise they are
     # unused, so every other pair is the one num_candidates alone gives. They continue the prompt's
-    # seeded samples (numbers num_candidates, num_candidates + 1, ...).
+    # seeded samples (numbers num_candidates, num_candidates + 1, ...) with the hf backend and vLLM's
+    # v1 engine (vLLM < 0.8's v0 draws a request's samples from one generator, so they all change);
+    # on a GPU only up to the rounding that another batch composition brings.
     leak_search_candidates: int = 0
     # Run the generate stage of the pipeline in this interpreter (e.g. a separate vLLM venv).
     python: str = ""
