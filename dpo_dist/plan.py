@@ -27,7 +27,8 @@ Training, per GPU (P parameters, N = nodes x GPUs, b = bytes per weight: 2 for b
   overlap_comm says (stage3's one IPG buffer, and reduce_scatter_coalesced's flattened copy of it),
   plus one prefetch bucket: a prefetch of several parameters all-gathers into one flat buffer that
   stays alive beside the copies split out of it until the last is first used (a bucket plus one
-  parameter at most; the bucket is counted).
+  parameter at most, and that parameter can be an untied lm_head: docs/planner.md; the bucket is
+  counted).
 - ZeRO-3's prefetch: from the second forward, parameters gathered ahead of use beyond the module in
   use, up to ``deepspeed.stage3_max_live_parameters`` elements (all of a model smaller than that),
   b bytes each (``prefetched_params``); the reference pass's engine prefetches with DeepSpeed's
