@@ -1,8 +1,9 @@
 """The one module that touches torch.distributed and DeepSpeed.
 
 Rank and world size come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or, for one task per GPU
-under srun without torchrun, from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). A plain
-``python -m ...`` is world size 1: the same code path, no special case.
+under srun without torchrun, from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; in an srun step
+only, not in the batch script's shell). A plain ``python -m ...`` is world size 1: the same code
+path, no special case.
 
 The rest of the package sees: ``init()``, ``is_main()``, ``barrier()``, ``all_reduce_sum()``,
 ``all_gather_object()``, ``shard_range()``, ``build_engine()``, ``full_state_dict()``, ``shutdown()``.
@@ -46,7 +47,10 @@ def read_env() -> DistEnv:
         # DeepSpeed's own launcher (launch/deepspeed.sh) exports LOCAL_SIZE, not LOCAL_WORLD_SIZE.
         local_world = e.get("LOCAL_WORLD_SIZE") or e.get("LOCAL_SIZE") or world
         return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(local_world))
-    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+    # Slurm's ranks are the tasks of an srun step. A batch script's shell has SLURM_PROCID=0 and the
+    # allocation's SLURM_NTASKS too, but it is one process: taken as rank 0 of N, a stage started there
+    # would wait for ranks that never come. Only srun sets SLURM_STEP_NUM_TASKS.
+    if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         ntasks = int(e["SLURM_NTASKS"])
         return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), _slurm_tasks_per_node(e))
     return DistEnv()

@@ -14,11 +14,17 @@ def test_first_host_of_a_slurm_nodelist(nodelist, first):
 
 def test_rank_from_torchrun_then_slurm_then_single(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):
+                "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE",
+                "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
     assert dist.read_env() == dist.DistEnv()
-    monkeypatch.setenv("SLURM_PROCID", "5")
+    # The shell of `sbatch -n 8` (read on this machine's Slurm): rank 0 of the allocation, but no
+    # step -- one process, which must not wait for 7 more.
+    monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert dist.read_env() == dist.DistEnv()
+    monkeypatch.setenv("SLURM_PROCID", "5")  # task 5 of `srun -n 8`
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NNODES", "2")
     assert dist.read_env() == dist.DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4)
@@ -42,7 +48,7 @@ def test_uneven_slurm_tasks_give_each_node_its_own_local_world(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in {"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
-                       "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,2"}.items():
+                       "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,2", "SLURM_STEP_NUM_TASKS": "5"}.items():
         monkeypatch.setenv(key, value)
     assert dist.read_env() == dist.DistEnv(rank=4, world_size=5, local_rank=1, local_world_size=2)
     monkeypatch.setenv("SLURM_NODEID", "0")

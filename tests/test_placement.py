@@ -165,7 +165,8 @@ def test_impossible_engine_layouts_are_clear_errors(args, message):
 def _no_launcher_env(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID",
                 "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND",
-                "CUDA_VISIBLE_DEVICES", "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "LOCAL_SIZE"):
+                "CUDA_VISIBLE_DEVICES", "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "LOCAL_SIZE",
+                "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(dist, "_ENV", None)
 
@@ -177,7 +178,7 @@ def test_srun_one_gpu_per_task_trains_on_cuda0(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for key, value in {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "5", "SLURM_NNODES": "1",
-                       "SLURM_GPUS_PER_TASK": "1", "CUDA_VISIBLE_DEVICES": "0"}.items():
+                       "SLURM_STEP_NUM_TASKS": "8", "SLURM_GPUS_PER_TASK": "1", "CUDA_VISIBLE_DEVICES": "0"}.items():
         monkeypatch.setenv(key, value)
     assert dist.device() == torch.device("cuda", 0)
     # torchrun on the same node (8 ranks sharing 8 GPUs): local rank 5 is cuda:5.
@@ -212,13 +213,14 @@ def test_vllm_engines_under_a_cyclic_or_uneven_srun_step(monkeypatch):
     _no_launcher_env(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for key, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
-                       "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+                       "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_TASKS": "4",
+                       "CUDA_VISIBLE_DEVICES": "0,1"}.items():
         monkeypatch.setenv(key, value)
     vllm = compose(["generation=vllm", "generation.tensor_parallel_size=2"])
     assert generate.placement(vllm, dist.read_env()) == P(1, 2, ("0", "1"))
     # srun -n 3 -N 2: node 0's two tasks pool its two GPUs, node 1's one task would lead alone.
-    for key, value in {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NTASKS": "3", "SLURM_NODEID": "0",
-                       "SLURM_LOCALID": "1"}.items():
+    for key, value in {"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3",
+                       "SLURM_NODEID": "0", "SLURM_LOCALID": "1"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(RuntimeError, match="SLURM_STEP_TASKS_PER_NODE=2,1"):
         generate.placement(vllm, dist.read_env())
