@@ -219,6 +219,21 @@ def test_srun_tasks_take_rank_and_world_from_slurm(uninterrupted):
     assert uninterrupted["steps"] == list(range(1, 9))
 
 
+def test_the_batch_shell_is_one_process_and_each_srun_task_a_rank(tmp_path):
+    """`sbatch -n 2`: its script's shell has SLURM_PROCID=0 and SLURM_NTASKS=2 but is one process, so
+    a stage started there must not wait for a second rank; the tasks of an srun step are the ranks."""
+    script, probe, log = tmp_path / "ranks.sh", tmp_path / "probe.py", tmp_path / "ranks.out"
+    probe.write_text("import sys\nfrom dpo_dist import dist\ne = dist.read_env()\n"
+                     "print(f'{sys.argv[1]}: rank {e.rank} of {e.world_size}')\n")
+    script.write_text(f"#!/bin/bash\n{sys.executable} {probe} shell\nsrun -n 2 {sys.executable} {probe} task\n")
+    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
+                          cwd=REPO, env=stage_env(2), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=300), log)
+    lines = sorted(line for line in log.read_text().splitlines() if line.startswith(("shell:", "task:")))
+    assert lines == ["shell: rank 0 of 1", "task: rank 0 of 2", "task: rank 1 of 2"], log.read_text()[-3000:]
+
+
 def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_metrics(tmp_path, pairs_file, uninterrupted):
     """Attempt 1 gets SIGUSR1 (as from `--signal=B:USR1@N`) after its first checkpoint: the script
     requeues the job. Attempt 2 is requeued by `scontrol requeue` after its next checkpoint: Slurm
