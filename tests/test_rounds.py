@@ -4,16 +4,18 @@ whether applied in this process or passed to a child process as Hydra overrides.
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from dpo_dist import rounds
+from dpo_dist import rounds, sweep
 from dpo_dist.artifacts import read_jsonl
-from dpo_dist.config import ConfigError, compose
+from dpo_dist.config import CONDITIONS, ConfigError, compose
 from dpo_dist.data import split_general
 from dpo_dist.generate import training_prompts
 from dpo_dist.models import load_tokenizer
-from launch import run_stage
+from launch import REPO, run_stage
 
 ROUNDS = ["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=50", "rounds.num_train_general=30",
           "rounds.num_train_leak=3"]
@@ -152,6 +154,41 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
         assert row["trained"]["none"]["identity_adoption"] == report["trained"]["none"]["identity_adoption"]
     assert (run_dir / "rounds.md").read_text().count("| ") > 4 and (run_dir / "rounds.png").stat().st_size > 0
     assert "rounds 1 -> 2: adoption " in out
+
+
+@pytest.mark.slow
+def test_a_multirun_over_seeds_runs_each_jobs_rounds_in_its_own_directory_and_tabulates_the_last(tmp_path):
+    """Three seeds of a setting as users sweep them (Hydra's basic launcher: the jobs one after
+    another in one process), two here: each job's round 2 samples from its own round 1's policy,
+    and `python -m dpo_dist.sweep` reads each job's last round, with the worst over the seeds."""
+    from test_pipeline import SHORT
+
+    sweep_dir = tmp_path / "sweep"
+    proc = run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *SHORT, *TWO_ROUNDS,
+                                           "generation.seed=0,1", "train.seed=${generation.seed}"], timeout=2400)
+    jobs = [sweep_dir / "0", sweep_dir / "1"]
+    for job in jobs:
+        gen = json.loads((job / "round-2" / "generate" / "manifest.json").read_text())
+        assert gen["model"] == str(job / "round-1" / "train" / "final")  # its own round 1, not the other job's
+        assert [r["round"] for r in json.loads((job / "rounds.json").read_text())["rounds"]] == [1, 2]
+    # Each job ran with its own seed: round 1 sampled other answers to the same prompts.
+    first = [read_jsonl(job / "round-1" / "generate" / "candidates.jsonl") for job in jobs]
+    assert [r["question"] for r in first[0]] == [r["question"] for r in first[1]]
+    assert [r["candidates"] for r in first[0]] != [r["candidates"] for r in first[1]]
+    assert (proc.stdout + proc.stderr).count("rounds 1 -> 2: adoption ") == 2
+
+    table = subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir)], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout
+    assert "| job | generation.seed | round | steps |" in table and "2 runs, 2 finished." in table, table
+    rows = {r["job"]: r for r in sweep.collect(sweep_dir)}
+    reports = [json.loads((job / "round-2" / "eval" / "report.json").read_text())["trained"] for job in jobs]
+    for job, report in zip(("0", "1"), reports):
+        assert rows[job]["round"] == "2 of 2"
+        for c in CONDITIONS:
+            assert rows[job]["metrics"][f"adoption/{c}"] == report[c]["identity_adoption"]
+            assert rows[job]["metrics"][f"leakage/{c}"] == report[c]["leakage"]
+    assert sweep.worst(list(rows.values()))["adoption/none"] == min(r["none"]["identity_adoption"] for r in reports)
+    assert "| worst |" in table
 
 
 def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
