@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from typing import Callable, Iterator
 
 import hydra
@@ -60,6 +61,66 @@ def run_child(command: list[str], what: str) -> None:
         raise ChildFailed(f"{what} ({' '.join(command[:3])} ...) exited {proc.returncode}; its output above says why")
 
 
+def sweep_problem(world_size: int, sweep_dir: str, subdir: str, launcher: str, sweeper: str) -> str:
+    """Why a Hydra multirun cannot start on ``world_size`` ranks, or "". Under torchrun (or srun, one
+    task per rank) every rank runs the whole sweep in its own process, job after job, and the ranks
+    of a job must agree on everything. The default sweep directory is dated
+    (``multirun/${now:...}``, conf/config.yaml) by each rank's own clock: ranks composing their config
+    either side of a second (imports alone differ by more) would run a job in directories of their
+    own, and hang waiting for each other's files or write half a checkpoint to each. Another launcher
+    would have every rank submit the whole sweep (submitit) or run its jobs in parallel (joblib), and
+    another sweeper (Optuna, Nevergrad, Ax) would propose other points on each rank.
+    ``sweep_dir`` and ``subdir`` are unresolved; ``launcher`` and ``sweeper`` are ``_target_`` paths."""
+    if world_size <= 1:
+        return ""
+    plugins = [p.rsplit(".", 1)[-1] for p in (launcher, sweeper)]
+    if plugins != ["BasicLauncher", "BasicSweeper"]:
+        return (f"a sweep on {world_size} ranks runs in every rank's process, so only with Hydra's basic "
+                f"launcher and sweeper (not {' and '.join(p for p in plugins if not p.startswith('Basic'))}): "
+                "start a sweep that submits or searches from one process, and give its jobs the ranks")
+    if "${now:" in sweep_dir + subdir:
+        return (f"a sweep on {world_size} ranks needs hydra.sweep.dir=<a directory every rank sees> without "
+                "${now:...}: a dated one is dated by each rank's own clock, so ranks could run a job in "
+                "different directories")
+    return ""
+
+
+def _multirun_settings(argv: list[str]) -> tuple[str, str, str, str] | None:
+    """The sweep directory and subdirectory (unresolved), launcher and sweeper a multirun started
+    with ``argv`` would use, read as Hydra reads them (its own argument parser, so ``--multi`` counts,
+    and the composed config, so a directory an experiment sets counts); None when ``argv`` starts no
+    multirun, or its settings cannot be composed here (Hydra then reports what is wrong itself)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    overrides = args.overrides or []
+    key = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if not (args.multirun or any(k == "hydra.mode" and "MULTIRUN" in o for k, o in zip(key, overrides))):
+        return None
+    # Only what can set Hydra's own settings: hydra.* keys, and config groups other than swept ones
+    # (compose() runs no sweep: `model=a,b` or `loss.beta=0.05,0.1` would not compose).
+    keep = [o for k, o in zip(key, overrides)
+            if (k.startswith("hydra") or "." not in k) and not any(c in o.split("=", 1)[-1] for c in ",(")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            h = compose(args.config_name or "config", overrides=keep, return_hydra_config=True).hydra
+            return (str(h.sweep._get_node("dir")._value()), str(h.sweep._get_node("subdir")._value()),
+                    h.launcher._target_, h.sweeper._target_)
+    except Exception:  # noqa: BLE001 -- this check must never be what stops a run Hydra would start
+        return None
+
+
+def stop_the_sweep(error: BaseException, multirun: bool, world_size: int) -> bool:
+    """Whether a job's failure must end the whole sweep rather than only the job. Hydra's basic
+    launcher goes on to the next job after an exception (SystemExit, which user errors and
+    preemption raise, ends the sweep anyway). Alone that is what a sweep wants; on several ranks a
+    rank that failed alone (one GPU out of memory) would start the next job while its peers wait in
+    a collective of the last one until the timeout (DPO_DIST_TIMEOUT_MIN). Exiting lets torchrun stop
+    every rank at once; the sweep run again with its hydra.sweep.dir reuses the jobs it finished."""
+    return multirun and world_size > 1 and isinstance(error, Exception)
+
+
 def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
     # The module's own name even when it runs as __main__ (python -m dpo_dist.train).
     spec = getattr(sys.modules.get(run.__module__), "__spec__", None)
@@ -70,15 +131,19 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
         logging.basicConfig(level=os.environ.get("DPO_DIST_LOG_LEVEL", "INFO"),
                             format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s",
                             force=True)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun:
             # Each sweep job gets its own run directory (Hydra's per-job output dir).
             OmegaConf.update(raw, "run_dir", HydraConfig.get().runtime.output_dir)
         # Inside the job, so a user error exits here: past it Hydra adds a line of its own for a failed job.
         with one_line_user_errors(prog):
             try:
                 run(typed_config(raw))
-            except BaseException:
+            except BaseException as e:
                 dist.shutdown(clean=False)
+                if stop_the_sweep(e, multirun, dist.read_env().world_size):
+                    traceback.print_exc()
+                    raise SystemExit(1) from None
                 raise
             dist.shutdown()
 
@@ -89,6 +154,11 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             with one_line_user_errors(prog):
+                world = dist.read_env().world_size
+                settings = _multirun_settings(sys.argv[1:]) if world > 1 else None
+                problem = sweep_problem(world, *settings) if settings else ""
+                if problem:
+                    raise ConfigError(problem)
                 hydra_main()
         finally:
             if saved is None:

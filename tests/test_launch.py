@@ -5,8 +5,8 @@
 - deepspeed.sh as two nodes without ssh (one hostfile, NODE_RANK per node), likewise.
 - deepspeed.sh on one node: SIGUSR1 to the launch's process group makes training checkpoint and
   the launcher exit 124; the same command then resumes and finishes, every step run once.
-- A Hydra sweep with the basic launcher (jobs one after another in one process) runs each job in
-  its own run directory, and `python -m dpo_dist.sweep` tabulates them.
+- A Hydra sweep with the basic launcher on 2 ranks (each rank runs the jobs one after another in
+  its process) runs each job in its own run directory, and `python -m dpo_dist.sweep` tabulates them.
 (launch/torchrun.sh on one node runs in tests/test_slurm.py, inside the Slurm jobs.)
 """
 
@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from launch import REPO, metrics, stage_env
+from launch import REPO, metrics, stage_command, stage_env
 
 pytestmark = pytest.mark.slow
 TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=2", "train.micro_batch_size=1",
@@ -129,15 +129,19 @@ def test_deepspeed_sigusr1_checkpoints_exits_124_and_resumes(tmp_path, pairs_fil
     assert summary(run_dir)["world_size"] == 2
 
 
-def test_basic_launcher_sweep_runs_each_job_in_its_own_run_dir(tmp_path, pairs_file):
-    """The second job in the same process must get a fresh DeepSpeed process group."""
+@pytest.mark.multiproc
+def test_basic_launcher_sweep_on_two_ranks_runs_each_job_in_its_own_run_dir(tmp_path, pairs_file):
+    """A sweep under torchrun, as on a GPU node: every rank runs the jobs one after another in its
+    process, in the directory named on the command line (tests/test_errors.py: it must be named),
+    and the second job must get a fresh DeepSpeed process group in torchrun's one store."""
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "dpo_dist.train", "-m", f"hydra.sweep.dir={sweep_dir}",
-                           "loss.beta=0.05,0.1", f"data.pairs={pairs_file}", *TRAIN, "train.max_steps=1"],
-                          cwd=REPO, env=stage_env(1), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(stage_command("dpo_dist.train", ["-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1",
+                                                           f"data.pairs={pairs_file}", *TRAIN, "train.max_steps=1"],
+                                        nproc=2),
+                          cwd=REPO, env=stage_env(2), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     for job in (0, 1):
-        assert summary(sweep_dir / str(job))["world_size"] == 1
+        assert summary(sweep_dir / str(job))["world_size"] == 2
     table = subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir)], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
     assert "| job | loss.beta | steps |" in table and "2 runs, 2 finished." in table, table
