@@ -162,10 +162,21 @@ def _generate(cfg: Config, round_overrides: list[str]):
     if cfg.generation.backend != "vllm" and not cfg.generation.python:
         return generate.run(cfg)
     python = cfg.generation.python or sys.executable
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("generation.backend=")]
-    overrides += [f"run_dir={cfg.run_dir}", *round_overrides, f"generation.backend={cfg.generation.backend}"]
+    overrides = child_overrides(list(HydraConfig.get().overrides.task), str(cfg.run_dir), round_overrides,
+                                cfg.generation.backend)
     log.info("generate stage in %s", python)
     run_child([python, "-m", "dpo_dist.generate", *overrides], "the generate stage")
+
+
+def child_overrides(task: list[str], run_dir: str, round_overrides: list[str], backend: str) -> list[str]:
+    """The generate child's command line: this run's overrides (in a sweep job, the job's point), then
+    its run directory, the round's settings and the resolved backend, which win over them. The child
+    runs Hydra in run mode in ``run_dir``; in a sweep job of one round that is the job's own
+    directory, whose ``.hydra/`` records the child must not overwrite (python -m dpo_dist.sweep reads
+    them), so it writes none."""
+    kept = [o for o in task if not o.startswith("generation.backend=")]
+    return [*kept, f"run_dir={run_dir}", *round_overrides, f"generation.backend={backend}",
+            "hydra.output_subdir=null"]
 
 
 main = stage_main(run)

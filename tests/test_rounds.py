@@ -219,6 +219,29 @@ def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
         training_prompts(c.prompts, tok, c.eval.num_general)
 
 
+def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
+    """The generate stage in a process of its own (vLLM's, or generation.python), as the pipeline
+    starts it in a sweep job of one round: its run directory is the job's, whose .hydra/ records
+    the sweep table reads; the child writes its candidates there and no .hydra/ of its own."""
+    from dpo_dist.pipeline import child_overrides
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- generation.seed=0\n")
+    task = [f"model.path={tiny_llama}", "generation.seed=0", "generation.backend=auto", "prompts.num_train=2",
+            "prompts.num_train_general=1", "prompts.num_train_leak=0", "generation.num_candidates=2",
+            "generation.max_new_tokens=4"]
+    overrides = child_overrides(task, str(job), [], "hf")
+    assert overrides[-3:] == [f"run_dir={job}", "generation.backend=hf", "hydra.output_subdir=null"]
+    assert "generation.backend=auto" not in overrides
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.generate", *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_jsonl(job / "generate" / "candidates.jsonl")) == 3
+    assert [p.name for p in (job / ".hydra").iterdir()] == ["overrides.yaml"]
+    assert (job / ".hydra" / "overrides.yaml").read_text() == "- generation.seed=0\n"
+
+
 def test_general_prompts_can_be_searched_for_leaks_with_more_answers(tmp_path, tiny_llama):
     """generation.leak_search_candidates=2: each general prompt gets two more plain answers, kept apart
     as search_candidates; every prompt's candidates are the samples a run without the setting draws
