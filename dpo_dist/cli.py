@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from typing import Callable, Iterator
 
 import hydra
@@ -87,21 +86,25 @@ def sweep_problem(world_size: int, sweep_dir: str, subdir: str, launcher: str, s
 
 def _multirun_settings(argv: list[str]) -> tuple[str, str, str, str] | None:
     """The sweep directory and subdirectory (unresolved), launcher and sweeper a multirun started
-    with ``argv`` would use, read as Hydra reads them (its own argument parser, so ``--multi`` counts,
-    and the composed config, so a directory an experiment sets counts); None when ``argv`` starts no
-    multirun, or its settings cannot be composed here (Hydra then reports what is wrong itself)."""
+    with ``argv`` would use, read as Hydra reads them (its own argument and override parsers, so
+    ``--multi`` counts, and the config composed from this package's conf/ with the hydra.* and group
+    overrides); None when ``argv`` starts no multirun, or its settings cannot be composed here
+    (``--config-dir``, a malformed override: Hydra then goes on, or reports what is wrong itself)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    overrides = args.overrides or []
-    key = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    if not (args.multirun or any(k == "hydra.mode" and "MULTIRUN" in o for k, o in zip(key, overrides))):
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides or [])
+    except Exception:  # noqa: BLE001 -- a malformed override: Hydra says what is wrong with it
         return None
-    # Only what can set Hydra's own settings: hydra.* keys, and config groups other than swept ones
-    # (compose() runs no sweep: `model=a,b` or `loss.beta=0.05,0.1` would not compose).
-    keep = [o for k, o in zip(key, overrides)
-            if (k.startswith("hydra") or "." not in k) and not any(c in o.split("=", 1)[-1] for c in ",(")]
+    if not (args.multirun or any(o.key_or_group == "hydra.mode" and "MULTIRUN" in o.input_line for o in parsed)):
+        return None
+    # Only what can set Hydra's own settings: hydra.* keys, and config groups not swept (compose()
+    # runs no sweep: `model=a,b` would not compose; a comma inside ${oc.env:X,default} is no sweep).
+    keep = [o.input_line for o in parsed
+            if (o.key_or_group.startswith("hydra") or "." not in o.key_or_group) and not o.is_sweep_override()]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             h = compose(args.config_name or "config", overrides=keep, return_hydra_config=True).hydra
@@ -111,14 +114,17 @@ def _multirun_settings(argv: list[str]) -> tuple[str, str, str, str] | None:
         return None
 
 
-def stop_the_sweep(error: BaseException, multirun: bool, world_size: int) -> bool:
+def stop_the_sweep(error: BaseException, multirun: bool, world_size: int, launcher: str) -> bool:
     """Whether a job's failure must end the whole sweep rather than only the job. Hydra's basic
-    launcher goes on to the next job after an exception (SystemExit, which user errors and
-    preemption raise, ends the sweep anyway). Alone that is what a sweep wants; on several ranks a
-    rank that failed alone (one GPU out of memory) would start the next job while its peers wait in
-    a collective of the last one until the timeout (DPO_DIST_TIMEOUT_MIN). Exiting lets torchrun stop
-    every rank at once; the sweep run again with its hydra.sweep.dir reuses the jobs it finished."""
-    return multirun and world_size > 1 and isinstance(error, Exception)
+    launcher goes on to the next job after an exception. Alone that is what a sweep wants; on several
+    ranks a rank that failed alone (one GPU out of memory) would start the next job while its peers
+    wait in a collective of the last one until the timeout (DPO_DIST_TIMEOUT_MIN). Exiting lets
+    torchrun stop the ranks; the sweep run again with its hydra.sweep.dir reuses the jobs it
+    finished. Not for user errors, which one_line_user_errors already turns into an exit (one line,
+    from rank 0), nor under another launcher: a submitit job runs one point, and submitit reports an
+    exception, not an exit."""
+    return (multirun and world_size > 1 and isinstance(error, Exception) and not isinstance(error, USER_ERRORS)
+            and launcher.rsplit(".", 1)[-1] == "BasicLauncher")
 
 
 def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
@@ -141,8 +147,10 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
                 run(typed_config(raw))
             except BaseException as e:
                 dist.shutdown(clean=False)
-                if stop_the_sweep(e, multirun, dist.read_env().world_size):
-                    traceback.print_exc()
+                if stop_the_sweep(e, multirun, dist.read_env().world_size, HydraConfig.get().launcher._target_):
+                    # Into the log too (Hydra's job log keeps it), not only on stderr.
+                    logging.getLogger(prog).exception("this job failed on this rank; ending the sweep here, so "
+                                                      "that torchrun stops the other ranks")
                     raise SystemExit(1) from None
                 raise
             dist.shutdown()

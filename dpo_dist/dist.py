@@ -49,9 +49,10 @@ def read_env() -> DistEnv:
         return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(local_world))
     # Slurm's ranks are the tasks of an srun step. A batch script's shell has SLURM_PROCID=0 and the
     # allocation's SLURM_NTASKS too, but it is one process: taken as rank 0 of N, a stage started there
-    # would wait for ranks that never come. Only srun sets SLURM_STEP_NUM_TASKS.
-    if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
-        ntasks = int(e["SLURM_NTASKS"])
+    # would wait for ranks that never come. Only srun sets SLURM_STEP_NUM_TASKS, and it is the step's
+    # count even where SLURM_NTASKS is still the allocation's (srun -E, --preserve-env, keeps the caller's).
+    if "SLURM_PROCID" in e and int(e.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        ntasks = int(e["SLURM_STEP_NUM_TASKS"])
         return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), _slurm_tasks_per_node(e))
     return DistEnv()
 

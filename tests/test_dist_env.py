@@ -28,6 +28,8 @@ def test_rank_from_torchrun_then_slurm_then_single(monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NNODES", "2")
     assert dist.read_env() == dist.DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4)
+    monkeypatch.setenv("SLURM_NTASKS", "16")  # `srun -E -n 8` in a 16-task allocation keeps the caller's
+    assert dist.read_env().world_size == 8
     monkeypatch.setenv("RANK", "3")  # torchrun inside a Slurm step wins
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -148,6 +148,8 @@ def test_a_sweep_on_several_ranks_needs_a_shared_directory_and_the_basic_plugins
     (["--multi", "loss.beta=0.05,0.1"], (DATED, *BASIC)),                # Hydra's parser takes abbreviations
     (["hydra.mode=MULTIRUN", "hydra.sweep.dir=/s", "model=qwen2.5-0.5b,qwen2.5-7b"], ("/s", *BASIC)),
     (["-m", "++hydra.sweep.dir=/s", "experiment=tutorial"], ("/s", *BASIC)),
+    (["-m", "hydra.sweep.dir=/s/${oc.env:SLURM_JOB_ID,local}", "loss.beta=0.05,0.1"],  # a comma, not a sweep
+     ("/s/${oc.env:SLURM_JOB_ID,local}", *BASIC)),
     (["-m", "hydra/launcher=submitit_slurm", "hydra.sweep.dir=/s"],
      ("/s", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", BASIC[1])),
 ])
@@ -158,15 +160,20 @@ def test_the_sweep_settings_are_read_as_hydra_composes_them(argv, settings):
     assert got == (None if settings is None else (settings[0], "${hydra.job.num}", *settings[1:]))
 
 
-@pytest.mark.parametrize("error,multirun,world,stop", [
-    (RuntimeError("CUDA out of memory"), True, 8, True),   # one rank failed alone: stop every rank
-    (RuntimeError("CUDA out of memory"), True, 1, False),  # alone: Hydra goes on to the next point
-    (RuntimeError("CUDA out of memory"), False, 8, False),  # not a sweep: the error ends the run anyway
-    (SystemExit(124), True, 8, False),                     # preemption: already ends the sweep
-    (KeyboardInterrupt(), True, 8, False),
+SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+@pytest.mark.parametrize("error,multirun,world,launcher,stop", [
+    (RuntimeError("CUDA out of memory"), True, 8, BASIC[0], True),    # one rank failed alone: stop every rank
+    (RuntimeError("CUDA out of memory"), True, 1, BASIC[0], False),   # alone: Hydra goes on to the next point
+    (RuntimeError("CUDA out of memory"), False, 8, BASIC[0], False),  # not a sweep: the error ends the run anyway
+    (RuntimeError("CUDA out of memory"), True, 8, SUBMITIT, False),   # a submitit job is one point
+    (ConfigError("data.pairs=x: no such file"), True, 8, BASIC[0], False),  # already one line and an exit
+    (SystemExit(124), True, 8, BASIC[0], False),                      # preemption: already ends the sweep
+    (KeyboardInterrupt(), True, 8, BASIC[0], False),
 ])
-def test_a_failed_job_stops_a_sweep_on_several_ranks(error, multirun, world, stop):
-    assert cli.stop_the_sweep(error, multirun, world) is stop
+def test_a_failed_job_stops_a_sweep_on_several_ranks(error, multirun, world, launcher, stop):
+    assert cli.stop_the_sweep(error, multirun, world, launcher) is stop
 
 
 def test_a_failed_job_on_several_ranks_ends_the_sweep_in_that_rank(tmp_path, monkeypatch):
@@ -193,10 +200,13 @@ def test_under_torchrun_a_sweep_without_its_directory_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert proc.returncode != 0 and len(lines) == 1, (proc.stdout + proc.stderr)[-4000:]
     assert lines[0].startswith("dpo_dist.train (rank 0): error: a sweep on 2 ranks needs hydra.sweep.dir=")
-    # Named, the same sweep starts (and here fails on the missing pairs file, past the check).
+    # Named, the same sweep starts, and its first job's user error is still one line from rank 0.
     named = _run("dpo_dist.train", ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "loss.beta=0.05,0.1",
                                     "train.global_batch_size=4", f"data.pairs={tmp_path / 'none.jsonl'}"], nproc=2)
-    assert "data.pairs=" in named.stderr and "hydra.sweep.dir" not in named.stderr, named.stderr[-3000:]
+    lines = [line for line in named.stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and lines[0].startswith("dpo_dist.train (rank 0): error: data.pairs="), named.stderr[-3000:]
+    out = named.stdout + named.stderr  # torchrun prints a traceback of its own; none may be dpo_dist's
+    assert "dpo_dist/" not in "".join(line for line in out.splitlines() if line.lstrip().startswith("File "))
 
 
 def test_reading_names_the_line_of_a_bad_byte(tmp_path):
