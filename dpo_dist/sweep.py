@@ -52,21 +52,21 @@ def _load(path: Path):
         raise ValueError(f"{path}: unreadable ({type(e).__name__}: {first_line})") from None
 
 
-def num_rounds(job_dir: Path) -> int:
-    """The job's ``rounds.num`` (1 for a job that has none, such as a train-only sweep)."""
+def rounds_of(job_dir: Path) -> tuple[int, int]:
+    """The job's ``rounds.num`` (1 for a job that has none, such as a train-only sweep) and its
+    ``rounds.only`` (slurm/pipeline.sbatch runs one round a step with it; 0 when unset)."""
     config = job_dir / ".hydra" / "config.yaml"
     rounds = ((_load(config) or {}).get("rounds") or {}) if config.is_file() else {}
+    only = rounds.get("only")
     try:
-        return int(rounds.get("num") or 1)
+        return int(rounds.get("num") or 1), only if isinstance(only, int) else 0
     except (TypeError, ValueError):
         raise ValueError(f"{config}: rounds.num={rounds.get('num')!r} is not a number of rounds") from None
 
 
-def only_round(job_dir: Path) -> int:
-    """The job's ``rounds.only`` (slurm/pipeline.sbatch runs one round a step with it), 0 when unset."""
-    config = job_dir / ".hydra" / "config.yaml"
-    value = ((_load(config) or {}).get("rounds") or {}).get("only") if config.is_file() else None
-    return value if isinstance(value, int) else 0
+def _is_seed(key: str) -> bool:
+    """generation.seed, train.seed, seed: the keys a sweep over seeds varies within one setting."""
+    return key.split(".")[-1].endswith("seed")
 
 
 def read_job(job_dir: Path, round_k: int | None = None) -> dict:
@@ -84,8 +84,8 @@ def read_job(job_dir: Path, round_k: int | None = None) -> dict:
 
 
 def _read_metrics(job_dir: Path, round_k: int | None, row: dict) -> None:
-    here, total = job_dir, num_rounds(job_dir)
-    k = round_k or only_round(job_dir) or total
+    here, (total, only) = job_dir, rounds_of(job_dir)
+    k = round_k or only or total
     if k > total:
         row["round"] = f"none ({total} rounds)"
         return
@@ -131,7 +131,7 @@ def seed_groups(rows: list[dict]) -> list[list[dict]]:
     compares seeds of one setting, never one setting against another."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        setting = tuple(sorted((k, v) for k, v in r["overrides"].items() if not k.split(".")[-1].endswith("seed")))
+        setting = tuple(sorted((k, v) for k, v in r["overrides"].items() if not _is_seed(k)))
         groups.setdefault(setting, []).append(r)
     return list(groups.values())
 
@@ -175,8 +175,7 @@ def markdown(rows: list[dict]) -> str:
             judged = [r["job"] for r in group if any(k in bad for k in r["metrics"])]
             label = "worst" if len(judged) == len(rows) else f"worst of {', '.join(judged)}" + (
                 f" ({len(judged)} of {len(group)} evaluated)" if len(judged) < len(group) else "")
-            setting = [group[0]["overrides"].get(k, "") if not k.split(".")[-1].endswith("seed") else ""
-                       for k in varying]
+            setting = ["" if _is_seed(k) else group[0]["overrides"].get(k, "") for k in varying]
             cells = [label, *setting, *[""] * (len(rounds) + 1), *(_fmt(bad.get(k)) for k in metrics)]
             lines.append("| " + " | ".join(cells) + " |")
     finished = sum(r["finished"] for r in rows)
