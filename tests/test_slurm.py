@@ -234,6 +234,31 @@ def test_the_batch_shell_is_one_process_and_each_srun_task_a_rank(tmp_path):
     assert lines == ["shell: rank 0 of 1", "task: rank 0 of 2", "task: rank 1 of 2"], log.read_text()[-3000:]
 
 
+def test_a_sweep_under_srun_without_torchrun_gives_each_job_its_own_process_group(tmp_path, pairs_file):
+    """`srun -n 2 python -m dpo_dist.train -m ...`: each task runs the jobs one after another, and each
+    job makes its process group anew, rank 0's TCP store on the same port (from the job id) as the
+    job before it. torch's env:// rendezvous shares one store server per port within a process, so
+    the second job's group finds the first one's keys: without a namespace of its own per group
+    (dist.init's PrefixStore) its ranks read the old group's (planted: job #1 hung once, failed
+    once on a gloo read error). The collective timeout is cut to 2 min so that a hang fails in
+    minutes, not at the test's limit."""
+    script, log, sweep_dir = tmp_path / "sweep.sh", tmp_path / "sweep.out", tmp_path / "sweep"
+    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} -m dpo_dist.train -m "
+                      f"hydra.sweep.dir={sweep_dir} loss.beta=0.05,0.1 data.pairs={pairs_file} "
+                      f"{' '.join(TRAIN)} train.max_steps=1\n")
+    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
+                          cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "2"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=600), log)
+    for job, beta in ((0, 0.05), (1, 0.1)):
+        summary = json.loads((sweep_dir / str(job) / "train" / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 1, summary
+        assert f"- loss.beta={beta}\n" in (sweep_dir / str(job) / ".hydra" / "overrides.yaml").read_text()
+    table = subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    assert "2 runs, 2 finished." in table, table
+
+
 def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_metrics(tmp_path, pairs_file, uninterrupted):
     """Attempt 1 gets SIGUSR1 (as from `--signal=B:USR1@N`) after its first checkpoint: the script
     requeues the job. Attempt 2 is requeued by `scontrol requeue` after its next checkpoint: Slurm
