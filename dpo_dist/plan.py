@@ -79,6 +79,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -663,7 +664,14 @@ def measure_cpu_runtime_gib(model: ModelConfig) -> float:
     DeepSpeed, a gloo group and the model's tokenizer. Measured in a subprocess so this process's own
     state does not count."""
     out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, json.dumps(dataclasses.asdict(model))],
-                         capture_output=True, text=True, check=True, env=_probe_env(), cwd=str(CONF_DIR.parent))
+                         capture_output=True, text=True, env=_probe_env(), cwd=str(CONF_DIR.parent))
+    if out.returncode != 0:
+        # Most often the model is not on this machine (its tokenizer is part of the baseline): the
+        # probe's last line is that error, naming model.path. One line, not a CalledProcessError
+        # traceback around the probe's script.
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise ConfigError(f"plan.device=cpu measures a training process's baseline with {model.name}'s "
+                          f"tokenizer, and that failed: {re.sub(r'^(?:[A-Za-z_]+[.])+', '', last)}")
     return int(out.stdout.strip().splitlines()[-1]) / GIB
 
 

@@ -374,6 +374,19 @@ def test_cli_prints_the_checkpoint_and_the_lead_the_slurm_script_reads():
                                         "config.json); conf/model/smollm2-135m.yaml does not set it"]
 
 
+
+def test_cpu_plan_for_a_model_not_on_this_machine_is_one_line_naming_model_path(tmp_path):
+    """plan.device=cpu measures a fresh rank's baseline, the model's tokenizer included, in a probe
+    process. A model that is not here failed it with a CalledProcessError traceback around the
+    probe's script (found planning the Qwen2.5-0.5B shape); now the probe's own error, one line."""
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.plan", f"model.path={missing}", "plan.device=cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpo_dist.plan: error: plan.device=cpu measures"), lines
+    assert f"model.path='{missing}'" in lines[0] or f"model.path={missing}" in lines[0], lines[0]
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("deepspeed,world,stage", [("zero2", 1, 0), ("zero2", 2, 2), ("zero3", 2, 3)])
