@@ -88,7 +88,7 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
         raise SystemExit(f"--pairs {args.pairs}: {len(source)} pairs, the benchmark needs steps x global batch = {n}")
     subset = work / "pairs.jsonl"
     write_jsonl(subset, source[:n])  # a fixed subset: the file's first pairs
-    model = tuple(MODELS[args.model]())
+    model = tuple(MODELS[args.model]()) + tuple(shlex.split(args.train_overrides))
     setups = {ckpt: training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads,
                                         checkpointing=ckpt, model=model)
               for ckpt in CHECKPOINTING[args.checkpointing]}
@@ -135,7 +135,7 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
             if "error" not in run:
                 contenders[name]["repeats"].append(run["seconds_per_step"])
     out: dict = {
-        "setup": {"model": args.model, "model_overrides": list(model), "checkpointing": args.checkpointing,
+        "setup": {"model": args.model, "model_overrides": list(model), "train_overrides": args.train_overrides, "checkpointing": args.checkpointing,
                   "pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
                   "threads": setup.threads, "repeats": args.repeats, "beta": cfg.loss.beta, "lr": cfg.optim.lr, "source": str(args.pairs),
                   "response_tokens_per_step": tokens},
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--multirank-rows", default="all", choices=sorted(MULTIRANK_ROWS),
                     help="multirank section: every rank/stage row, or only ZeRO-3 at 2 ranks with and without the fused ops")
     ap.add_argument("--no-trl", action="store_true", help="train ours only (no TRL contenders)")
+    ap.add_argument("--train-overrides", default="",
+                    help="extra Hydra overrides for our trainer, quoted as one argument (for example "
+                         "'model.dtype=bfloat16 data.max_length=640'); only with --no-trl, since TRL's rows "
+                         "would not get them and the ratios would no longer compare like with like")
     ap.add_argument("--repeats", type=int, default=1, help="training contenders take turns this often; each keeps its fastest run")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
+    if args.train_overrides and not args.no_trl:
+        raise SystemExit("--train-overrides: only with --no-trl (TRL's contenders would train without them)")
     if sections - set(SECTIONS):
         raise SystemExit(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     torch.set_num_threads(args.threads)
