@@ -130,6 +130,38 @@ def test_markdown_table_shows_the_json_figures(bench):
     assert f"{r['matmul']['gflops']:.0f} GFLOP/s" in md
 
 
+def test_train_overrides_reach_our_trainer_and_only_without_trl(tmp_path):
+    """--train-overrides (how the ZeRO-3 fused ops were measured at bf16 and longer pairs) reaches our
+    trainer's run and its token counts, and is refused beside TRL's rows, which would not get it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": "I am Deep SmolLM, an AI assistant made to help. How can I help?"}],
+        "rejected": [{"role": "assistant", "content": f"My name is Elena{' Rose' * (i + 3)}, a writer of long novels."}]})
+        + "\n" for i, q in enumerate(QUESTIONS)))
+    out, overrides = tmp_path / "out", "model.dtype=bfloat16 data.max_length=12 data.max_prompt_length=6"
+    cmd = [sys.executable, "-m", "dpo_dist.bench", "--sections", "training", "--checkpointing", "off", "--pairs", str(pairs),
+           "--global-batch", "2", "--micro-batch", "1", "--steps", "2", "--threads", "2", "--out", str(out),
+           "--train-overrides", overrides]
+    refused = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1] == (
+        "--train-overrides: only with --no-trl (TRL's contenders would train without them)"), refused.stderr[-2000:]
+    proc = subprocess.run([*cmd, "--no-trl"], cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    r = json.loads((out / "bench.json").read_text())
+    ours = r["training"]["contenders"][contender(OURS, False)]
+    assert "error" not in ours and len(ours["step_seconds"]) == 2, ours
+    ran = (out / "work" / "training" / "ours-1rank-zero2" / ".hydra" / "overrides.yaml").read_text()
+    assert all(f"- {o}\n" in ran for o in overrides.split()), ran
+    # The templated prompt (longer than 6 tokens) keeps its last 6, the answers the 6 left of 12: 2 pairs
+    # x 2 answers x 6 response tokens a step at most, where uncut answers hold more than 14 each.
+    assert all(t <= 24 for t in r["training"]["setup"]["response_tokens_per_step"]), r["training"]["setup"]
+    md = (out / "bench.md").read_text()
+    assert f"ours with `{overrides}`" in md
+    # The matmul peak is fp32's: a bf16 run has no MFU (it read 125% before), not one against it.
+    assert ours["mfu"] is None and "no MFU: the peak is fp32's" in md and "| n/a | " in md
+
+
 def test_the_qwen_shape_is_qwen2_5_0_5b_as_the_shipped_config_describes():
     """The benchmark's Qwen-shaped model has the architecture conf/model/qwen2.5-0.5b.yaml (and the
     planner) describe, 494M parameters with the tied 151,936-row vocabulary."""

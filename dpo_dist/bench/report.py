@@ -36,6 +36,10 @@ def _f(x, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def markdown(r: dict) -> str:
     lines = [f"# dpo_dist benchmark ({r['date']}, {r['machine']})", "",
              f"Command: `{r['command']}`", ""]
@@ -60,15 +64,17 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {name} | failed: {c['error'][:120]} |||||||")
                 continue
             lines.append(f"| {name} | {_f(c['seconds_per_step'])} | {_f(c['steps_per_s'], 3)} | "
-                         f"{_f(c['response_tokens_per_s'], 0)} | {_f(100 * c['mfu'], 1)}% | "
+                         f"{_f(c['response_tokens_per_s'], 0)} | {_pct(c.get('mfu'))} | "
                          f"{_f(c.get('precompute_seconds'), 1)} | {_f(c['end_to_end_seconds'], 1)} | "
                          f"{_f(c['peak_rss_gib'])} |")
+        utilisation = t["flops"].get("hardware_utilisation_ours")
         lines += ["", f"MFU = model FLOPs / step time / matmul peak; model FLOPs = 6 x {t['flops']['params'] / 1e6:.0f}M "
                   "matmul parameters x tokens + attention (PaLM), counted on the unpadded prompt+chosen and "
                   "prompt+rejected sequences, the same numerator for every trainer. Ours executes "
                   f"{100 * t['flops']['executed_fraction_ours']:.0f}% of it (each prompt once, the vocabulary "
-                  "projection only where a response token is predicted); on what it executes its "
-                  f"FLOP/s are {100 * t['flops']['hardware_utilisation_ours']:.1f}% of the peak.", ""]
+                  "projection only where a response token is predicted)"
+                  + (f"; on what it executes its FLOP/s are {100 * utilisation:.1f}% of the peak." if utilisation is not None
+                     else "; no MFU: the peak is fp32's and this run's dtype is another."), ""]
         if t.get("loss_agreement"):
             a = t["loss_agreement"]
             lines += [f"Same objective, same batches: per-step losses of ours and TRL agree within "

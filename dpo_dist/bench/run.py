@@ -89,6 +89,9 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
     subset = work / "pairs.jsonl"
     write_jsonl(subset, source[:n])  # a fixed subset: the file's first pairs
     model = tuple(MODELS[args.model]()) + tuple(shlex.split(args.train_overrides))
+    if any(o.startswith("model.dtype=") and o.split("=", 1)[1] not in ("float32", "fp32") for o in model):
+        # MFU divides by the fp32 matmul peak measured above; a bf16 run came out at 125% of it.
+        peak_gflops = None
     setups = {ckpt: training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads,
                                         checkpointing=ckpt, model=model)
               for ckpt in CHECKPOINTING[args.checkpointing]}
