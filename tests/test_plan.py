@@ -374,7 +374,6 @@ def test_cli_prints_the_checkpoint_and_the_lead_the_slurm_script_reads():
                                         "config.json); conf/model/smollm2-135m.yaml does not set it"]
 
 
-
 def test_cpu_plan_for_a_model_not_on_this_machine_is_one_line_naming_model_path(tmp_path):
     """plan.device=cpu measures a fresh rank's baseline, the model's tokenizer included, in a probe
     process. A model that is not here failed it with a CalledProcessError traceback around the
@@ -386,6 +385,7 @@ def test_cpu_plan_for_a_model_not_on_this_machine_is_one_line_naming_model_path(
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("dpo_dist.plan: error: plan.device=cpu measures"), lines
     assert f"model.path='{missing}'" in lines[0] or f"model.path={missing}" in lines[0], lines[0]
+
 
 @pytest.mark.slow
 @pytest.mark.multiproc

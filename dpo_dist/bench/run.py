@@ -138,7 +138,8 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
             if "error" not in run:
                 contenders[name]["repeats"].append(run["seconds_per_step"])
     out: dict = {
-        "setup": {"model": args.model, "model_overrides": list(model), "train_overrides": args.train_overrides, "checkpointing": args.checkpointing,
+        "setup": {"model": args.model, "model_overrides": list(model), "train_overrides": args.train_overrides,
+                  "checkpointing": args.checkpointing,
                   "pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
                   "threads": setup.threads, "repeats": args.repeats, "beta": cfg.loss.beta, "lr": cfg.optim.lr, "source": str(args.pairs),
                   "response_tokens_per_step": tokens},
