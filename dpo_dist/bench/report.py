@@ -51,8 +51,8 @@ def markdown(r: dict) -> str:
         s = t["setup"]
         lines += [f"## Training: {s.get('model', 'bundled')} ({s['pairs']} pairs, global batch {s['global_batch']} = {s['micro_batch']} x "
                   f"{s['global_batch'] // s['micro_batch']}, {s['steps']} steps, first excluded; sigmoid DPO, "
-                  f"beta {s['beta']}, lr {s['lr']}, "
-                  + (f"ours with `{s['train_overrides']}`" if s.get("train_overrides") else "fp32")
+                  f"beta {s['beta']}, lr {s['lr']}, {s.get('dtype', 'fp32')}"
+                  + (f", ours with `{s['train_overrides']}`" if s.get("train_overrides") else "")
                   + f", {s['threads']} threads"
                   + (f"; each trainer's fastest of {s['repeats']} alternating runs" if s.get("repeats", 1) > 1 else "")
                   + ")", "",

@@ -25,6 +25,7 @@ OURS = "ours (1 rank, deepspeed=zero2)"
 TRL_DEFAULT = "TRL DPOTrainer, reference resident"
 TRL_PRECOMPUTE = "TRL DPOTrainer, precompute_ref_log_probs"
 # --model: Hydra overrides of each benchmark model (called when chosen: the Qwen shape builds once).
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MODELS = {"bundled": lambda: [], qwen_shape.NAME: qwen_shape.overrides}
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 # --multirank-rows: (ranks, ZeRO stage, fused ops) after the 1-rank row. "zero3" keeps only the pair the
@@ -78,7 +79,7 @@ def versions() -> dict:
 def training_section(args, work: Path, peak_gflops: float | None, multirank: bool, with_trl: bool) -> dict:
     from dpo_dist.config import compose
     from dpo_dist.data import global_batches, read_preferences, tokenize_pairs
-    from dpo_dist.models import load_tokenizer, resolve_model_path
+    from dpo_dist.models import load_tokenizer, resolve_model_path, torch_dtype
 
     n = args.global_batch * args.steps
     # Anchor records (judge.general_anchor: chosen == rejected) are left out: TRL has no such record
@@ -89,15 +90,17 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
     subset = work / "pairs.jsonl"
     write_jsonl(subset, source[:n])  # a fixed subset: the file's first pairs
     model = tuple(MODELS[args.model]()) + tuple(shlex.split(args.train_overrides))
-    if any(o.startswith("model.dtype=") and o.split("=", 1)[1] not in ("float32", "fp32") for o in model):
-        # MFU divides by the fp32 matmul peak measured above; a bf16 run came out at 125% of it.
-        peak_gflops = None
     setups = {ckpt: training.TrainSetup(subset, args.global_batch, args.micro_batch, args.steps, args.threads,
                                         checkpointing=ckpt, model=model)
               for ckpt in CHECKPOINTING[args.checkpointing]}
     setup = next(iter(setups.values()))
 
     cfg = compose(training.train_overrides(setup, work / "probe"))
+    # The dtype our trainer loads the model in ("auto" resolved as the trainer resolves it).
+    dtype = DTYPE_NAMES[torch_dtype(cfg.model.dtype)]
+    if dtype != "fp32":
+        # MFU divides by the fp32 matmul peak measured above; a bf16 run came out at 125% of it.
+        peak_gflops = None
     pairs, _ = tokenize_pairs(read_preferences(subset), load_tokenizer(cfg.model), cfg.data)
     batches = global_batches(len(pairs), setup.global_batch, cfg.train.seed, 0)[:setup.steps]
     flop = training.FlopModel.of(resolve_model_path(cfg.model))
@@ -139,7 +142,7 @@ def training_section(args, work: Path, peak_gflops: float | None, multirank: boo
                 contenders[name]["repeats"].append(run["seconds_per_step"])
     out: dict = {
         "setup": {"model": args.model, "model_overrides": list(model), "train_overrides": args.train_overrides,
-                  "checkpointing": args.checkpointing,
+                  "dtype": dtype, "checkpointing": args.checkpointing,
                   "pairs": n, "global_batch": setup.global_batch, "micro_batch": setup.micro_batch, "steps": setup.steps,
                   "threads": setup.threads, "repeats": args.repeats, "beta": cfg.loss.beta, "lr": cfg.optim.lr, "source": str(args.pairs),
                   "response_tokens_per_step": tokens},
