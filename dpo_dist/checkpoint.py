@@ -357,10 +357,32 @@ def export_hf(engine, tokenizer, out_dir: Path, run_config: dict, metrics: dict)
     if dist.is_main():
         with atomic_dir(out_dir) as tmp:
             engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            config = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps(readable_config(config), indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(run_config, metrics))
         log.info("exported Hugging Face model to %s", out_dir)
     dist.barrier()
+
+
+def readable_config(config: dict) -> dict:
+    """The exported config.json, readable alike by the transformers that wrote it and by older ones
+    (a vLLM venv on a GPU node may carry transformers 4.x). transformers 5 writes the rotary settings
+    only as ``rope_parameters``; 4.x does not know that key and silently takes its default
+    ``rope_theta`` (10,000 for Llama and Qwen2: measured with 4.57.1 on the bundled model's export,
+    whose theta is 100,000), so round 2's vLLM engine would sample from a model with the wrong
+    positions. The legacy keys are added beside the new ones, which 5.x reads unchanged. Training
+    turns ``use_cache`` off; the exported model is for inference, so it is on again."""
+    out = dict(config, use_cache=True)
+    rope = config.get("rope_parameters")
+    # A flat dict; models with one per layer type (Gemma 3) have no 4.x spelling of it.
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        out["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "dtype" in config and "torch_dtype" not in config:
+        out["torch_dtype"] = config["dtype"]
+    return out
 
 
 def model_card(run_config: dict, metrics: dict) -> str:

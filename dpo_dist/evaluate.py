@@ -519,6 +519,10 @@ def run(cfg: Config) -> dict:
         write_json(mine, {"rank": e.rank, "answers": len(items), "rounds": len(rounds),
                           **{k: sum(s[k] for s in sums) for k in ("kl_sum", "dll_sum", "tokens")}})
     if not e.is_main:
+        # The pipeline's next round starts its generation when this returns, and a tensor-parallel
+        # vLLM engine takes its group's other GPUs: no rank goes on while another may still hold a
+        # model for its drift share, which rank 0's report (merged from every share) says is over.
+        wait_for_manifest(out_dir / "report.json", fp)
         return {}
 
     shards = [shard_path(out_dir, fp, r, e.world_size, ".json") for r in range(e.world_size)] if ev.drift else []

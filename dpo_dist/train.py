@@ -86,12 +86,18 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; acted on at the next optimizer-step boundary by every rank at once."""
+    """Set by SIGTERM / SIGUSR1; acted on at the next optimizer-step boundary by every rank at once.
+    ``restore`` puts the handlers before it back once training is over (its export included, which a
+    signal must not cut short): the pipeline judges and scores the next round in this process, where
+    SIGTERM (torchrun's, scancel's) must end it, not be logged and ignored."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
@@ -278,6 +284,7 @@ def run(cfg: Config) -> dict:
     del engine, model, optimizer, scheduler
     dist.free_memory()
     dist.barrier()
+    stop.restore()
     return metrics
 
 

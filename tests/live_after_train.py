@@ -1,9 +1,11 @@
 """Run training in this process, as the pipeline does before evaluating and before the next round
 samples, and print (one JSON line per rank) how many bytes of tensors are still alive afterwards next
-to the model's own size. Launched by tests/test_release.py, under torchrun for 2 ranks."""
+to the model's own size, and whether the signal handlers are the ones before training. Launched by
+tests/test_release.py, under torchrun for 2 ranks."""
 
 import gc
 import json
+import signal
 import sys
 
 import torch
@@ -31,9 +33,12 @@ def live_tensor_bytes() -> int:
 
 if __name__ == "__main__":
     cfg = compose(sys.argv[1:])
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
     before = live_tensor_bytes()
     train.run(cfg)
     after = live_tensor_bytes()
     e = dist.read_env()
-    print("LIVE " + json.dumps({"rank": e.rank, "before": before, "after": after}), flush=True)
+    restored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
+    print("LIVE " + json.dumps({"rank": e.rank, "before": before, "after": after, "signals_restored": restored}),
+          flush=True)
     dist.shutdown()

@@ -1,13 +1,16 @@
 """The evaluation stage: drift (KL) measured one model at a time equals measuring both at once, on
 the model's device; evaluation sharded over 2 ranks reports what 1 rank reports; eval.backend.
 
-The 2-rank test runs ``python -m dpo_dist.evaluate`` as users do (torchrun on gloo); the rest run
+The 2-rank tests run ``python -m dpo_dist.evaluate`` as users do (torchrun on gloo), and evaluate.run
+as the pipeline does, where no rank may return before rank 0's report is written; the rest run
 in-process on a tiny random Llama. The vLLM backend's answers are checked against hf's in
 tests/test_vllm.py (the vllm tier).
 """
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 from dpo_dist import dist, evaluate
 from dpo_dist.config import ConfigError, EvalConfig, compose
-from launch import run_stage
+from launch import REPO, run_stage, stage_env
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +274,27 @@ def test_gpu_evaluation_with_hf_and_vllm(tmp_path, monkeypatch):
         report = json.loads((tmp_path / backend / "eval" / "report.json").read_text())
         assert report["backend"] == backend and report["trained"]["default"]["n_general"] == 4
         assert report["drift"]["tokens"] > 0 and report["drift"]["kl_trained_base_per_token"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_no_rank_leaves_the_evaluation_before_the_report_is_written(tiny_pair, tmp_path, monkeypatch):
+    """Under torchrun the pipeline's next round starts generating as soon as evaluate.run returns (a
+    tensor-parallel vLLM engine on its group's GPUs): rank 1 must not return while rank 0 may still
+    hold a model, up to the report it writes last. Without the wait, rank 1 returned with its drift
+    share written and the report not yet there."""
+    base, trained = tiny_pair
+    monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "cache"))
+    script = str(REPO / "tests" / "after_evaluate.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                           f"model.path={base}", f"eval.trained_path={trained}", f"run_dir={tmp_path / 'run'}",
+                           "eval.num_identity=4", "eval.num_general=4", "eval.max_new_tokens=8"],
+                          cwd=REPO, env=dict(stage_env(2), PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    ranks = {r["rank"]: r for r in (json.loads(line.split("AFTER ", 1)[1]) for line in out.splitlines() if "AFTER " in line)}
+    assert sorted(ranks) == [0, 1] and all(r["report_written"] for r in ranks.values()), ranks
 
 
 def test_file_barrier_holds_every_rank_until_the_last_arrives(tmp_path):

@@ -98,3 +98,21 @@ def test_zero3_loading_makes_no_device_move(monkeypatch, tiny_llama):
         dist.shutdown(clean=False)
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.mark.parametrize("written,added", [
+    # transformers 5's spelling of a plain rotary embedding: 4.x needs rope_theta, or it takes 10,000.
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "bfloat16", "use_cache": False},
+     {"rope_theta": 1e6, "torch_dtype": "bfloat16", "use_cache": True}),
+    # A scaled one (Llama 3.1): 4.x reads the scaling as rope_scaling.
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+     {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "use_cache": True}),
+    # Written by 4.x already, or one set per layer type (no 4.x spelling): nothing to add.
+    ({"rope_theta": 1e4, "torch_dtype": "float32", "use_cache": True}, {}),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}},
+     {"use_cache": True}),
+])
+def test_an_exported_config_keeps_the_keys_older_transformers_read(written, added):
+    from dpo_dist.checkpoint import readable_config
+
+    assert readable_config(written) == {**written, **added}

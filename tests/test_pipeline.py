@@ -6,8 +6,10 @@ import re
 import time
 
 import pytest
+from transformers import AutoConfig
 
 from dpo_dist.config import compose
+from dpo_dist.models import resolve_model_path
 from launch import run_stage
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,14 @@ def test_short_pipeline_end_to_end_and_resume(tmp_path):
     assert metrics and all(k in metrics[0] for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                                                      "rewards/accuracies", "logps/chosen", "logps/rejected",
                                                      "grad_norm", "lr", "tokens_per_s"))
-    assert (run_dir / "train" / "final" / "model.safetensors").is_file()
+    final = run_dir / "train" / "final"
+    assert (final / "model.safetensors").is_file()
+    # The export reads as the base model does, and spells its rotary settings for transformers 4.x
+    # too (checkpoint.readable_config): without rope_theta, 4.57 read the export with 10,000.
+    exported, base = (AutoConfig.from_pretrained(p).to_dict() for p in (final, resolve_model_path(compose().model)))
+    assert exported | {"_name_or_path": base["_name_or_path"]} == base
+    written = json.loads((final / "config.json").read_text())
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 100000.0 and written["use_cache"]
 
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     for which in ("base", "trained"):
