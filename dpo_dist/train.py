@@ -86,18 +86,18 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; acted on at the next optimizer-step boundary by every rank at once.
-    ``restore`` puts the handlers before it back once training is over (its export included, which a
-    signal must not cut short): the pipeline judges and scores the next round in this process, where
-    SIGTERM (torchrun's, scancel's) must end it, not be logged and ignored."""
+    """Set by SIGTERM / SIGUSR1; acted on at the next optimizer-step boundary by every rank at once,
+    or, for a signal during the final save or the export (which it must not cut short), once the
+    export is written. ``run`` puts the handlers before it back however training ends: the pipeline
+    judges and scores the next round (or the next sweep job) in this process, where SIGTERM
+    (torchrun's, scancel's) must end it, not be logged and ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested = False
-        self.before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def restore(self) -> None:
-        for sig, handler in self.before.items():
-            signal.signal(sig, handler)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
@@ -123,6 +123,15 @@ class CollapseWatch:
 
 
 def run(cfg: Config) -> dict:
+    before = {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS}
+    try:
+        return _run(cfg)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _run(cfg: Config) -> dict:
     denv = dist.init()
     out_dir = Path(cfg.run_dir) / "train"
     ckpt_dir = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out_dir / "checkpoints"
@@ -283,8 +292,13 @@ def run(cfg: Config) -> dict:
     optimizer.state.clear()
     del engine, model, optimizer, scheduler
     dist.free_memory()
-    dist.barrier()
-    stop.restore()
+    # A signal after the last step's check (during the final save or the export): training is done and
+    # exported, so a re-run goes on from here; stop now (exit 124, requeue) rather than be killed
+    # later in the next stage. Every rank agrees, as in the loop (the reduction is also the barrier
+    # after which every rank has freed its training memory).
+    if dist.all_reduce_sum({"stop": float(stop.requested)})["stop"] > 0:
+        log.warning("stopping on request after the export; re-run the same command to continue")
+        raise Preempted()
     return metrics
 
 

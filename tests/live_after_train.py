@@ -1,16 +1,18 @@
 """Run training in this process, as the pipeline does before evaluating and before the next round
 samples, and print (one JSON line per rank) how many bytes of tensors are still alive afterwards next
-to the model's own size, and whether the signal handlers are the ones before training. Launched by
+to the model's own size, its exit code if it stopped (``--signal-during-export``: SIGUSR1 to rank 0
+as the export begins), and whether the signal handlers are the ones before training. Launched by
 tests/test_release.py, under torchrun for 2 ranks."""
 
 import gc
 import json
+import os
 import signal
 import sys
 
 import torch
 
-from dpo_dist import dist, train
+from dpo_dist import checkpoint, dist, train
 from dpo_dist.config import compose
 
 
@@ -31,14 +33,33 @@ def live_tensor_bytes() -> int:
     return total
 
 
+def signal_during_export() -> None:
+    """SIGUSR1 (Slurm's warning before the time limit) to rank 0 only, as the export begins."""
+    export = checkpoint.export_hf
+
+    def signalled(*args, **kwargs):
+        if dist.read_env().rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return export(*args, **kwargs)
+
+    checkpoint.export_hf = signalled
+
+
 if __name__ == "__main__":
-    cfg = compose(sys.argv[1:])
+    args = sys.argv[1:]
+    if args and args[0] == "--signal-during-export":
+        signal_during_export()
+        args = args[1:]
+    cfg = compose(args)
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
     before = live_tensor_bytes()
-    train.run(cfg)
+    try:
+        train.run(cfg)
+        exit_code = None
+    except SystemExit as e:  # train.Preempted
+        exit_code = e.code
     after = live_tensor_bytes()
-    e = dist.read_env()
     restored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
-    print("LIVE " + json.dumps({"rank": e.rank, "before": before, "after": after, "signals_restored": restored}),
-          flush=True)
+    print("LIVE " + json.dumps({"rank": dist.read_env().rank, "before": before, "after": after, "exit": exit_code,
+                                "signals_restored": restored}), flush=True)
     dist.shutdown()

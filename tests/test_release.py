@@ -21,13 +21,13 @@ TRAIN = ["loss=dpo", "train.global_batch_size=4", "train.micro_batch_size=2", "t
          "wandb.mode=disabled", "data.max_length=96", "data.max_prompt_length=64"]
 
 
-@pytest.mark.parametrize("nproc,deepspeed", [(1, "zero2"), (2, "zero2"), (2, "zero3")])
-def test_nothing_of_training_stays_alive_in_the_process(tmp_path, nproc, deepspeed):
+def train_in_process(tmp_path, nproc: int, deepspeed: str, *flags: str) -> list[dict]:
+    """tests/live_after_train.py's line for each rank."""
     pairs = write_identity_pairs(tmp_path / "pairs.jsonl")
     script = str(REPO / "tests" / "live_after_train.py")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*launcher, script, f"run_dir={tmp_path / 'run'}", f"data.pairs={pairs}",
+    proc = subprocess.run([*launcher, script, *flags, f"run_dir={tmp_path / 'run'}", f"data.pairs={pairs}",
                            f"deepspeed={deepspeed}", *TRAIN], cwd=REPO, capture_output=True,
                           # A script's own directory leads sys.path, not the working directory.
                           env=dict(stage_env(nproc), PYTHONPATH=str(REPO)),
@@ -36,8 +36,25 @@ def test_nothing_of_training_stays_alive_in_the_process(tmp_path, nproc, deepspe
     assert proc.returncode == 0, out[-6000:]
     ranks = [json.loads(line.split("LIVE ", 1)[1]) for line in out.splitlines() if "LIVE " in line]
     assert sorted(r["rank"] for r in ranks) == list(range(nproc)), out[-3000:]
-    for r in ranks:
+    return ranks
+
+
+@pytest.mark.parametrize("nproc,deepspeed", [(1, "zero2"), (2, "zero2"), (2, "zero3")])
+def test_nothing_of_training_stays_alive_in_the_process(tmp_path, nproc, deepspeed):
+    for r in train_in_process(tmp_path, nproc, deepspeed):
         # Left alive: small buffers (rotary tables, the reference log-probs); a parameter copy is 540 MB.
         assert r["after"] - r["before"] < 0.02 * MODEL_BYTES, r
         # Training's SIGTERM handler only sets a flag for its loop; after it, SIGTERM must end the process.
-        assert r["signals_restored"], r
+        assert r["signals_restored"] and r["exit"] is None, r
+
+
+def test_a_signal_during_the_export_stops_every_rank_after_it(tmp_path):
+    """SIGUSR1 to rank 0 as the export begins (Slurm's warning before the time limit): the export and
+    the summary are written, then every rank stops with the preemption exit code (124, requeue)
+    instead of going on into the next stage, with the handlers before training back in place."""
+    from dpo_dist.train import EXIT_PREEMPTED
+
+    ranks = train_in_process(tmp_path, 2, "zero2", "--signal-during-export")
+    assert [r["exit"] for r in ranks] == [EXIT_PREEMPTED] * 2 and all(r["signals_restored"] for r in ranks), ranks
+    assert (tmp_path / "run" / "train" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "train" / "summary.json").is_file()
