@@ -226,8 +226,10 @@ def test_the_batch_shell_is_one_process_and_each_srun_task_a_rank(tmp_path):
     probe.write_text("import sys\nfrom dpo_dist import dist\ne = dist.read_env()\n"
                      "print(f'{sys.argv[1]}: rank {e.rank} of {e.world_size}')\n")
     script.write_text(f"#!/bin/bash\n{sys.executable} {probe} shell\nsrun -n 2 {sys.executable} {probe} task\n")
+    # The probe runs as a script, whose own directory leads sys.path: the package comes from REPO, as
+    # for `python -m` in REPO, not from whichever checkout an editable install points at.
     proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
-                          cwd=REPO, env=stage_env(2), capture_output=True, text=True)
+                          cwd=REPO, env=dict(stage_env(2), PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=300), log)
     lines = sorted(line for line in log.read_text().splitlines() if line.startswith(("shell:", "task:")))
