@@ -24,8 +24,9 @@ SECTIONS = ("matmul", "training", "multirank", "generation")
 OURS = "ours (1 rank, deepspeed=zero2)"
 TRL_DEFAULT = "TRL DPOTrainer, reference resident"
 TRL_PRECOMPUTE = "TRL DPOTrainer, precompute_ref_log_probs"
-# --model: Hydra overrides of each benchmark model (called when chosen: the Qwen shape builds once).
+# How the report names the dtype our trainer loads the model in.
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# --model: Hydra overrides of each benchmark model (called when chosen: the Qwen shape builds once).
 MODELS = {"bundled": lambda: [], qwen_shape.NAME: qwen_shape.overrides}
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 # --multirank-rows: (ranks, ZeRO stage, fused ops) after the 1-rank row. "zero3" keeps only the pair the
