@@ -11,11 +11,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def stage_command(module: str, overrides: list[str], nproc: int = 1) -> list[str]:
+def launcher(nproc: int) -> list[str]:
+    """The interpreter for one rank, torchrun for several."""
     if nproc == 1:
-        return [sys.executable, "-m", module, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", module, *overrides]
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def stage_command(module: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    return [*launcher(nproc), "-m", module, *overrides]
 
 
 def stage_env(nproc: int = 1) -> dict:
@@ -33,6 +37,22 @@ def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: float 
     # A rank aborting during interpreter teardown: the flaky exit issue 4 is about.
     assert "terminate called" not in output, output[-4000:]
     return proc
+
+
+def run_script(script: str, args: list[str], nproc: int = 1, timeout: float = 900) -> str:
+    """Run ``tests/<script>`` as ranks (a stage called in-process, as the pipeline calls it) and return
+    its output. A script's own directory leads sys.path, not the working directory: PYTHONPATH names
+    this checkout."""
+    proc = subprocess.run([*launcher(nproc), str(REPO / "tests" / script), *args], cwd=REPO,
+                          env=dict(stage_env(nproc), PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def tagged_lines(output: str, tag: str) -> list[dict]:
+    """The JSON a script printed after ``tag`` on its lines, one per rank."""
+    return [json.loads(line.split(f"{tag} ", 1)[1]) for line in output.splitlines() if f"{tag} " in line]
 
 
 IDENTITY_QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "Introduce yourself.", "What should I call you?",

@@ -9,8 +9,6 @@ tests/test_vllm.py (the vllm tier).
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 
 from dpo_dist import dist, evaluate
 from dpo_dist.config import ConfigError, EvalConfig, compose
-from launch import REPO, run_stage, stage_env
+from launch import run_script, run_stage, tagged_lines
 
 
 @pytest.fixture(scope="module")
@@ -285,15 +283,10 @@ def test_no_rank_leaves_the_evaluation_before_the_report_is_written(tiny_pair, t
     share written and the report not yet there."""
     base, trained = tiny_pair
     monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "cache"))
-    script = str(REPO / "tests" / "after_evaluate.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                           f"model.path={base}", f"eval.trained_path={trained}", f"run_dir={tmp_path / 'run'}",
-                           "eval.num_identity=4", "eval.num_general=4", "eval.max_new_tokens=8"],
-                          cwd=REPO, env=dict(stage_env(2), PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    ranks = {r["rank"]: r for r in (json.loads(line.split("AFTER ", 1)[1]) for line in out.splitlines() if "AFTER " in line)}
+    out = run_script("after_evaluate.py", [f"model.path={base}", f"eval.trained_path={trained}", f"run_dir={tmp_path / 'run'}",
+                                           "eval.num_identity=4", "eval.num_general=4", "eval.max_new_tokens=8"],
+                     nproc=2, timeout=600)
+    ranks = {r["rank"]: r for r in tagged_lines(out, "AFTER")}
     assert sorted(ranks) == [0, 1] and all(r["report_written"] for r in ranks.values()), ranks
 
 

@@ -5,13 +5,9 @@ optimizer states and DeepSpeed's flat partitions must all be gone, at every ZeRO
 the same objects hold host memory: every tensor still reachable from Python is counted after
 train.run returns (tests/live_after_train.py) and must be a small fraction of the model."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from launch import REPO, stage_env, write_identity_pairs
+from launch import run_script, tagged_lines, write_identity_pairs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -24,17 +20,9 @@ TRAIN = ["loss=dpo", "train.global_batch_size=4", "train.micro_batch_size=2", "t
 def train_in_process(tmp_path, nproc: int, deepspeed: str, *flags: str) -> list[dict]:
     """tests/live_after_train.py's line for each rank."""
     pairs = write_identity_pairs(tmp_path / "pairs.jsonl")
-    script = str(REPO / "tests" / "live_after_train.py")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*launcher, script, *flags, f"run_dir={tmp_path / 'run'}", f"data.pairs={pairs}",
-                           f"deepspeed={deepspeed}", *TRAIN], cwd=REPO, capture_output=True,
-                          # A script's own directory leads sys.path, not the working directory.
-                          env=dict(stage_env(nproc), PYTHONPATH=str(REPO)),
-                          text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    ranks = [json.loads(line.split("LIVE ", 1)[1]) for line in out.splitlines() if "LIVE " in line]
+    out = run_script("live_after_train.py", [*flags, f"run_dir={tmp_path / 'run'}", f"data.pairs={pairs}",
+                                             f"deepspeed={deepspeed}", *TRAIN], nproc=nproc)
+    ranks = tagged_lines(out, "LIVE")
     assert sorted(r["rank"] for r in ranks) == list(range(nproc)), out[-3000:]
     return ranks
 
