@@ -23,9 +23,12 @@ from launch import IDENTITY_QUESTIONS, REPO, kill_tree, metrics, run_stage, stag
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-# 3 optimizer steps of global batch 4 over 12 pairs; dpo (no RPO) so step 1 is exactly ln 2.
+# 3 optimizer steps of global batch 4 over 12 pairs; dpo (no RPO) so step 1 is exactly ln 2. No
+# checkpoint before the end: the curves compare steps, and a save per step cost each of the eight
+# runs 1.6 GB of writes. The runs that resume (here and in tests/test_resume.py) add SAVE_EACH_STEP.
 TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batch_size=4", "train.epochs=1",
-         "train.save_every=1", "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
+         "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
+SAVE_EACH_STEP = "train.save_every=1"
 CKPT = "model.gradient_checkpointing=true"
 # How far two runs' training updates of one tensor may differ, relative to the update: 1 rank and
 # ZeRO-3 on 2 ranks differ by at most 5.4e-5 (2026-12-01); an export one step short is 12% off.
@@ -167,7 +170,7 @@ def test_one_fp32_rank_trains_at_stage_0(curves):
 @pytest.mark.parametrize("nproc,same_as", [(1, "1rank_mb1x4"), (2, "2rank_zero2")])
 def test_sigkill_mid_training_resumes_to_the_same_final_loss(curves, pairs_file, tmp_path, nproc, same_as):
     run_dir = tmp_path / "killed"
-    args = [f"run_dir={run_dir}", f"data.pairs={pairs_file}", *TRAIN, "train.micro_batch_size=1", "deepspeed=zero2"]
+    args = [f"run_dir={run_dir}", f"data.pairs={pairs_file}", *TRAIN, SAVE_EACH_STEP, "train.micro_batch_size=1", "deepspeed=zero2"]
     proc = subprocess.Popen(stage_command("dpo_dist.train", args, nproc=nproc), cwd=REPO, env=stage_env(nproc),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "train" / "checkpoints" / "latest"

@@ -21,9 +21,9 @@ import pytest
 from dpo_dist import checkpoint
 from dpo_dist.checkpoint import MARKER, Layout, tag
 from launch import REPO, metrics, run_stage, stage_command, stage_env, write_identity_pairs
-from test_distributed import TRAIN
+from test_distributed import SAVE_EACH_STEP, TRAIN
 
-ARGS = [*TRAIN, "train.micro_batch_size=1", "deepspeed=zero2"]
+ARGS = [*TRAIN, SAVE_EACH_STEP, "train.micro_batch_size=1", "deepspeed=zero2"]
 TWO_RANKS = Layout(2, 2)
 
 
