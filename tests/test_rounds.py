@@ -16,6 +16,7 @@ from dpo_dist.data import split_general
 from dpo_dist.generate import training_prompts
 from dpo_dist.models import load_tokenizer
 from launch import REPO, run_stage
+from test_pipeline import SHORT
 
 ROUNDS = ["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=50", "rounds.num_train_general=30",
           "rounds.num_train_leak=3"]
@@ -102,6 +103,11 @@ def test_bad_round_settings_fail_naming_the_key(override, key):
 
 # The shortened pipeline (tests/test_pipeline.py), with a smaller second round from the next prompts.
 TWO_ROUNDS = ["rounds.num=2", "rounds.num_train=12", "rounds.num_train_general=4", "rounds.num_train_leak=2"]
+# What the rounds tests below and tests/test_slurm.py check is where each round's files go and which
+# model each stage loads, not what training learns (tests/test_vllm.py measures that with SHORT):
+# fewer prompts, two steps a round and a smaller evaluation take about half the time.
+SMALLER = {"prompts.num_train": 12, "train.max_steps": 2, "eval.num_identity": 3, "eval.num_general": 3}
+MECHANICS = [o for o in SHORT if o.split("=")[0] not in SMALLER] + [f"{k}={v}" for k, v in SMALLER.items()]
 
 
 def questions(run_dir) -> set[str]:
@@ -110,11 +116,9 @@ def questions(run_dir) -> set[str]:
 
 @pytest.mark.slow
 def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is_reused(tmp_path):
-    from test_pipeline import SHORT
-
     run_dir = tmp_path / "run"
     # Round 1 alone (as slurm/pipeline.sbatch runs it, rounds.only), on one rank ...
-    run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT, *TWO_ROUNDS, "rounds.only=1"], timeout=1800)
+    run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *MECHANICS, *TWO_ROUNDS, "rounds.only=1"], timeout=1800)
     one, two = run_dir / "round-1", run_dir / "round-2"
     assert (one / "train" / "final" / "model.safetensors").is_file() and not two.exists()
     first_rows = json.loads((run_dir / "rounds.json").read_text())["rounds"]
@@ -122,7 +126,7 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
     stamps = {p: p.stat().st_mtime for p in (one / "train" / "final" / "model.safetensors", one / "eval" / "report.json")}
 
     # ... then every round on two ranks: round 1 is found done, round 2 runs from its policy.
-    proc = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *SHORT, *TWO_ROUNDS], nproc=2, timeout=1800)
+    proc = run_stage("dpo_dist.pipeline", [f"run_dir={run_dir}", *MECHANICS, *TWO_ROUNDS], nproc=2, timeout=1800)
     out = proc.stdout + proc.stderr
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
     for stage in ("generate", "judge", "train"):
@@ -161,10 +165,8 @@ def test_a_multirun_over_seeds_runs_each_jobs_rounds_in_its_own_directory_and_ta
     """Three seeds of a setting as users sweep them (Hydra's basic launcher: the jobs one after
     another in one process), two here: each job's round 2 samples from its own round 1's policy,
     and `python -m dpo_dist.sweep` reads each job's last round, with the worst over the seeds."""
-    from test_pipeline import SHORT
-
     sweep_dir = tmp_path / "sweep"
-    proc = run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *SHORT, *TWO_ROUNDS,
+    proc = run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS,
                                            "generation.seed=0,1", "train.seed=${generation.seed}"], timeout=2400)
     jobs = [sweep_dir / "0", sweep_dir / "1"]
     for job in jobs:

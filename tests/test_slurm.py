@@ -143,10 +143,10 @@ def test_sbatch_pipeline_two_ranks(tmp_path):
 def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     """rounds.num=2: each round's stages as steps of their own (pipeline entry, rounds.only=<k>), round 2
     sampling from round 1's exported policy."""
-    from test_rounds import TWO_ROUNDS
+    from test_rounds import MECHANICS, TWO_ROUNDS
 
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(log, ["--cpus-per-task=2"], [*SHORT, *TWO_ROUNDS], NPROC_PER_NODE="1", RUN_DIR=str(run_dir))
+    job = submit(log, ["--cpus-per-task=2"], [*MECHANICS, *TWO_ROUNDS, "wandb.mode=disabled"], NPROC_PER_NODE="1", RUN_DIR=str(run_dir))
     assert_completed(wait_for(job, log, timeout=1800), log)
     out = log.read_text()
     assert "2 rounds" in out and "pipeline.sbatch: done" in out
