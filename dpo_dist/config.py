@@ -468,6 +468,11 @@ class RoundsConfig:
     # generation.leak_search_candidates for each round after the first (None: round 1's). Round 1's
     # base model does not know the new name, so it has no leaks to find.
     leak_search_candidates: Optional[int] = None
+    # Any other setting for each round after the first, as key:value (round 1 keeps the run's):
+    # 'rounds.later=[optim.lr:3e-5,judge.leak_rejected:opener]'. Iterative DPO recipes change the lr
+    # or the judge between rounds; a run that changes only later rounds reuses its round 1. Keys the
+    # rounds set themselves (run_dir, data.pairs, prompts.*, rounds.*) are refused at start-up.
+    later: List[str] = field(default_factory=list)
     # The policy this round samples from: round k-1's export, set per round by the pipeline. Empty
     # (round 1, or one round): model.path.
     previous: str = ""

@@ -45,8 +45,47 @@ def sizes(cfg: Config) -> dict[str, list[int]]:
             "num_train_leak": per_round(p.num_train_leak, r.num_train_leak)}
 
 
+# rounds.later may not move these: values() sets them per round, and every round loads the same base
+# model and tokenizer and is evaluated the same way on the same held-out prompts.
+DERIVED = ("run_dir", "data.pairs", "prompts.", "rounds.", "train.checkpoint_dir")
+SHARED = ("model.", "eval.")
+
+
+def later(cfg: Config) -> dict[str, object]:
+    """rounds.later's key:value entries as settings, each value typed as Hydra types a command-line
+    value (3e-5 a float, opener a string)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = OverridesParser.create(), {}
+    for entry in cfg.rounds.later:
+        key, sep, value = entry.partition(":")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"rounds.later: {entry!r} is not key:value (e.g. optim.lr:3e-5)")
+        if key.startswith(DERIVED) or key in ("data", "prompts", "rounds", "train"):
+            raise ConfigError(f"rounds.later: {key} is set per round by the rounds themselves (round directory, "
+                              f"prompt slices, previous policy); the rounds.* keys set a later round's prompts")
+        if key.startswith(SHARED) or key in ("model", "eval"):
+            raise ConfigError(f"rounds.later: {key} must be the same in every round, so that every round is "
+                              f"measured against the same base model on the same held-out prompts")
+        try:
+            out[key] = parser.parse_override(f"{key}={value.strip()}").value()
+        except Exception as e:
+            raise ConfigError(f"rounds.later: {entry!r}: {str(e).splitlines()[0]}") from None
+    return out
+
+
 def check(cfg: Config) -> None:
-    """Fail at start-up, naming the key, when the pools cannot give every round fresh prompts."""
+    """Fail at start-up, naming the key, when the pools cannot give every round fresh prompts, or when
+    rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
+    if cfg.rounds.later and cfg.rounds.num > 1:
+        settings = values(cfg, 2)  # an entry that is no key:value, or a derived key, fails here
+        try:
+            apply(cfg, settings)
+        except ConfigError as e:
+            raise ConfigError(f"rounds.later: {e}") from None
+        except Exception as e:  # an unknown key or a value of the wrong type, from OmegaConf
+            raise ConfigError(f"rounds.later: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if cfg.prompts.num_train < 0:
         raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
     if cfg.eval.num_general < 0:
@@ -84,6 +123,8 @@ def values(cfg: Config, k: int) -> dict[str, object]:
         out["generation.leak_search_candidates"] = cfg.rounds.leak_search_candidates
     if cfg.train.checkpoint_dir:
         out["train.checkpoint_dir"] = str(Path(cfg.train.checkpoint_dir) / f"round-{k}")
+    if k > 1:
+        out.update(later(cfg))
     return out
 
 

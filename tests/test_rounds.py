@@ -2,6 +2,7 @@
 its directory, a fresh slice of each prompt pool, the previous round's policy -- and the same
 whether applied in this process or passed to a child process as Hydra overrides."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -22,11 +23,27 @@ ROUNDS = ["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=50", "ro
           "rounds.num_train_leak=3"]
 
 
+LATER = "rounds.later=[optim.lr:3e-5,judge.leak_rejected:opener,train.epochs:1]"
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_a_round_applied_here_equals_the_round_a_child_composes(k):
-    cfg = compose(ROUNDS)
+@pytest.mark.parametrize("extra", [[], [LATER]])
+def test_a_round_applied_here_equals_the_round_a_child_composes(k, extra):
+    cfg = compose(ROUNDS + extra)
     settings = rounds.values(cfg, k)
-    assert rounds.apply(cfg, settings) == compose(ROUNDS + rounds.overrides(settings))
+    assert rounds.apply(cfg, settings) == compose(ROUNDS + extra + rounds.overrides(settings))
+
+
+def test_later_rounds_take_their_own_settings_and_round_1_the_runs():
+    """rounds.later: the lr, the judge's leak pairs and the epochs of rounds 2 and 3, typed as on the
+    command line; round 1, and so its fingerprints, as without it."""
+    cfg = compose(ROUNDS + [LATER])
+    got = [rounds.apply(cfg, rounds.values(cfg, k)) for k in (1, 2, 3)]
+    assert [(c.optim.lr, c.judge.leak_rejected, c.train.epochs) for c in got] == \
+           [(cfg.optim.lr, "answer", cfg.train.epochs), (3e-5, "opener", 1), (3e-5, "opener", 1)]
+    plain = compose(ROUNDS)
+    first = rounds.apply(plain, rounds.values(plain, 1))
+    assert got[0] != first and dataclasses.replace(got[0], rounds=first.rounds) == first
 
 
 def test_each_round_has_its_directory_previous_policy_and_pairs():
@@ -97,6 +114,23 @@ def test_bad_round_settings_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         compose(["rounds.num=2", override])
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("optim.lrr:1", "rounds.later: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"),
+    ("optim.lr:fast", "rounds.later: ValidationError: Value 'fast'"),
+    ("judge.leak_rejected:half", "rounds.later: judge.leak_rejected: 'half' is not answer or opener"),
+    ("optim.lr", "rounds.later: 'optim.lr' is not key:value"),
+    ("prompts.num_train:3", "rounds.later: prompts.num_train is set per round by the rounds"),
+    ("run_dir:/elsewhere", "rounds.later: run_dir is set per round by the rounds"),
+    ("rounds.reference:base", "rounds.later: rounds.reference is set per round by the rounds"),
+    ("eval.num_general:50", "rounds.later: eval.num_general must be the same in every round"),
+    ("model.path:/other", "rounds.later: model.path must be the same in every round"),
+])
+def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message):
+    with pytest.raises(ConfigError) as e:
+        rounds.check(compose(ROUNDS + [f"rounds.later=[{entry}]"]))
+    assert str(e.value).startswith(message), e.value
 
 
 # ---------------------------------------------------------------- the rounds end to end
