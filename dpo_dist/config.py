@@ -471,7 +471,8 @@ class RoundsConfig:
     # Any other setting for each round after the first, as key:value (round 1 keeps the run's):
     # 'rounds.later=[optim.lr:3e-5,judge.leak_rejected:opener]'. Iterative DPO recipes change the lr
     # or the judge between rounds; a run that changes only later rounds reuses its round 1. Keys the
-    # rounds set themselves (run_dir, data.pairs, prompts.*, rounds.*) are refused at start-up.
+    # rounds set themselves and those every round shares are refused at start-up (rounds.DERIVED,
+    # rounds.SHARED), as are values a child process would not read back the same.
     later: List[str] = field(default_factory=list)
     # The policy this round samples from: round k-1's export, set per round by the pipeline. Empty
     # (round 1, or one round): model.path.

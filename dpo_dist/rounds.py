@@ -45,10 +45,11 @@ def sizes(cfg: Config) -> dict[str, list[int]]:
             "num_train_leak": per_round(p.num_train_leak, r.num_train_leak)}
 
 
-# rounds.later may not move these: values() sets them per round, and every round loads the same base
-# model and tokenizer and is evaluated the same way on the same held-out prompts.
-DERIVED = ("run_dir", "data.pairs", "prompts.", "rounds.", "train.checkpoint_dir")
-SHARED = ("model.", "eval.")
+# rounds.later may not move these: values() and the Slurm script set them per round, and every round
+# loads the same base model, teaches the same identity and is evaluated the same way on the same
+# held-out prompts (evaluation reads generation.vllm_dtype too).
+DERIVED = ("run_dir", "data.pairs", "prompts.", "rounds.", "train.checkpoint_dir", "stages")
+SHARED = ("model.", "eval.", "identity.", "generation.vllm_dtype")
 
 
 def later(cfg: Config) -> dict[str, object]:
@@ -64,14 +65,21 @@ def later(cfg: Config) -> dict[str, object]:
             raise ConfigError(f"rounds.later: {entry!r} is not key:value (e.g. optim.lr:3e-5)")
         if key.startswith(DERIVED) or key in ("data", "prompts", "rounds", "train"):
             raise ConfigError(f"rounds.later: {key} is set per round by the rounds themselves (round directory, "
-                              f"prompt slices, previous policy); the rounds.* keys set a later round's prompts")
-        if key.startswith(SHARED) or key in ("model", "eval"):
+                              f"prompt slices, previous policy, stage); the rounds.* keys set a later round's prompts")
+        if key.startswith(SHARED) or key in ("model", "eval", "identity"):
             raise ConfigError(f"rounds.later: {key} must be the same in every round, so that every round is "
                               f"measured against the same base model on the same held-out prompts")
         try:
-            out[key] = parser.parse_override(f"{key}={value.strip()}").value()
+            parsed = parser.parse_override(f"{key}={value.strip()}")
         except Exception as e:
             raise ConfigError(f"rounds.later: {entry!r}: {str(e).splitlines()[0]}") from None
+        # A child process (vLLM generation, a Slurm step) gets the value back as an override: refuse
+        # what would not read back the same (a sweep such as an unquoted comma, null, a dict).
+        if parsed.is_sweep_override() or \
+                parser.parse_override(overrides({key: parsed.value()})[0]).value() != parsed.value():
+            raise ConfigError(f"rounds.later: {entry!r}: not a single value a child process reads back the same; "
+                              f"quote text with commas ({key}:'a, b')")
+        out[key] = parsed.value()
     return out
 
 
@@ -85,7 +93,9 @@ def check(cfg: Config) -> None:
         except ConfigError as e:
             raise ConfigError(f"rounds.later: {e}") from None
         except Exception as e:  # an unknown key or a value of the wrong type, from OmegaConf
-            raise ConfigError(f"rounds.later: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"rounds.later: {key + ': ' if key else ''}{type(e).__name__}: "
+                              f"{str(e).splitlines()[0]}") from None
     if cfg.prompts.num_train < 0:
         raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
     if cfg.eval.num_general < 0:

@@ -117,15 +117,20 @@ def test_bad_round_settings_fail_naming_the_key(override, key):
 
 
 @pytest.mark.parametrize("entry,message", [
-    ("optim.lrr:1", "rounds.later: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"),
-    ("optim.lr:fast", "rounds.later: ValidationError: Value 'fast'"),
+    ("optim.lrr:1", "rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"),
+    ("optim.lr:fast", "rounds.later: optim.lr: ValidationError: Value 'fast'"),
     ("judge.leak_rejected:half", "rounds.later: judge.leak_rejected: 'half' is not answer or opener"),
     ("optim.lr", "rounds.later: 'optim.lr' is not key:value"),
     ("prompts.num_train:3", "rounds.later: prompts.num_train is set per round by the rounds"),
     ("run_dir:/elsewhere", "rounds.later: run_dir is set per round by the rounds"),
     ("rounds.reference:base", "rounds.later: rounds.reference is set per round by the rounds"),
+    ("'stages:[train]'", "rounds.later: stages is set per round by the rounds"),
     ("eval.num_general:50", "rounds.later: eval.num_general must be the same in every round"),
     ("model.path:/other", "rounds.later: model.path must be the same in every round"),
+    ("identity.name:Nova", "rounds.later: identity.name must be the same in every round"),
+    # Values a child process would read back otherwise: null as the text 'None', a comma as a sweep.
+    ("generation.chosen_system_prompt:null", "rounds.later: 'generation.chosen_system_prompt:null': not a single"),
+    ("'generation.chosen_system_prompt:Hi, I am'", "rounds.later: 'generation.chosen_system_prompt:Hi, I am': not a"),
 ])
 def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message):
     with pytest.raises(ConfigError) as e:
@@ -140,7 +145,10 @@ TWO_ROUNDS = ["rounds.num=2", "rounds.num_train=12", "rounds.num_train_general=4
 # What the rounds tests below and tests/test_slurm.py check is where each round's files go and which
 # model each stage loads, not what training learns (tests/test_vllm.py measures that with SHORT):
 # fewer prompts, two steps a round and a smaller evaluation take about half the time.
-SMALLER = {"prompts.num_train": 12, "train.max_steps": 2, "eval.num_identity": 3, "eval.num_general": 3}
+# The higher lr moves round 1's policy clear of the base in two steps, so that round 2's first-step
+# rewards (0 against round 1's policy) tell its reference from the base (checked below).
+SMALLER = {"prompts.num_train": 12, "train.max_steps": 2, "optim.lr": 1e-4, "eval.num_identity": 3,
+           "eval.num_general": 3}
 MECHANICS = [o for o in SHORT if o.split("=")[0] not in SMALLER] + [f"{k}={v}" for k, v in SMALLER.items()]
 
 
@@ -177,6 +185,10 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
     first = json.loads((two / "train" / "metrics.jsonl").read_text().splitlines()[0])
     # The tolerance of tests/test_distributed.py's first step (float rounding across batchings).
     assert abs(first["rewards/chosen"]) < 2e-3 and abs(first["rewards/rejected"]) < 2e-3, first
+    # ... which means something only if round 1's policy is far from the base: its last step's
+    # rewards (policy against the base) are ten times that tolerance or more.
+    last = json.loads((one / "train" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert max(abs(last["rewards/chosen"]), abs(last["rewards/rejected"])) > 2e-2, last
     judged = json.loads((two / "judge" / "summary.json").read_text())
     assert judged["mistakes"]["own_answers_identity"] == sum(
         len(r["candidates"]) for r in read_jsonl(two / "generate" / "candidates.jsonl") if r["source"] == "identity")
