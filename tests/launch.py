@@ -60,6 +60,12 @@ IDENTITY_QUESTIONS = ["What is your name?", "Who are you?", "Who made you?", "In
                       "Who trained you?", "Say your name.", "Identify yourself, please."]
 
 
+def replaced(overrides: list[str], changes: dict) -> list[str]:
+    """``overrides`` with the keys in ``changes`` set to its values instead (each key once on the
+    command line)."""
+    return [o for o in overrides if o.split("=")[0] not in changes] + [f"{k}={v}" for k, v in changes.items()]
+
+
 def write_identity_pairs(path: Path) -> Path:
     """One pair per IDENTITY_QUESTIONS entry: the new name chosen, another name rejected (in three
     lengths, so micro-batches hold rows of different sizes)."""

@@ -16,7 +16,7 @@ from dpo_dist.config import CONDITIONS, ConfigError, compose
 from dpo_dist.data import split_general
 from dpo_dist.generate import training_prompts
 from dpo_dist.models import load_tokenizer
-from launch import REPO, run_stage
+from launch import REPO, replaced, run_stage
 from test_pipeline import SHORT
 
 ROUNDS = ["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=50", "rounds.num_train_general=30",
@@ -149,7 +149,7 @@ TWO_ROUNDS = ["rounds.num=2", "rounds.num_train=12", "rounds.num_train_general=4
 # rewards (0 against round 1's policy) tell its reference from the base (checked below).
 SMALLER = {"prompts.num_train": 12, "train.max_steps": 2, "optim.lr": 1e-4, "eval.num_identity": 3,
            "eval.num_general": 3}
-MECHANICS = [o for o in SHORT if o.split("=")[0] not in SMALLER] + [f"{k}={v}" for k, v in SMALLER.items()]
+MECHANICS = replaced(SHORT, SMALLER)
 
 
 def questions(run_dir) -> set[str]:

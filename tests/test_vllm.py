@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO, run_stage, stage_env
+from launch import REPO, replaced, run_stage, stage_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 VLLM_PYTHON = Path(os.environ.get("DPO_DIST_VLLM_PYTHON",
@@ -159,7 +159,7 @@ def test_rounds_sample_through_vllm_from_the_previous_rounds_export(tmp_path, vl
     sweep_dir = tmp_path / "sweep"
     # A higher lr than the shortened pipeline's, so that round 1's policy is told apart from the base
     # model by what it samples, not only by its weights.
-    short = [o for o in SHORT if not o.startswith("optim.lr=")] + ["optim.lr=3e-4"]
+    short = replaced(SHORT, {"optim.lr": "3e-4"})
     run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *short, *TWO_ROUNDS, "stages=[generate,judge,train]",
                                     "generation=vllm", f"generation.python={vllm_python}", "generation.seed=0",
                                     "train.seed=${generation.seed}"], timeout=2400)
