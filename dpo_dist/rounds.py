@@ -48,8 +48,13 @@ def sizes(cfg: Config) -> dict[str, list[int]]:
 # rounds.later may not move these: values() and the Slurm script set them per round, and every round
 # loads the same base model, teaches the same identity and is evaluated the same way on the same
 # held-out prompts (evaluation reads generation.vllm_dtype too).
-DERIVED = ("run_dir", "data.pairs", "prompts.", "rounds.", "train.checkpoint_dir", "stages")
-SHARED = ("model.", "eval.", "identity.", "generation.vllm_dtype")
+DERIVED = ("run_dir", "data.pairs", "prompts", "rounds", "train.checkpoint_dir", "stages")
+SHARED = ("model", "eval", "identity", "generation.vllm_dtype")
+
+
+def _touches(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether setting ``key`` sets one of ``keys``: the key itself, one under it, or a group holding it."""
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys)
 
 
 def later(cfg: Config) -> dict[str, object]:
@@ -63,10 +68,10 @@ def later(cfg: Config) -> dict[str, object]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"rounds.later: {entry!r} is not key:value (e.g. optim.lr:3e-5)")
-        if key.startswith(DERIVED) or key in ("data", "prompts", "rounds", "train"):
+        if _touches(key, DERIVED):
             raise ConfigError(f"rounds.later: {key} is set per round by the rounds themselves (round directory, "
                               f"prompt slices, previous policy, stage); the rounds.* keys set a later round's prompts")
-        if key.startswith(SHARED) or key in ("model", "eval", "identity"):
+        if _touches(key, SHARED):
             raise ConfigError(f"rounds.later: {key} must be the same in every round, so that every round is "
                               f"measured against the same base model on the same held-out prompts")
         try:
