@@ -266,7 +266,8 @@ class PromptsConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     num_train: int = -1
     # Prompts of each pool that earlier rounds used (rounds.num > 1): the pipeline sets them per
-    # round, so round k takes a fresh slice (train: skip_train onwards; general: from the end).
+    # round, so round k takes a fresh slice (train: skip_train onwards; general: from the end), going
+    # on from the pool's start once the earlier rounds have used it up (data.window).
     skip_train: int = 0
     skip_general: int = 0
     # General prompts mixed into training pairs, so the model keeps its other behaviour.
@@ -458,8 +459,9 @@ class RoundsConfig:
     # model (model.path) or round k-1's policy (Iterative RPO and Online-RLHF use the previous one).
     reference: str = "previous"
     init: str = "previous"
-    # Prompts of each round after the first, each a fresh slice of the same pools (-1: round 1's
-    # prompts.num_train, num_train_general, num_train_leak).
+    # Prompts of each round after the first, each the next slice of the same pools (-1: round 1's
+    # prompts.num_train, num_train_general, num_train_leak): fresh ones while a pool lasts, then those
+    # trained on longest ago (a start-up warning counts them).
     num_train: int = -1
     num_train_general: int = -1
     num_train_leak: int = -1

@@ -86,15 +86,27 @@ def split_general(name_or_path: str, num_eval: int, num_train: int,
                   cfg: PromptsConfig | None = None, skip: int = 0) -> tuple[list[dict], list[dict]]:
     """The general set split so training never sees an evaluation prompt: evaluation takes the first
     `num_eval` records (all but the training ones when -1), training the last `num_train` before the
-    `skip` at the very end that earlier rounds took (rounds.num > 1)."""
+    `skip` at the very end that earlier rounds took (rounds.num > 1). Once earlier rounds have taken
+    every training prompt, the window goes on from the end again (``window``): the prompts trained
+    on longest ago come back first, and the evaluation's never do."""
     records = load_prompt_set(name_or_path, key="prompts.general", cfg=cfg)
     num_eval = len(records) - num_train - skip if num_eval < 0 else num_eval
-    if num_eval + num_train + skip > len(records):
-        earlier = f" plus {skip} that earlier rounds took" if skip else ""
-        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts{earlier} plus "
+    if num_eval + num_train > len(records):
+        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts plus "
                           f"eval.num_general={num_eval} exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
-    end = len(records) - skip
-    return records[:num_eval], records[end - num_train:end]
+    train = records[num_eval:]
+    # Counted from the end backwards: reversed, the window of round k starts `skip` in.
+    return records[:num_eval], window(train[::-1], skip, num_train)[::-1]
+
+
+def window(records: list, skip: int, n: int) -> list:
+    """`n` records (at most all of them, each once) from position `skip` on, going on from the start
+    when the end is reached (a later round of a pool that earlier rounds used up: the records used
+    longest ago come back first)."""
+    if not records or n <= 0:
+        return []
+    start = skip % len(records)
+    return (records[start:] + records[:start])[:n]
 
 
 def template_injects_default_system(tokenizer) -> bool:

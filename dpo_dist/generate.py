@@ -37,7 +37,7 @@ from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, in
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, GenerationConfig, PromptsConfig
-from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
+from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general, window
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
 
@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -> list[dict]:
     """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions).
     General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones.
-    A later round (rounds.num > 1) skips the prompts its earlier rounds took (prompts.skip_*)."""
+    A later round (rounds.num > 1) skips the prompts its earlier rounds took (prompts.skip_*), going
+    on from the start of a pool they used up (data.window)."""
     out = []
-    identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)[cfg.skip_train:]
-    identity = identity[:cfg.num_train] if cfg.num_train >= 0 else identity
+    identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)
+    identity = window(identity, cfg.skip_train, cfg.num_train) if cfg.num_train >= 0 else identity[cfg.skip_train:]
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
     leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category)

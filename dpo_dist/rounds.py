@@ -11,8 +11,10 @@ model's own mistakes; the reference and the starting weights are round k-1's pol
 
 Prompts: the shipped pools are shuffled, so each round takes the next contiguous slice: identity
 prompts from the start of ``prompts.train`` on, general prompts from the end of ``prompts.general``
-backwards (evaluation keeps its first ``eval.num_general``). No prompt is trained on twice; a pool
-too small for every round fails at start-up, naming the key.
+backwards (evaluation keeps its first ``eval.num_general``). No prompt is trained on twice while the
+pool lasts; once earlier rounds have used it up, a round goes on from its start again, with the
+prompts trained on longest ago (a warning at start-up says how many). A pool too small for one
+round fails at start-up, naming the key.
 
 The settings of a round are a dict of dotted keys (``values``): applied to the config in this
 process (``apply``) and passed as Hydra overrides to a child process (``overrides``), so both
@@ -21,12 +23,16 @@ agree.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dpo_dist import dist
 from dpo_dist.config import Config, ConfigError, to_config
 from dpo_dist.data import load_prompt_set
+
+log = logging.getLogger(__name__)
 
 
 def round_dir(run_dir: str | Path, k: int) -> Path:
@@ -89,7 +95,8 @@ def later(cfg: Config) -> dict[str, object]:
 
 
 def check(cfg: Config) -> None:
-    """Fail at start-up, naming the key, when the pools cannot give every round fresh prompts, or when
+    """Fail at start-up, naming the key, when a pool cannot give one round its prompts (and warn when
+    later rounds train on earlier rounds' prompts again, the pool used up), or when
     rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
     if cfg.rounds.later and cfg.rounds.num > 1:
         settings = values(cfg, 2)  # an entry that is no key:value, or a derived key, fails here
@@ -108,15 +115,29 @@ def check(cfg: Config) -> None:
                           "slice, so the rounds would be evaluated on different prompts; set a number")
     n = sizes(cfg)
     identity = len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))
-    if sum(n["num_train"]) > identity:
-        raise ConfigError(f"rounds.num_train: {cfg.rounds.num} rounds take {' + '.join(map(str, n['num_train']))} "
-                          f"identity prompts, more than the {identity} of prompts.train={cfg.prompts.train!r}")
+    if max(n["num_train"]) > identity:
+        raise ConfigError(f"rounds.num_train: a round takes {max(n['num_train'])} identity prompts, more than the "
+                          f"{identity} of prompts.train={cfg.prompts.train!r}")
     general = len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts))
     used = [g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])]
-    if sum(used) + cfg.eval.num_general > general:
-        raise ConfigError(f"rounds.num_train_general (+ num_train_leak): {cfg.rounds.num} rounds take "
-                          f"{' + '.join(map(str, used))} general prompts plus eval.num_general={cfg.eval.num_general}, "
-                          f"more than the {general} of prompts.general={cfg.prompts.general!r}")
+    if max(used) + cfg.eval.num_general > general:
+        raise ConfigError(f"rounds.num_train_general (+ num_train_leak): a round takes {max(used)} general prompts, "
+                          f"which with eval.num_general={cfg.eval.num_general} is more than the {general} of "
+                          f"prompts.general={cfg.prompts.general!r}")
+    for pool, taken, size in (("identity", n["num_train"], identity),
+                              ("general", used, general - cfg.eval.num_general)):
+        again = reused(taken, size)
+        if any(again) and dist.is_main():
+            log.warning("%d rounds take %s %s prompts of the %d there are to train on: %s (the prompts "
+                        "trained on longest ago come back first; the evaluation's never do)", cfg.rounds.num,
+                        " + ".join(map(str, taken)), pool, size,
+                        ", ".join(f"round {k} trains on {r} again" for k, r in enumerate(again, 1) if r))
+
+
+def reused(taken: list[int], size: int) -> list[int]:
+    """How many of its prompts each round takes again, when rounds take ``taken`` prompts one after
+    the other from a pool of ``size`` that goes on from its start once used up (data.window)."""
+    return [max(0, min(t, sum(taken[:k + 1]) - size)) for k, t in enumerate(taken)]
 
 
 def values(cfg: Config, k: int) -> dict[str, object]:

@@ -79,6 +79,31 @@ def test_rounds_train_on_disjoint_prompts_clear_of_the_evaluation_ones():
     assert not eval_general & seen["general"]
 
 
+def test_later_rounds_go_on_with_the_prompts_trained_on_longest_ago_once_a_pool_is_used_up(caplog):
+    """3 x 112 general prompts from the 280 the evaluation leaves: round 3 takes the 56 fresh ones
+    left and 56 of round 1's, none of round 2's and none of the evaluation's; every round's prompts
+    are distinct, and the start-up warning counts the 56."""
+    cfg = compose(["rounds.num=3", "run_dir=/tmp/rounds-test"])
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    general = []
+    for k in (1, 2, 3):
+        c = rounds.apply(cfg, rounds.values(cfg, k))
+        general.append([r["question"] for r in training_prompts(c.prompts, tok, c.eval.num_general)
+                        if r["source"] != "identity"])
+    one, two, three = (set(g) for g in general)
+    assert [len(g) for g in general] == [112, 112, 112] and len(three) == 112
+    assert not one & two and not three & two and len(three & one) == 56
+    pool = {r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 0)[0]}
+    assert not pool & (one | two | three)
+    assert len(one | two | three) == 380 - cfg.eval.num_general  # every training prompt before any again
+    # The 56 of round 1 that come back are the ones it took first from the end (the pool's last 56).
+    last = [r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 56)[1]]
+    assert three & one == set(last)
+    with caplog.at_level("WARNING", logger="dpo_dist.rounds"):
+        rounds.check(cfg)
+    assert "round 3 trains on 56 again" in caplog.text and "identity" not in caplog.text
+
+
 @pytest.mark.parametrize("reference,init,want", [
     ("previous", "previous", ("prev", "prev", "prev")),
     ("base", "previous", ("prev", "base", "prev")),
@@ -96,11 +121,11 @@ def test_which_weights_each_stage_loads(reference, init, want):
 @pytest.mark.parametrize("overrides,key", [
     (["rounds.num=2", "prompts.num_train=-1"], "prompts.num_train:"),
     (["rounds.num=2", "eval.num_general=-1"], "eval.num_general:"),
-    (["rounds.num=6", "rounds.num_train=260", "rounds.num_train_general=0", "rounds.num_train_leak=0"],
-     "rounds.num_train:"),
-    (["rounds.num=3"], "rounds.num_train_general (+ num_train_leak):"),  # 3 x 112 general + 100 evaluation > 380
+    (["rounds.num=2", "rounds.num_train=1236"], "rounds.num_train:"),  # the identity pool holds 1,235
+    # 280 + 12 leak + 100 evaluation > 380
+    (["rounds.num=2", "rounds.num_train_general=280"], "rounds.num_train_general (+ num_train_leak):"),
 ])
-def test_pools_too_small_for_every_round_fail_at_start_naming_the_key(overrides, key):
+def test_a_pool_too_small_for_one_round_fails_at_start_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
         rounds.check(compose(overrides))
     assert str(e.value).startswith(key), e.value
