@@ -39,6 +39,10 @@ RECORDS = {"generate": "generate/manifest.json", "judge": "judge/summary.json", 
 
 def run(cfg: Config) -> dict:
     if cfg.rounds.num == 1:
+        rounds.check_later(cfg)
+        if cfg.rounds.later and dist.is_main():
+            log.warning("rounds.later=%s sets the rounds after the first; with rounds.num=1 it changes nothing",
+                        cfg.rounds.later)
         return run_round(cfg)
     # Iterative on-policy DPO (dpo_dist/rounds.py): every round in <run_dir>/round-<k>/.
     rounds.check(cfg)
@@ -49,6 +53,10 @@ def run(cfg: Config) -> dict:
         _require_previous(rcfg, k)
         if dist.is_main():
             log.info("round %d of %d in %s", k, cfg.rounds.num, rcfg.run_dir)
+            # What this round runs with, for the rounds report: its prompt slices, the policy it
+            # samples, and the rounds.later settings (the same for every rank; rank 0 writes it).
+            write_json(Path(rcfg.run_dir) / "round.json",
+                       {"round": k, "settings": settings, "later": rounds.later(cfg) if k > 1 else {}})
         report = run_round(rcfg, rounds.overrides(settings), f"round {k}: ")
         if report and dist.is_main():
             written = rounds_report.write(Path(cfg.run_dir), cfg.rounds.num)

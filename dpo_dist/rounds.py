@@ -77,6 +77,9 @@ def later(cfg: Config) -> dict[str, object]:
         if _touches(key, DERIVED):
             raise ConfigError(f"rounds.later: {key} is set per round by the rounds themselves (round directory, "
                               f"prompt slices, previous policy, stage); the rounds.* keys set a later round's prompts")
+        if key == "generation.leak_search_candidates" and cfg.rounds.leak_search_candidates is not None:
+            raise ConfigError(f"rounds.later: {key} is set for the later rounds by rounds.leak_search_candidates="
+                              f"{cfg.rounds.leak_search_candidates} already; set one of the two")
         if _touches(key, SHARED):
             raise ConfigError(f"rounds.later: {key} must be the same in every round, so that every round is "
                               f"measured against the same base model on the same held-out prompts")
@@ -98,16 +101,7 @@ def check(cfg: Config) -> None:
     """Fail at start-up, naming the key, when a pool cannot give one round its prompts (and warn when
     later rounds train on earlier rounds' prompts again, the pool used up), or when
     rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
-    if cfg.rounds.later and cfg.rounds.num > 1:
-        settings = values(cfg, 2)  # an entry that is no key:value, or a derived key, fails here
-        try:
-            apply(cfg, settings)
-        except ConfigError as e:
-            raise ConfigError(f"rounds.later: {e}") from None
-        except Exception as e:  # an unknown key or a value of the wrong type, from OmegaConf
-            key = getattr(e, "full_key", None)
-            raise ConfigError(f"rounds.later: {key + ': ' if key else ''}{type(e).__name__}: "
-                              f"{str(e).splitlines()[0]}") from None
+    check_later(cfg)
     if cfg.prompts.num_train < 0:
         raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
     if cfg.eval.num_general < 0:
@@ -132,6 +126,23 @@ def check(cfg: Config) -> None:
                         "trained on longest ago come back first; the evaluation's never do)", cfg.rounds.num,
                         " + ".join(map(str, taken)), pool, size,
                         ", ".join(f"round {k} trains on {r} again" for k, r in enumerate(again, 1) if r))
+
+
+def check_later(cfg: Config) -> None:
+    """rounds.later's entries, checked as check() does, whatever rounds.num is: a sweep over
+    rounds.num=1,2 fails in its first job, not its second."""
+    if not cfg.rounds.later:
+        return
+    try:
+        # An entry that is no key:value, or a derived key, fails in later(); one round 2 could not
+        # run with (the wrong type, a judge setting the judge refuses), in apply().
+        apply(cfg, values(cfg, 2) if cfg.rounds.num > 1 else later(cfg))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith("rounds.later:") else f"rounds.later: {e}") from None
+    except Exception as e:  # an unknown key or a value of the wrong type, from OmegaConf
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"rounds.later: {key + ': ' if key else ''}{type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def reused(taken: list[int], size: int) -> list[int]:

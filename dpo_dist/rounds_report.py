@@ -37,7 +37,8 @@ def collect(run_dir: Path, num_rounds: int) -> list[dict]:
     for k in range(1, num_rounds + 1):
         here = round_dir(run_dir, k)
         if (here / "eval" / "report.json").is_file():
-            rows.append({"round": k, **_evaluation(here / "eval" / "report.json"),
+            rows.append({"round": k, "later": _optional(here / "round.json").get("later") or {},
+                         **_evaluation(here / "eval" / "report.json"),
                          **_judged(_optional(here / "judge" / "summary.json")),
                          **_trained(_optional(here / "train" / "summary.json"))})
     return rows
@@ -131,6 +132,9 @@ def markdown(rows: list[dict], num_rounds: int) -> str:
                 lambda r: "none" if not r["leak_search"] else
                 f"{r['leak_search']['leaks']} of {r['leak_search']['answers']}, {r['leak_search']['pairs']} pairs")]
           if any(r["leak_search"] for r in rows) else []),
+        *([line("settings of this round (rounds.later)", lambda r: ", ".join(
+            f"{k}={v}" for k, v in sorted(r["later"].items())) or "the run's")]
+          if any(r["later"] for r in rows) else []),
         line("train steps, final loss", lambda r: "n/a" if r["train_steps"] is None else
              f"{r['train_steps']}, {r['final_loss']:.4g}"),
     ]

@@ -161,6 +161,33 @@ def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message)
     with pytest.raises(ConfigError) as e:
         rounds.check(compose(ROUNDS + [f"rounds.later=[{entry}]"]))
     assert str(e.value).startswith(message), e.value
+    # A sweep over rounds.num=1,2 fails in its one-round job too, where rounds.later changes nothing.
+    with pytest.raises(ConfigError) as e:
+        rounds.check_later(compose([f"rounds.later=[{entry}]"]))
+    assert str(e.value).startswith(message), e.value
+
+
+def test_a_one_round_run_refuses_a_bad_later_entry_before_it_starts(tmp_path):
+    """The pipeline checks rounds.later with rounds.num=1 too (where it changes nothing): one line,
+    and no stage has run."""
+    # stages=[judge] alone: without the check, it fails at once for want of candidates (another line).
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.pipeline", f"run_dir={tmp_path / 'run'}", "stages=[judge]",
+                           "rounds.later=[optim.lrr:1]"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "dpo_dist.pipeline: error: rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "cli.log"]  # Hydra's records only
+
+
+def test_leak_search_for_later_rounds_is_set_one_way_only():
+    """rounds.leak_search_candidates and a rounds.later entry for generation.leak_search_candidates
+    both set the later rounds' search: one of them silently winning would hide the other."""
+    with pytest.raises(ConfigError, match="rounds.later: generation.leak_search_candidates is set for the later "
+                                          "rounds by rounds.leak_search_candidates=6 already"):
+        rounds.check(compose(ROUNDS + ["rounds.leak_search_candidates=6",
+                                       "rounds.later=[generation.leak_search_candidates:2]"]))
+    cfg = compose(ROUNDS + ["rounds.later=[generation.leak_search_candidates:2]"])
+    assert rounds.apply(cfg, rounds.values(cfg, 2)).generation.leak_search_candidates == 2
 
 
 # ---------------------------------------------------------------- the rounds end to end
@@ -201,6 +228,10 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
     assert re.search(r"round 2: generate: 18 prompts x \d+ candidates", out), out[-3000:]
     gen = json.loads((two / "generate" / "manifest.json").read_text())
     assert gen["model"] == str(one / "train" / "final")
+    # round.json records what the round ran with (the rounds report reads its rounds.later settings).
+    ran = json.loads((two / "round.json").read_text())
+    assert ran["settings"]["rounds.previous"] == gen["model"] and ran["settings"]["prompts.skip_train"] == 12
+    assert ran["later"] == {} and json.loads((one / "round.json").read_text())["round"] == 1
     assert not questions(one) & questions(two)  # fresh prompts
 
     # The reference and the starting weights are round 1's policy too (rounds.reference/init=previous),

@@ -108,6 +108,19 @@ def test_records_from_before_issue_23_read_as_not_available(run_dir):
         "(rounds.md)")
 
 
+def test_a_rounds_later_settings_are_shown_in_its_column(run_dir):
+    """round.json (written by the pipeline as a round starts) holds rounds.later's settings; the
+    table shows them only when a round has some, and round 1 runs with the run's own."""
+    write_json(run_dir / "round-1" / "round.json", {"round": 1, "settings": {}, "later": {}})
+    assert "rounds.later" not in rounds_report.markdown(rounds_report.collect(run_dir, 3), 3)
+    write_json(run_dir / "round-2" / "round.json",
+               {"round": 2, "settings": {}, "later": {"optim.lr": 3e-5, "judge.leak_rejected": "opener"}})
+    r1, r2 = rounds_report.collect(run_dir, 3)
+    assert (r1["later"], r2["later"]) == ({}, {"optim.lr": 3e-5, "judge.leak_rejected": "opener"})
+    assert _table(rounds_report.markdown([r1, r2], 3))["settings of this round (rounds.later)"] == \
+        ["the run's", "judge.leak_rejected=opener, optim.lr=3e-05"]
+
+
 def test_own_share_is_of_the_identity_pairs(run_dir):
     """judge.method=correction's chosen are rewrites: neither own nor opener, none of them on-policy."""
     summary = json.loads((run_dir / "round-1" / "judge" / "summary.json").read_text())
