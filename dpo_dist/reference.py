@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_dist import attention, dist, fused, memory
-from dpo_dist.artifacts import (DataError, UserError, atomic_path, file_digest, fingerprint, intact, manifest_matches,
+from dpo_dist.artifacts import (DataError, UserError, atomic_path, fingerprint, intact, manifest_matches,
                                 outputs_record, read_json, reusable, shard_path, write_json)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config
