@@ -144,7 +144,13 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
         # Inside the job, so a user error exits here: past it Hydra adds a line of its own for a failed job.
         with one_line_user_errors(prog):
             try:
-                run(typed_config(raw))
+                cfg = typed_config(raw)
+                if cfg.rounds.later:
+                    # Every stage, not only the pipeline's rounds: slurm/pipeline.sbatch runs a one-round
+                    # job's stages directly, and a sweep over rounds.num=1,2 should fail in its first job.
+                    from dpo_dist import rounds
+                    rounds.check_later(cfg)
+                run(cfg)
             except BaseException as e:
                 dist.shutdown(clean=False)
                 if stop_the_sweep(e, multirun, dist.read_env().world_size, HydraConfig.get().launcher._target_):

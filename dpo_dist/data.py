@@ -91,12 +91,15 @@ def split_general(name_or_path: str, num_eval: int, num_train: int,
     on longest ago come back first, and the evaluation's never do."""
     records = load_prompt_set(name_or_path, key="prompts.general", cfg=cfg)
     num_eval = len(records) - num_train - skip if num_eval < 0 else num_eval
-    if num_eval + num_train > len(records):
-        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts plus "
-                          f"eval.num_general={num_eval} exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
+    if num_eval < 0 or num_eval + num_train > len(records):
+        raise ConfigError(f"prompts.num_train_general (+ num_train_leak): {num_train} training prompts"
+                          f"{f' after the {skip} earlier rounds took' if skip else ''} plus eval.num_general="
+                          f"{max(num_eval, 0)} exceed the {len(records)} prompts of {name_or_path!r}; they would overlap")
     train = records[num_eval:]
-    # Counted from the end backwards: reversed, the window of round k starts `skip` in.
-    return records[:num_eval], window(train[::-1], skip, num_train)[::-1]
+    # Counted from the end backwards: reversed, the window of round k starts `skip` in. Listed in
+    # the pool's order, as an unwrapped slice is; a wrapped one so lists its fresh prompts first.
+    taken = sorted(window(list(range(len(train)))[::-1], skip, num_train))
+    return records[:num_eval], [train[i] for i in taken]
 
 
 def window(records: list, skip: int, n: int) -> list:

@@ -62,7 +62,8 @@ def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
     """Every (question, condition) to answer: identity questions, general instructions, examples."""
     identity = load_prompt_set(cfg.prompts.eval_identity, cfg.eval.num_identity, key="prompts.eval_identity", cfg=cfg.prompts)
     sets = [("identity", identity),
-            ("general", split_general(cfg.prompts.general, cfg.eval.num_general, cfg.prompts.num_train_general, cfg.prompts)[0]),
+            ("general", split_general(cfg.prompts.general, cfg.eval.num_general,
+                                        cfg.prompts.num_train_general + cfg.prompts.num_train_leak, cfg.prompts)[0]),
             ("example", [{"id": f"example-{i}", "prompt": q} for i, q in enumerate(cfg.eval.examples)])]
     return [{"id": f"{r['id']}-{cond}", "kind": kind, "condition": cond, "question": r["prompt"],
              "messages": build_messages(r["prompt"], cond, cfg.prompts.neutral_system_prompt, tokenizer)}

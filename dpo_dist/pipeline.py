@@ -38,8 +38,7 @@ RECORDS = {"generate": "generate/manifest.json", "judge": "judge/summary.json", 
 
 
 def run(cfg: Config) -> dict:
-    if cfg.rounds.num == 1:
-        rounds.check_later(cfg)
+    if cfg.rounds.num == 1:  # rounds.later is checked by cli.stage_main, in every stage
         if cfg.rounds.later and dist.is_main():
             log.warning("rounds.later=%s sets the rounds after the first; with rounds.num=1 it changes nothing",
                         cfg.rounds.later)
@@ -53,10 +52,15 @@ def run(cfg: Config) -> dict:
         _require_previous(rcfg, k)
         if dist.is_main():
             log.info("round %d of %d in %s", k, cfg.rounds.num, rcfg.run_dir)
-            # What this round runs with, for the rounds report: its prompt slices, the policy it
-            # samples, and the rounds.later settings (the same for every rank; rank 0 writes it).
-            write_json(Path(rcfg.run_dir) / "round.json",
-                       {"round": k, "settings": settings, "later": rounds.later(cfg) if k > 1 else {}})
+            if again := rounds.reuse(cfg, k):
+                log.warning("%s", again)
+            # What this round trains with, for the rounds report: its prompt slices, the policy it
+            # samples, its rounds.later settings. Only where training runs or is found done with
+            # them: an evaluate-only invocation with other settings must not rewrite what the
+            # policy was trained with.
+            if "train" in rcfg.stages:
+                write_json(Path(rcfg.run_dir) / "round.json",
+                           {"round": k, "settings": settings, "later": rounds.later(cfg) if k > 1 else {}})
         report = run_round(rcfg, rounds.overrides(settings), f"round {k}: ")
         if report and dist.is_main():
             written = rounds_report.write(Path(cfg.run_dir), cfg.rounds.num)

@@ -13,7 +13,7 @@ Prompts: the shipped pools are shuffled, so each round takes the next contiguous
 prompts from the start of ``prompts.train`` on, general prompts from the end of ``prompts.general``
 backwards (evaluation keeps its first ``eval.num_general``). No prompt is trained on twice while the
 pool lasts; once earlier rounds have used it up, a round goes on from its start again, with the
-prompts trained on longest ago (a warning at start-up says how many). A pool too small for one
+prompts trained on longest ago (a warning as the round starts says how many). A pool too small for one
 round fails at start-up, naming the key.
 
 The settings of a round are a dict of dotted keys (``values``): applied to the config in this
@@ -23,16 +23,12 @@ agree.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpo_dist import dist
 from dpo_dist.config import Config, ConfigError, to_config
 from dpo_dist.data import load_prompt_set
-
-log = logging.getLogger(__name__)
 
 
 def round_dir(run_dir: str | Path, k: int) -> Path:
@@ -98,8 +94,8 @@ def later(cfg: Config) -> dict[str, object]:
 
 
 def check(cfg: Config) -> None:
-    """Fail at start-up, naming the key, when a pool cannot give one round its prompts (and warn when
-    later rounds train on earlier rounds' prompts again, the pool used up), or when
+    """Fail at start-up, naming the key, when a pool cannot give one round its prompts (``reuse``
+    says when a round trains on earlier rounds' prompts again), or when
     rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
     check_later(cfg)
     if cfg.prompts.num_train < 0:
@@ -118,14 +114,21 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"rounds.num_train_general (+ num_train_leak): a round takes {max(used)} general prompts, "
                           f"which with eval.num_general={cfg.eval.num_general} is more than the {general} of "
                           f"prompts.general={cfg.prompts.general!r}")
-    for pool, taken, size in (("identity", n["num_train"], identity),
-                              ("general", used, general - cfg.eval.num_general)):
-        again = reused(taken, size)
-        if any(again) and dist.is_main():
-            log.warning("%d rounds take %s %s prompts of the %d there are to train on: %s (the prompts "
-                        "trained on longest ago come back first; the evaluation's never do)", cfg.rounds.num,
-                        " + ".join(map(str, taken)), pool, size,
-                        ", ".join(f"round {k} trains on {r} again" for k, r in enumerate(again, 1) if r))
+
+
+def reuse(cfg: Config, k: int) -> str:
+    """What round k trains on again, the pools used up by the rounds before it ("" when nothing): one
+    line for the log of the round (a Slurm step of round k logs it too)."""
+    n = sizes(cfg)
+    identity = len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))
+    general = len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts)) - cfg.eval.num_general
+    used = [g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])]
+    notes = [f"{again} of its {taken[k - 1]} {pool} prompts ({size} to train on{extra})"
+             for pool, taken, size, extra in (("identity", n["num_train"], identity, ""),
+                                              ("general", used, general, ", the evaluation's apart"))
+             if (again := reused(taken, size)[k - 1])]
+    return (f"round {k} trains again on {' and '.join(notes)}: the rounds before it used the pool up, so the "
+            f"prompts trained on longest ago come back, after the fresh ones") if notes else ""
 
 
 def check_later(cfg: Config) -> None:

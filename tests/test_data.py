@@ -119,6 +119,23 @@ def test_general_prompts_for_training_never_include_evaluation_ones():
         split_general("general", 350, 60)
 
 
+@pytest.mark.parametrize("num_eval", [100, -1])
+def test_the_evaluation_never_answers_a_prompt_training_used_leak_prompts_included(tokenizer, num_eval):
+    """eval.num_general=-1 (every general prompt training leaves): training's leak prompts count too,
+    as generate counts them; the evaluation once left them out of the training share and answered 12
+    prompts the model was trained on."""
+    from dpo_dist.config import compose
+    from dpo_dist.evaluate import eval_prompts
+    from dpo_dist.generate import training_prompts
+
+    cfg = compose([f"eval.num_general={num_eval}", "prompts.num_train_general=100", "prompts.num_train_leak=12"])
+    trained = {r["question"] for r in training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
+               if r["source"] != "identity"}
+    evaluated = {p["question"] for p in eval_prompts(cfg, tokenizer) if p["kind"] == "general"}
+    assert len(trained) == 112 and len(evaluated) == (100 if num_eval == 100 else 380 - 112)
+    assert not trained & evaluated
+
+
 def test_a_string_prompt_is_tokenised_as_text_without_the_chat_template(tokenizer):
     """TRL's standard format: prompt and answers are plain text; no chat template is applied to them."""
     record = {"id": "s0", "prompt": "Question: who are you?\nAnswer:", "chosen": [{"role": "assistant", "content": " Deep SmolLM."}],

@@ -13,7 +13,7 @@ import pytest
 from dpo_dist import rounds, sweep
 from dpo_dist.artifacts import read_jsonl
 from dpo_dist.config import CONDITIONS, ConfigError, compose
-from dpo_dist.data import split_general
+from dpo_dist.data import load_prompt_set, split_general, window
 from dpo_dist.generate import training_prompts
 from dpo_dist.models import load_tokenizer
 from launch import REPO, replaced, run_stage
@@ -79,10 +79,10 @@ def test_rounds_train_on_disjoint_prompts_clear_of_the_evaluation_ones():
     assert not eval_general & seen["general"]
 
 
-def test_later_rounds_go_on_with_the_prompts_trained_on_longest_ago_once_a_pool_is_used_up(caplog):
+def test_later_rounds_go_on_with_the_prompts_trained_on_longest_ago_once_a_pool_is_used_up():
     """3 x 112 general prompts from the 280 the evaluation leaves: round 3 takes the 56 fresh ones
     left and 56 of round 1's, none of round 2's and none of the evaluation's; every round's prompts
-    are distinct, and the start-up warning counts the 56."""
+    are distinct, and round 3's warning counts the 56."""
     cfg = compose(["rounds.num=3", "run_dir=/tmp/rounds-test"])
     tok = load_tokenizer(cfg.model, padding_side="left")
     general = []
@@ -99,9 +99,66 @@ def test_later_rounds_go_on_with_the_prompts_trained_on_longest_ago_once_a_pool_
     # The 56 of round 1 that come back are the ones it took first from the end (the pool's last 56).
     last = [r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 56)[1]]
     assert three & one == set(last)
-    with caplog.at_level("WARNING", logger="dpo_dist.rounds"):
-        rounds.check(cfg)
-    assert "round 3 trains on 56 again" in caplog.text and "identity" not in caplog.text
+    # Listed in the pool's order, as an unwrapped slice is: the 56 fresh ones first. The leak
+    # prompts (the slice's first 12) so come from the fresh ones.
+    fresh = [r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 56, skip=224)[1]]
+    assert [r["prompt"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 112, skip=224)[1]][:56] == fresh
+    c = rounds.apply(cfg, rounds.values(cfg, 3))
+    leak = [r["question"] for r in training_prompts(c.prompts, tok, c.eval.num_general) if r["source"] == "leak"]
+    assert len(leak) == 12 and set(leak) <= set(fresh) == three - one
+    assert [rounds.reuse(cfg, k) for k in (1, 2)] == ["", ""]
+    assert rounds.reuse(cfg, 3).startswith("round 3 trains again on 56 of its 112 general prompts (280 to train on")
+
+
+def test_the_identity_pool_wraps_the_same_way():
+    """5 rounds of 260 identity prompts from 1,235: round 5 takes the 195 left, then 65 of round 1's
+    first, fresh ones first; the rounds before it are the plain slices they always were."""
+    cfg = compose(["rounds.num=5", "rounds.num_train=260", "run_dir=/tmp/rounds-test"])
+    pool = [r["prompt"] for r in load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts)]
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    taken = []
+    for k in range(1, 6):
+        c = rounds.apply(cfg, rounds.values(cfg, k))
+        taken.append([r["question"] for r in training_prompts(c.prompts, tok, c.eval.num_general)
+                      if r["source"] == "identity"])
+    assert taken[:4] == [pool[i * 260:(i + 1) * 260] for i in range(4)]  # the slices before the wrap
+    assert taken[4] == pool[1040:] + pool[:65]
+    assert rounds.reuse(cfg, 5).startswith("round 5 trains again on 65 of its 260 identity prompts (1235 to train on)")
+
+
+def test_unwrapped_general_slices_are_the_ones_they_always_were():
+    """The slices of rounds that fit in the pool (and so their fingerprints) as before the wrap:
+    the `num_train` records before the `skip` at the end."""
+    records = load_prompt_set("general", key="prompts.general")
+    for skip, n in ((0, 112), (112, 154), (0, 280), (100, 180), (279, 1)):
+        assert split_general("general", 100, n, skip=skip)[1] == records[380 - skip - n:380 - skip]
+    # eval.num_general=-1: every prompt the round's training leaves (one round only).
+    evaluation, train = split_general("general", -1, 112)
+    assert (evaluation, train) == (records[:268], records[268:])
+    with pytest.raises(ConfigError, match="prompts.num_train_general"):
+        split_general("general", -1, 300, skip=100)  # the evaluation would get a negative share
+
+
+@pytest.mark.parametrize("skip,n,want", [
+    (0, 3, [0, 1, 2]), (7, 3, [7, 8, 9]), (8, 4, [8, 9, 0, 1]), (10, 3, [0, 1, 2]), (23, 2, [3, 4]),
+    (4, 10, [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]), (4, 12, [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]), (5, 0, []),
+])
+def test_window(skip, n, want):
+    assert window(list(range(10)), skip, n) == want
+    assert window([], skip, n) == []
+
+
+@pytest.mark.parametrize("taken,size,want", [
+    ([112, 112, 112], 280, [0, 0, 56]), ([10, 10, 10], 15, [0, 5, 10]), ([5, 20], 20, [0, 5]),
+    ([260] * 6, 1235, [0, 0, 0, 0, 65, 260]), ([3, 3], 6, [0, 0]), ([4, 4, 4], 4, [0, 4, 4]),
+])
+def test_reused_counts_what_the_window_takes_again(taken, size, want):
+    assert rounds.reused(taken, size) == want
+    pool, seen = list(range(size)), set()
+    for k, t in enumerate(taken):
+        got = window(pool, sum(taken[:k]), t)
+        assert len(set(got) & seen) == want[k]
+        seen |= set(got)
 
 
 @pytest.mark.parametrize("reference,init,want", [
@@ -167,15 +224,16 @@ def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message)
     assert str(e.value).startswith(message), e.value
 
 
-def test_a_one_round_run_refuses_a_bad_later_entry_before_it_starts(tmp_path):
-    """The pipeline checks rounds.later with rounds.num=1 too (where it changes nothing): one line,
-    and no stage has run."""
+@pytest.mark.parametrize("module", ["dpo_dist.pipeline", "dpo_dist.judge"])
+def test_a_one_round_run_refuses_a_bad_later_entry_before_it_starts(tmp_path, module):
+    """rounds.later is checked with rounds.num=1 too (where it changes nothing), by the pipeline and
+    by a stage run alone (as slurm/pipeline.sbatch runs a one-round job): one line, no stage run."""
     # stages=[judge] alone: without the check, it fails at once for want of candidates (another line).
-    proc = subprocess.run([sys.executable, "-m", "dpo_dist.pipeline", f"run_dir={tmp_path / 'run'}", "stages=[judge]",
+    proc = subprocess.run([sys.executable, "-m", module, f"run_dir={tmp_path / 'run'}", "stages=[judge]",
                            "rounds.later=[optim.lrr:1]"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == \
-        "dpo_dist.pipeline: error: rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"
+        f"{module}: error: rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "cli.log"]  # Hydra's records only
 
 
