@@ -461,7 +461,7 @@ class RoundsConfig:
     init: str = "previous"
     # Prompts of each round after the first, each the next slice of the same pools (-1: round 1's
     # prompts.num_train, num_train_general, num_train_leak): fresh ones while a pool lasts, then those
-    # trained on longest ago (a start-up warning counts them).
+    # trained on longest ago (a warning as the round starts counts them).
     num_train: int = -1
     num_train_general: int = -1
     num_train_leak: int = -1
