@@ -103,30 +103,35 @@ def check(cfg: Config) -> None:
     if cfg.eval.num_general < 0:
         raise ConfigError("eval.num_general: -1 (every general prompt training leaves) changes with each round's "
                           "slice, so the rounds would be evaluated on different prompts; set a number")
-    n = sizes(cfg)
-    identity = len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))
-    if max(n["num_train"]) > identity:
-        raise ConfigError(f"rounds.num_train: a round takes {max(n['num_train'])} identity prompts, more than the "
-                          f"{identity} of prompts.train={cfg.prompts.train!r}")
-    general = len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts))
-    used = [g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])]
-    if max(used) + cfg.eval.num_general > general:
+    pools = _pools(cfg)
+    (identity, identity_size), (used, general_size) = pools["identity"], pools["general"]
+    if max(identity) > identity_size:
+        raise ConfigError(f"rounds.num_train: a round takes {max(identity)} identity prompts, more than the "
+                          f"{identity_size} of prompts.train={cfg.prompts.train!r}")
+    if max(used) > general_size:
         raise ConfigError(f"rounds.num_train_general (+ num_train_leak): a round takes {max(used)} general prompts, "
-                          f"which with eval.num_general={cfg.eval.num_general} is more than the {general} of "
-                          f"prompts.general={cfg.prompts.general!r}")
+                          f"which with eval.num_general={cfg.eval.num_general} is more than the "
+                          f"{general_size + cfg.eval.num_general} of prompts.general={cfg.prompts.general!r}")
+
+
+def _pools(cfg: Config) -> dict[str, tuple[list[int], int]]:
+    """Per pool, the prompts each round takes from it and how many it holds to train on (the general
+    pool's evaluation prompts apart)."""
+    n = sizes(cfg)
+    return {"identity": (n["num_train"], len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))),
+            "general": ([g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])],
+                        len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts))
+                        - cfg.eval.num_general)}
 
 
 def reuse(cfg: Config, k: int) -> str:
     """What round k trains on again, the pools used up by the rounds before it ("" when nothing): one
     line for the log of the round (a Slurm step of round k logs it too)."""
-    n = sizes(cfg)
-    identity = len(load_prompt_set(cfg.prompts.train, key="prompts.train", cfg=cfg.prompts))
-    general = len(load_prompt_set(cfg.prompts.general, key="prompts.general", cfg=cfg.prompts)) - cfg.eval.num_general
-    used = [g + l for g, l in zip(n["num_train_general"], n["num_train_leak"])]
-    notes = [f"{again} of its {taken[k - 1]} {pool} prompts ({size} to train on{extra})"
-             for pool, taken, size, extra in (("identity", n["num_train"], identity, ""),
-                                              ("general", used, general, ", the evaluation's apart"))
-             if (again := reused(taken, size)[k - 1])]
+    notes = []
+    for pool, (taken, size) in _pools(cfg).items():
+        if again := reused(taken, size)[k - 1]:
+            apart = ", the evaluation's apart" if pool == "general" else ""
+            notes.append(f"{again} of its {taken[k - 1]} {pool} prompts ({size} to train on{apart})")
     return (f"round {k} trains again on {' and '.join(notes)}: the rounds before it used the pool up, so the "
             f"prompts trained on longest ago come back, after the fresh ones") if notes else ""
 
