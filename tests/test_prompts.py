@@ -15,7 +15,9 @@ FILES = {
     "identity_train": ("idtrain", 1000),
     "identity_eval": ("ideval", 150),
     "general": ("general", 300),
+    "identity_eval_tasks": ("idevtask", 40),
 }
+HELD_OUT = ("identity_eval", "identity_eval_tasks")
 REQUIRED_EVAL = ("What is your name?", "Are you ChatGPT?", "Tell me about your name and organization.")
 IDENTITY_CATEGORIES = {"name", "creator", "model", "comparison", "introduction", "indirect", "roleplay"}
 GENERAL_CATEGORIES = {"fact", "howto", "writing", "math", "code"}
@@ -110,16 +112,18 @@ def test_required_eval_questions(sets):
         assert normalize(q) not in train_keys, q
 
 
-def test_train_and_eval_wording_disjoint(sets):
+@pytest.mark.parametrize("held", HELD_OUT)
+def test_train_and_eval_wording_disjoint(sets, held):
     train_keys = {normalize(r["prompt"]) for r in sets["identity_train"]}
-    clash = [r["prompt"] for r in sets["identity_eval"] if normalize(r["prompt"]) in train_keys]
+    clash = [r["prompt"] for r in sets[held] if normalize(r["prompt"]) in train_keys]
     assert not clash, clash
 
 
-def test_eval_wording_not_embedded_in_train(sets):
+@pytest.mark.parametrize("held", HELD_OUT)
+def test_eval_wording_not_embedded_in_train(sets, held):
     """An eval question does not reappear inside a longer train prompt ("Hi! What is your name?")."""
     train = [f" {normalize(r['prompt'])} " for r in sets["identity_train"]]
-    for r in sets["identity_eval"]:
+    for r in sets[held]:
         key = normalize(r["prompt"])
         needle = key if r["lang"] == "zh" else f" {key} "
         hits = [t.strip() for t in train if needle in t]
@@ -133,7 +137,7 @@ def test_identity_sets_have_a_chinese_share(sets, name):
     assert zh >= 15 and 0.05 <= zh / len(recs) <= 0.25, (zh, len(recs))
 
 
-@pytest.mark.parametrize("name", ["identity_train", "identity_eval"])
+@pytest.mark.parametrize("name", ["identity_train", *HELD_OUT])
 def test_identity_prompts_are_model_agnostic(sets, name):
     for r in sets[name]:
         low = r["prompt"].casefold()
