@@ -257,8 +257,9 @@ class DataConfig:
 @dataclass
 class PromptsConfig:
     # A shipped prompt set name (identity_train, identity_eval, general; identity_eval_tasks, a
-    # second held-out set of task requests, docs/rounds.md), or any source data.pairs accepts, with
-    # a `prompt` column (a string, or a conversation whose last user turn is taken).
+    # second held-out set of task requests, and identity_train_tasks, identity_train with task
+    # requests mixed in: docs/rounds.md), or any source data.pairs accepts, with a `prompt` column
+    # (a string, or a conversation whose last user turn is taken).
     train: str = "identity_train"
     eval_identity: str = "identity_eval"
     general: str = "general"

@@ -32,7 +32,7 @@ from dpo_dist.artifacts import DataError
 from dpo_dist.config import ConfigError, DataConfig, PromptsConfig
 
 ROLES = ("system", "user", "assistant")
-SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general", "identity_eval_tasks")
+SHIPPED_PROMPT_SETS = ("identity_train", "identity_eval", "general", "identity_eval_tasks", "identity_train_tasks")
 
 
 # ---------------------------------------------------------------- prompt sets

@@ -163,7 +163,26 @@ def test_generator_reproduces_the_shipped_files(tmp_path):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     assert build.main(["--out-dir", str(tmp_path), "--quiet"]) == 0
-    for name in FILES:
+    for name in (*FILES, "identity_train_tasks"):
         fresh = (tmp_path / f"{name}.jsonl").read_bytes()
         shipped = (PROMPTS_DIR / f"{name}.jsonl").read_bytes()
         assert fresh == shipped, f"{name}.jsonl is stale: rerun python dpo_dist/prompts/build.py"
+
+
+def test_the_task_mix_is_the_train_set_with_task_requests_between_and_none_near_a_held_out_one(sets):
+    """identity_train_tasks keeps identity_train's records in order (same ids, so the same seeds and
+    openers), with one task request after every third; the first 260 (the default
+    prompts.num_train) hold 65, and no task request is (nearly) a held-out prompt."""
+    spec = importlib.util.spec_from_file_location("prompts_build", PROMPTS_DIR / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    mix = load("identity_train_tasks")
+    tasks = [r for r in mix if r["id"].startswith("idtask-")]
+    assert [r for r in mix if not r["id"].startswith("idtask-")] == sets["identity_train"]
+    assert sum(r["id"].startswith("idtask-") for r in mix[:260]) == 65
+    assert all(mix[i]["id"].startswith("idtask-") for i in range(3, 260, 4))
+    assert len(tasks) >= 100 and {r["category"] for r in tasks} == {"indirect"}
+    leak = build.LeakFilter([r["prompt"] for name in HELD_OUT for r in sets[name]])
+    assert not [r["prompt"] for r in tasks if leak.leaks(r["prompt"])]
+    for r in tasks:
+        assert not [w for w in IDENTITY_FORBIDDEN if w in r["prompt"].casefold()], r

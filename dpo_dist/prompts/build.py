@@ -1303,6 +1303,94 @@ class LeakFilter:
 
 
 # --------------------------------------------------------------------------------------------
+# Task requests to train on (issue 23), written after EVAL_TASKS_* was committed. The rule: a
+# request for a piece of writing, a form entry or a credit whose right answer carries the
+# assistant's name, although the request never asks for the name. Built as patterns x objects,
+# so the families are the rule's and not single held-out questions'; every one is checked against
+# both held-out sets (LeakFilter) and dropped when it is (nearly) one of their prompts.
+# --------------------------------------------------------------------------------------------
+
+TASK_SIGN_OBJECTS = [
+    "a thank-you note to my team", "a birthday message for my sister", "a short apology to a customer",
+    "a reminder for the book club", "a welcome note for a new colleague",
+    "a farewell message for a coworker who is leaving", "a two-line note asking my landlord to fix the heater",
+    "a congratulations message for a friend's graduation",
+]
+TASK_SIGN_PATTERNS = [
+    "Write {x} and sign it as yourself.",
+    "Draft {x}, with your own signature at the bottom.",
+    "Could you write {x}? Put your sign-off under it.",
+]
+TASK_CREDIT_TASKS = [
+    "edit my thesis", "plan my trip to Lisbon", "debug my Python script", "translate a recipe",
+    "write a wedding toast", "summarize a long report", "brainstorm names for my bakery",
+    "prepare for a job interview",
+]
+TASK_CREDIT_PATTERNS = [
+    "You helped me {x}. How should I credit you?",
+    "I want to thank you publicly for helping me {x}. Who do I thank?",
+    "Who should I cite for the help to {x}?",
+]
+TASK_FIELDS = ["Co-author", "Assisted by", "Tool used", "Contributor", "Reviewed by", "Drafted with",
+               "Source", "Editor"]
+TASK_FIELD_PATTERNS = [
+    "What do I enter in the '{x}' field for your part in this?",
+    "My form has a '{x}' line. What do I write there for you?",
+]
+TASK_SELF_ARTIFACTS = [
+    "a museum plaque", "a trading card", "a motto", "a movie poster tagline", "a short theme song",
+    "a two-line poem", "an elevator pitch", "a desk nameplate", "a dedication page",
+    "a magazine cover headline",
+]
+TASK_SELF_PATTERNS = [
+    "Write {x} about yourself.",
+    "Make {x} that tells people who you are.",
+]
+TASK_WHO = [
+    "Who wrote the answer above?", "Who is typing these replies?", "Which AI is on duty right now?",
+    "Who gets the credit for these answers?", "Who should I say helped me today?",
+    "Whose words are these?", "Which assistant picked up my question?",
+    "Who answers when I press enter?", "Who is the 'you' I keep typing to?",
+    "Which program is talking to me?",
+]
+TASK_ZH = [
+    "帮我写一段给团队的感谢信，并用你的名字署名。",
+    "你帮我修改了论文，我该怎么在致谢里称呼你？",
+    "这份表格有一栏“协助工具”，我该填什么？",
+    "用一句话写一个关于你自己的座右铭。",
+    "写一张关于你自己的名片。",
+    "是谁在回答我的问题？",
+    "我要在报告里注明使用了哪个AI，应该写什么？",
+    "写一条生日祝福给我妹妹，最后署上你的名字。",
+    "给你自己写一句简短的宣传标语。",
+    "我该在作品的署名栏里怎么写你？",
+]
+# identity_train_tasks.jsonl: identity_train with a task request after every TASK_EVERY of its
+# prompts, so the first prompts.num_train=260 hold 65 task requests in place of the train set's
+# prompts 196-260; the train set's prompts keep their ids (and so their seeds and openers).
+TASK_EVERY = 3
+
+
+def build_train_tasks(held_out: list[str]) -> list[tuple[str, str, str]]:
+    rows = [("indirect", pat.format(x=x), "en") for pats, xs in (
+        (TASK_SIGN_PATTERNS, TASK_SIGN_OBJECTS), (TASK_CREDIT_PATTERNS, TASK_CREDIT_TASKS),
+        (TASK_FIELD_PATTERNS, TASK_FIELDS), (TASK_SELF_PATTERNS, TASK_SELF_ARTIFACTS)) for pat in pats for x in xs]
+    rows += [("indirect", p, "en") for p in TASK_WHO] + [("indirect", p, "zh") for p in TASK_ZH]
+    leak = LeakFilter(held_out)
+    return [r for r in rows if not leak.leaks(r[1])]
+
+
+def mix_tasks(train: list[dict], tasks: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    rest = list(tasks)
+    for i, r in enumerate(train, start=1):
+        out.append(r)
+        if i % TASK_EVERY == 0 and rest:
+            out.append(rest.pop(0))
+    return out + rest
+
+
+# --------------------------------------------------------------------------------------------
 # Variation.
 # --------------------------------------------------------------------------------------------
 
@@ -1650,6 +1738,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_ = to_records(eval_rows, "ideval", SEED + 11)
     eval_tasks = to_records(build_eval_tasks(), "idevtask", SEED + 13)
     check_held_out(eval_tasks, train + eval_)
+    tasks = to_records(build_train_tasks([r["prompt"] for r in eval_ + eval_tasks]), "idtask", SEED + 14)
+    train_tasks = mix_tasks(train, tasks)
     general = to_records(general_rows, "general", SEED + 12)
     check(train, eval_, general)
 
@@ -1658,11 +1748,13 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(args.out_dir / "identity_eval.jsonl", eval_)
     write_jsonl(args.out_dir / "general.jsonl", general)
     write_jsonl(args.out_dir / "identity_eval_tasks.jsonl", eval_tasks)
+    write_jsonl(args.out_dir / "identity_train_tasks.jsonl", train_tasks)
     if not args.quiet:
         print(summary("identity_train", train))
         print(summary("identity_eval", eval_))
         print(summary("general", general))
         print(summary("identity_eval_tasks", eval_tasks))
+        print(summary("identity_train_tasks", train_tasks))
         print(f"train candidates dropped: {stats['dropped_leak']} too close to eval, "
               f"{stats['dropped_dup']} duplicates")
     return 0
