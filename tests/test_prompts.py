@@ -170,17 +170,18 @@ def test_generator_reproduces_the_shipped_files(tmp_path):
 
 
 def test_the_task_mix_is_the_train_set_with_task_requests_between_and_none_near_a_held_out_one(sets):
-    """identity_train_tasks keeps identity_train's records in order (same ids, so the same seeds and
-    openers), with one task request after every third; the first 260 (the default
-    prompts.num_train) hold 65, and no task request is (nearly) a held-out prompt."""
+    """identity_train_tasks keeps identity_train's records in order and at their positions modulo 3
+    (same ids and system prompts), with 3 task requests after every 9; the first 260 (the default
+    prompts.num_train) hold 63, and no task request is (nearly) a held-out prompt."""
     spec = importlib.util.spec_from_file_location("prompts_build", PROMPTS_DIR / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     mix = load("identity_train_tasks")
     tasks = [r for r in mix if r["id"].startswith("idtask-")]
     assert [r for r in mix if not r["id"].startswith("idtask-")] == sets["identity_train"]
-    assert sum(r["id"].startswith("idtask-") for r in mix[:260]) == 65
-    assert all(mix[i]["id"].startswith("idtask-") for i in range(3, 260, 4))
+    assert sum(r["id"].startswith("idtask-") for r in mix[:260]) == 63
+    position = {r["id"]: i for i, r in enumerate(mix)}
+    assert all(position[r["id"]] % 3 == i % 3 for i, r in enumerate(sets["identity_train"]))
     assert len(tasks) >= 100 and {r["category"] for r in tasks} == {"indirect"}
     leak = build.LeakFilter([r["prompt"] for name in HELD_OUT for r in sets[name]])
     assert not [r["prompt"] for r in tasks if leak.leaks(r["prompt"])]

@@ -1365,10 +1365,11 @@ TASK_ZH = [
     "给你自己写一句简短的宣传标语。",
     "我该在作品的署名栏里怎么写你？",
 ]
-# identity_train_tasks.jsonl: identity_train with a task request after every TASK_EVERY of its
-# prompts, so the first prompts.num_train=260 hold 65 task requests in place of the train set's
-# prompts 196-260; the train set's prompts keep their ids (and so their seeds and openers).
-TASK_EVERY = 3
+# identity_train_tasks.jsonl: identity_train with 3 task requests after every 9 of its prompts, so
+# the first prompts.num_train=260 hold 63 task requests in place of the train set's prompts 198-260.
+# The train set's prompts keep their ids and, as runs assign system prompts by position modulo 3
+# (prompts.conditions), their system prompts: a run on the mix asks them exactly as the default does.
+TASK_EVERY, TASK_GROUP = 9, 3
 
 
 def build_train_tasks(held_out: list[str]) -> list[tuple[str, str, str]]:
@@ -1385,8 +1386,9 @@ def mix_tasks(train: list[dict], tasks: list[dict]) -> list[dict]:
     rest = list(tasks)
     for i, r in enumerate(train, start=1):
         out.append(r)
-        if i % TASK_EVERY == 0 and rest:
-            out.append(rest.pop(0))
+        if i % TASK_EVERY == 0 and len(rest) >= TASK_GROUP:  # whole groups only: the positions stay
+            out += rest[:TASK_GROUP]
+            del rest[:TASK_GROUP]
     return out + rest
 
 
