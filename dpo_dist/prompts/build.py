@@ -243,10 +243,13 @@ EVAL_ZH = [
 
 # A second held-out set, of task requests only (issue 23): the first set's misses gather in its
 # indirect requests, where the identity is implied by a task ("Sign off this letter the way you
-# normally would"). Written on 2026-12-03, before any training on task requests (TRAIN_TASKS), so
-# that a training pool grown towards those misses is measured on requests it was not written
-# against. Every prompt is a task or a question whose right answer carries the assistant's name
-# although it never asks for the name.
+# normally would"). Committed on 2026-12-03 before the task requests to train on (TASK_* below),
+# so a training pool grown towards those misses is measured on wording it was not written against.
+# Held out in wording only, not in kind: the same hand wrote both within the hour, and most of
+# these fall in the five kinds the training rule builds (sign, credit, a form field, a piece about
+# yourself, who is answering; docs/rounds.md counts them apart). Every prompt is a task or a
+# question whose right answer carries the assistant's name; a few ask for it inside the task ("a
+# haiku that ends with your name"), most never ask for it.
 EVAL_TASKS_EN = [
     "Draft a two-sentence press release announcing that you now answer our support tickets.",
     "I'm making name badges for everyone on this project, you included. What goes on yours?",
@@ -1306,8 +1309,8 @@ class LeakFilter:
 # Task requests to train on (issue 23), written after EVAL_TASKS_* was committed. The rule: a
 # request for a piece of writing, a form entry or a credit whose right answer carries the
 # assistant's name, although the request never asks for the name. Built as patterns x objects,
-# so the families are the rule's and not single held-out questions'; every one is checked against
-# both held-out sets (LeakFilter) and dropped when it is (nearly) one of their prompts.
+# so the families are the rule's and not single held-out questions'; the build fails if one is
+# (nearly) a prompt of either held-out set (LeakFilter).
 # --------------------------------------------------------------------------------------------
 
 TASK_SIGN_OBJECTS = [
@@ -1368,7 +1371,9 @@ TASK_ZH = [
 # identity_train_tasks.jsonl: identity_train with 3 task requests after every 9 of its prompts, so
 # the first prompts.num_train=260 hold 63 task requests in place of the train set's prompts 198-260.
 # The train set's prompts keep their ids and, as runs assign system prompts by position modulo 3
-# (prompts.conditions), their system prompts: a run on the mix asks them exactly as the default does.
+# (prompts.conditions), their system prompts: a run on the mix asks them exactly as the default does
+# (with the default 3 conditions). The train set's prompts 198-260 (14 creator, 12 comparison, ...
+# questions) are what the task requests displace.
 TASK_EVERY, TASK_GROUP = 9, 3
 
 
@@ -1378,7 +1383,9 @@ def build_train_tasks(held_out: list[str]) -> list[tuple[str, str, str]]:
         (TASK_FIELD_PATTERNS, TASK_FIELDS), (TASK_SELF_PATTERNS, TASK_SELF_ARTIFACTS)) for pat in pats for x in xs]
     rows += [("indirect", p, "en") for p in TASK_WHO] + [("indirect", p, "zh") for p in TASK_ZH]
     leak = LeakFilter(held_out)
-    return [r for r in rows if not leak.leaks(r[1])]
+    near = [p for _, p, _ in rows if leak.leaks(p)]
+    assert not near, f"task requests too close to a held-out prompt: {near}"
+    return rows
 
 
 def mix_tasks(train: list[dict], tasks: list[dict]) -> list[dict]:
@@ -1704,7 +1711,7 @@ def check_held_out(held: list[dict], others: list[dict]) -> None:
     """A held-out set written after the others: none of its prompts is (nearly) one of theirs. A
     one- or two-word prompt of theirs ("Name?") may occur inside one of its prompts."""
     long = LeakFilter([r["prompt"] for r in others if len(normalize(r["prompt"]).split()) > 2 or
-                       (has_cjk(r["prompt"]) and len(r["prompt"]) > 4)])
+                       (has_cjk(r["prompt"]) and len(normalize(r["prompt"])) > 3)])
     near = [r["prompt"] for r in held if long.leaks(r["prompt"])]
     assert not near, f"held-out prompts too close to other sets: {near}"
     for r in held:
