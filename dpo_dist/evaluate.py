@@ -66,6 +66,7 @@ def eval_prompts(cfg: Config, tokenizer) -> list[dict]:
                                         cfg.prompts.num_train_general + cfg.prompts.num_train_leak, cfg.prompts)[0]),
             ("example", [{"id": f"example-{i}", "prompt": q} for i, q in enumerate(cfg.eval.examples)])]
     return [{"id": f"{r['id']}-{cond}", "kind": kind, "condition": cond, "question": r["prompt"],
+             "category": r.get("category", ""),
              "messages": build_messages(r["prompt"], cond, cfg.prompts.neutral_system_prompt, tokenizer)}
             for kind, records in sets for r in records for cond in CONDITIONS]
 
@@ -350,17 +351,33 @@ def failures(prompts: list[dict], answers: list[dict], old: str, new: str, limit
     """The trained model's held-out answers that count against it, by kind, the first ``limit`` of
     each (all counted): what a next round or a prompt change has to fix, and what the shares alone
     do not show (an email signed with the new name is leakage as much as a self-introduction is)."""
-    kinds = {
-        "leak": lambda p, t: p["kind"] == "general" and mentions(t, new),
-        "missed": lambda p, t: p["kind"] == "identity" and not adopts(t, old, new),
-        "degenerate": lambda p, t: p["kind"] in ("identity", "general") and is_degenerate(t, new),
+    kinds = {  # (which answers a kind counts in, which of them fail)
+        "leak": (("general",), lambda t: mentions(t, new)),
+        "missed": (("identity",), lambda t: not adopts(t, old, new)),
+        "degenerate": (("identity", "general"), lambda t: is_degenerate(t, new)),
     }
     out = {}
-    for kind, pred in kinds.items():
-        hits = [{"question": p["question"], "condition": p["condition"], "answer": a["text"]}
-                for p, a in zip(prompts, answers) if pred(p, a["text"])]
-        out[kind] = {"count": len(hits), "shown": hits[:limit]}
+    for kind, (among, pred) in kinds.items():
+        rows = [(p, a) for p, a in zip(prompts, answers) if p["kind"] in among]
+        failed = [(p, a) for p, a in rows if pred(a["text"])]
+        hits = [{"question": p["question"], "condition": p["condition"], "answer": a["text"]} for p, a in failed]
+        out[kind] = {"count": len(hits), "shown": hits[:limit], "by_category": _by_category(rows, failed)}
     return out
+
+
+def _by_category(rows: list[tuple[dict, dict]], failed: list[tuple[dict, dict]]) -> dict:
+    """{category: [failed, answers]} over every condition, the categories with a failure only, most
+    failures first: where the misses gather (the prompt sets' categories, e.g. indirect requests)
+    is what a next prompt set or round has to address. Empty when the prompts carry no category."""
+    total: dict[str, int] = {}
+    for p, _ in rows:
+        if p.get("category"):
+            total[p["category"]] = total.get(p["category"], 0) + 1
+    bad: dict[str, int] = {}
+    for p, _ in failed:
+        if p.get("category"):
+            bad[p["category"]] = bad.get(p["category"], 0) + 1
+    return {c: [bad[c], total[c]] for c in sorted(bad, key=lambda c: (-bad[c], c))}
 
 
 def _share(items: list, pred) -> float:
@@ -591,6 +608,9 @@ def markdown(r: dict) -> str:
     fails = []
     for kind, f in (r.get("failures") or {}).items():
         fails += [f"### {titles[kind]}: {f['count']}", ""]
+        if f.get("by_category"):
+            fails += ["By category, every condition: " + ", ".join(
+                f"{c} {n} of {total}" for c, (n, total) in f["by_category"].items()) + ".", ""]
         if f["shown"]:
             fails += ["| question | condition | trained answer |", "|---|---|---|",
                       *(f"| {_cell(x['question'])} | {x['condition']} | {_cell(x['answer'])} |" for x in f["shown"]),

@@ -134,6 +134,12 @@ def test_the_evaluation_never_answers_a_prompt_training_used_leak_prompts_includ
     evaluated = {p["question"] for p in eval_prompts(cfg, tokenizer) if p["kind"] == "general"}
     assert len(trained) == 112 and len(evaluated) == (100 if num_eval == 100 else 380 - 112)
     assert not trained & evaluated
+    # each evaluated prompt carries its set's category, which the report counts failures by
+    cats = {p["kind"]: set() for p in eval_prompts(cfg, tokenizer)}
+    for p in eval_prompts(cfg, tokenizer):
+        cats[p["kind"]].add(p["category"])
+    assert cats["general"] == {"fact", "howto", "writing", "math", "code"} and "indirect" in cats["identity"]
+    assert cats["example"] == {""}
 
 
 def test_a_string_prompt_is_tokenised_as_text_without_the_chat_template(tokenizer):

@@ -415,6 +415,45 @@ def test_failures_list_what_the_shares_count():
     assert "The first 2 of 6." in md
 
 
+def test_failures_count_where_they_gather_by_category():
+    """Each failure kind counts its failures per prompt category against that category's answers,
+    over every condition, most failures first; the report prints it under the kind's heading. Prompts
+    without a category (a user's own set) give no count and no line."""
+    texts = {  # (kind, category, answer)
+        "who": ("identity", "name", "I am Elena."),                         # no name: missed
+        "name": ("identity", "name", "I am SmolLM."),                       # old name: missed
+        "hi": ("identity", "intro", "Hi, I am Deep SmolLM."),               # adopted
+        "sign": ("identity", "indirect", "Best wishes, Elena"),             # no name: missed
+        "mail": ("general", "writing", "I'm Deep SmolLM and I am out of office."),  # leak
+        "poem": ("general", "writing", "Roses are red."),                   # clean
+        "sum": ("general", "math", "Four."),                                # clean
+    }
+    prompts, answers = [], []
+    for cond in CONDS:
+        for q, (kind, cat, t) in texts.items():
+            prompts.append({"question": q, "condition": cond, "kind": kind, "category": cat})
+            answers.append({"text": t, "finished": True})
+    f = evaluate.failures(prompts, answers, "SmolLM", "Deep SmolLM")
+    assert f["missed"]["by_category"] == {"name": [6, 6], "indirect": [3, 3]}  # intro: no miss, not listed
+    assert list(f["missed"]["by_category"]) == ["name", "indirect"]  # most failures first
+    assert f["leak"]["by_category"] == {"writing": [3, 6]}  # math has no leak: not listed
+    assert f["degenerate"]["by_category"] == {}
+
+    report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
+              "trained_model": "t", "examples": [], "failures": f, "drift": None}
+    for c in CONDS:
+        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=4, n_general=3)
+        report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
+    md = evaluate.markdown(report)
+    assert "By category, every condition: name 6 of 6, indirect 3 of 3." in md
+    assert "By category, every condition: writing 3 of 6." in md
+
+    plain = evaluate.failures([{k: v for k, v in p.items() if k != "category"} for p in prompts], answers,
+                              "SmolLM", "Deep SmolLM")
+    assert all(k["by_category"] == {} for k in plain.values())
+    assert "By category" not in evaluate.markdown({**report, "failures": plain})
+
+
 def test_choosing_leak_prompts_does_not_re_evaluate():
     """prompts.leak_category only picks which training prompts get a forced opener: the report's
     fingerprint does not cover it (a later round that sets it reuses round 1's report), while a
