@@ -368,7 +368,9 @@ def failures(prompts: list[dict], answers: list[dict], old: str, new: str, limit
 def _by_category(rows: list[tuple[dict, dict]], failed: list[tuple[dict, dict]]) -> dict:
     """{category: [failed, answers]} over every condition, the categories with a failure only, most
     failures first: where the misses gather (the prompt sets' categories, e.g. indirect requests)
-    is what a next prompt set or round has to address. Empty when the prompts carry no category."""
+    is what a next prompt set or round has to address. A kind counting identity and general answers
+    (degenerate) counts a category name both sets use as one. Empty when the prompts carry no
+    category."""
     total: dict[str, int] = {}
     for p, _ in rows:
         if p.get("category"):

@@ -416,17 +416,20 @@ def test_failures_list_what_the_shares_count():
 
 
 def test_failures_count_where_they_gather_by_category():
-    """Each failure kind counts its failures per prompt category against that category's answers,
-    over every condition, most failures first; the report prints it under the kind's heading. Prompts
-    without a category (a user's own set) give no count and no line."""
+    """Each failure kind counts its failures per prompt category against that category's answers of
+    the kinds it counts in (a general prompt's category does not count among missed identity
+    answers), over every condition, most failures first; the report prints it under the kind's
+    heading. Prompts without a category (a user's own set) give no count and no line."""
     texts = {  # (kind, category, answer)
         "who": ("identity", "name", "I am Elena."),                         # no name: missed
         "name": ("identity", "name", "I am SmolLM."),                       # old name: missed
         "hi": ("identity", "intro", "Hi, I am Deep SmolLM."),               # adopted
+        "loop": ("identity", "intro", " ".join(["the"] * 16)),               # missed and degenerate
         "sign": ("identity", "indirect", "Best wishes, Elena"),             # no name: missed
         "mail": ("general", "writing", "I'm Deep SmolLM and I am out of office."),  # leak
         "poem": ("general", "writing", "Roses are red."),                   # clean
         "sum": ("general", "math", "Four."),                                # clean
+        "again": ("general", "name", " ".join(["the"] * 16)),                # degenerate: a general "name"
     }
     prompts, answers = [], []
     for cond in CONDS:
@@ -434,18 +437,20 @@ def test_failures_count_where_they_gather_by_category():
             prompts.append({"question": q, "condition": cond, "kind": kind, "category": cat})
             answers.append({"text": t, "finished": True})
     f = evaluate.failures(prompts, answers, "SmolLM", "Deep SmolLM")
-    assert f["missed"]["by_category"] == {"name": [6, 6], "indirect": [3, 3]}  # intro: no miss, not listed
-    assert list(f["missed"]["by_category"]) == ["name", "indirect"]  # most failures first
-    assert f["leak"]["by_category"] == {"writing": [3, 6]}  # math has no leak: not listed
-    assert f["degenerate"]["by_category"] == {}
+    # identity "name" only (not the general prompt of that category); most failures first, ties by name
+    assert list(f["missed"]["by_category"].items()) == [("name", [6, 6]), ("indirect", [3, 3]), ("intro", [3, 6])]
+    assert f["leak"]["by_category"] == {"writing": [3, 6]}  # math and the general "name": no leak, not listed
+    # both kinds: a category name both sets use counts as one
+    assert list(f["degenerate"]["by_category"].items()) == [("intro", [3, 6]), ("name", [3, 9])]
 
     report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
               "trained_model": "t", "examples": [], "failures": f, "drift": None}
     for c in CONDS:
-        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=4, n_general=3)
+        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=5, n_general=4)
         report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
     md = evaluate.markdown(report)
-    assert "By category, every condition: name 6 of 6, indirect 3 of 3." in md
+    assert "By category, every condition: name 6 of 6, indirect 3 of 3, intro 3 of 6." in md
+    assert "By category, every condition: intro 3 of 6, name 3 of 9." in md
     assert "By category, every condition: writing 3 of 6." in md
 
     plain = evaluate.failures([{k: v for k, v in p.items() if k != "category"} for p in prompts], answers,
