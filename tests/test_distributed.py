@@ -31,9 +31,14 @@ TRAIN = ["loss=dpo", "optim.lr=2e-5", "optim.warmup_ratio=0", "train.global_batc
          "wandb.mode=offline", "data.max_length=96", "data.max_prompt_length=64"]
 SAVE_EACH_STEP = "train.save_every=1"
 CKPT = "model.gradient_checkpointing=true"
-# How far two runs' training updates of one tensor may differ, relative to the update: 1 rank and
-# ZeRO-3 on 2 ranks differ by at most 5.4e-5 (2026-12-01); an export one step short is 12% off.
+# How far two runs' training updates may differ, relative to the update, over the whole model and in
+# any one tensor. 1 rank and ZeRO-3 on 2 ranks differ by 5.5e-5 over the whole model; an export one
+# step short is 12% off. In one tensor they differ by up to 1.3e-3 on an AVX-512/AMX Xeon (2026-12-03;
+# 5.4e-5 on 2026-12-01's machine): one of layer 13's 576 norm weights, whose gradient is near zero,
+# so Adam's m / sqrt(v) turns the ranks' float32 rounding into 14% of that weight's tiny update
+# (6.6e-6 against 7.6e-6; every other weight agrees to 1.5e-8).
 UPDATE_RTOL = 1e-3
+UPDATE_RTOL_TENSOR = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +129,10 @@ def test_micro_batch_times_accumulation_invariant(curves):
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-2)
 
 
-def export_update_mismatch(final_dir, reference_dir) -> dict[str, float]:
-    """Per tensor of the base model: how far the training update in ``final_dir`` (its export minus
-    the base weights) is from the one in ``reference_dir``, relative to the reference update,
-    ||u - u_ref|| / ||u_ref||. Asserts that both exports hold every base tensor at its shape and that
+def export_update_mismatch(final_dir, reference_dir) -> tuple[dict[str, float], float]:
+    """Per tensor of the base model, and over all of them: how far the training update in
+    ``final_dir`` (its export minus the base weights) is from the one in ``reference_dir``, relative
+    to the reference update, ||u - u_ref|| / ||u_ref||. Asserts that both exports hold every base tensor at its shape and that
     every reference update is nonzero. Adam moves a weight by about lr per step: 4e-5 at most in the
     three cosine steps from lr 2e-5 here, so weights compared to 1e-4 could not tell trained from base."""
     from dpo_dist.config import compose
@@ -135,20 +140,21 @@ def export_update_mismatch(final_dir, reference_dir) -> dict[str, float]:
 
     base = load_file(str(Path(resolve_model_path(compose().model)) / "model.safetensors"))
     got, ref = (load_file(str(Path(d) / "model.safetensors")) for d in (final_dir, reference_dir))
-    mismatch = {}
+    mismatch, off, size = {}, 0.0, 0.0
     for name, w in base.items():
         assert got[name].shape == ref[name].shape == w.shape, name
         u, u_ref = got[name].double() - w.double(), ref[name].double() - w.double()
         assert u_ref.norm() > 0, f"{name}: the reference run did not change it"
         mismatch[name] = float((u - u_ref).norm() / u_ref.norm())
-    return mismatch
+        off, size = off + float((u - u_ref).norm()) ** 2, size + float(u_ref.norm()) ** 2
+    return mismatch, (off / size) ** 0.5
 
 
 def test_final_model_is_exported_and_loads(curves):
     """Both exports load; the ZeRO-3 one, gathered from 2 ranks' partitions, holds the single-rank
-    run's training update in every tensor (the same curve, the same updates) to UPDATE_RTOL of the
-    update's size. An export of the base weights is 100% off, one step short 12% (the cosine
-    schedule's last step is the smallest)."""
+    run's training update (the same curve, the same updates) to UPDATE_RTOL of the update's size over
+    the whole model and UPDATE_RTOL_TENSOR in every tensor. An export of the base weights is 100% off,
+    one step short 12% (the cosine schedule's last step is the smallest)."""
     from transformers import AutoModelForCausalLM
 
     for sub in ("a", "d"):  # one fp32 rank (stage 0) and ZeRO-3 consolidated from 2 ranks' partitions
@@ -157,9 +163,9 @@ def test_final_model_is_exported_and_loads(curves):
         assert not list(final.glob("*.bin"))
         model = AutoModelForCausalLM.from_pretrained(final)
         assert sum(p.numel() for p in model.parameters()) > 100e6
-    mismatch = export_update_mismatch(curves["dirs"] / "d" / "train" / "final", curves["dirs"] / "a" / "train" / "final")
+    mismatch, whole = export_update_mismatch(curves["dirs"] / "d" / "train" / "final", curves["dirs"] / "a" / "train" / "final")
     worst = sorted(mismatch.items(), key=lambda kv: -kv[1])[:3]
-    assert worst[0][1] < UPDATE_RTOL, worst
+    assert whole < UPDATE_RTOL and worst[0][1] < UPDATE_RTOL_TENSOR, (whole, worst)
 
 
 def test_one_fp32_rank_trains_at_stage_0(curves):
