@@ -379,6 +379,16 @@ def test_verdict_rules(report, changed, held, says):
 
 # ---------------------------------------------------------------- failures
 
+def _failure_report(failures: dict, n_identity: int, n_general: int) -> dict:
+    """A report markdown() renders around the given failure lists."""
+    report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
+              "trained_model": "t", "examples": [], "failures": failures, "drift": None}
+    for c in CONDS:
+        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=n_identity, n_general=n_general)
+        report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
+    return report
+
+
 def test_failures_list_what_the_shares_count():
     """The report's failure lists count exactly what summarise's shares count, kind by kind, and the
     Markdown shows them (the first few of each, with how many there are)."""
@@ -404,12 +414,7 @@ def test_failures_list_what_the_shares_count():
     assert f["degenerate"]["count"] == 3 and {x["question"] for x in f["degenerate"]["shown"]} == {"loop"}
     assert f["leak"]["shown"][0] == {"question": "mail", "condition": "default", "answer": texts["mail"][1]}
 
-    report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
-              "trained_model": "t", "examples": [], "failures": f, "drift": None}
-    for c in CONDS:
-        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=3, n_general=3)
-        report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
-    md = evaluate.markdown(report)
+    md = evaluate.markdown(_failure_report(f, n_identity=3, n_general=3))
     assert "### general answers naming the new identity (leakage): 3" in md
     assert "| mail | default | Dear team, I'm Deep SmolLM and I will be out of office. |" in md
     assert "The first 2 of 6." in md
@@ -443,11 +448,7 @@ def test_failures_count_where_they_gather_by_category():
     # both kinds: a category name both sets use counts as one
     assert list(f["degenerate"]["by_category"].items()) == [("intro", [3, 6]), ("name", [3, 9])]
 
-    report = {**_report((1 / 3,) * 3, leakage=(1 / 3,) * 3), "old_name": "SmolLM", "base_model": "b",
-              "trained_model": "t", "examples": [], "failures": f, "drift": None}
-    for c in CONDS:
-        report["trained"][c].update(identity_old_name=0.0, distinct_2=0.5, n_identity=5, n_general=4)
-        report["base"][c].update(identity_old_name=0.0, distinct_2=0.5)
+    report = _failure_report(f, n_identity=5, n_general=4)
     md = evaluate.markdown(report)
     assert "By category, every condition: name 6 of 6, indirect 3 of 3, intro 3 of 6." in md
     assert "By category, every condition: intro 3 of 6, name 3 of 9." in md
