@@ -35,6 +35,7 @@ import contextlib
 import logging
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -371,14 +372,8 @@ def _by_category(rows: list[tuple[dict, dict]], failed: list[tuple[dict, dict]])
     is what a next prompt set or round has to address. A kind counting identity and general answers
     (degenerate) counts a category name both sets use as one. Empty when the prompts carry no
     category."""
-    total: dict[str, int] = {}
-    for p, _ in rows:
-        if p.get("category"):
-            total[p["category"]] = total.get(p["category"], 0) + 1
-    bad: dict[str, int] = {}
-    for p, _ in failed:
-        if p.get("category"):
-            bad[p["category"]] = bad.get(p["category"], 0) + 1
+    total = Counter(p["category"] for p, _ in rows if p.get("category"))
+    bad = Counter(p["category"] for p, _ in failed if p.get("category"))
     return {c: [bad[c], total[c]] for c in sorted(bad, key=lambda c: (-bad[c], c))}
 
 

@@ -131,12 +131,13 @@ def test_the_evaluation_never_answers_a_prompt_training_used_leak_prompts_includ
     cfg = compose([f"eval.num_general={num_eval}", "prompts.num_train_general=100", "prompts.num_train_leak=12"])
     trained = {r["question"] for r in training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
                if r["source"] != "identity"}
-    evaluated = {p["question"] for p in eval_prompts(cfg, tokenizer) if p["kind"] == "general"}
+    prompts = eval_prompts(cfg, tokenizer)
+    evaluated = {p["question"] for p in prompts if p["kind"] == "general"}
     assert len(trained) == 112 and len(evaluated) == (100 if num_eval == 100 else 380 - 112)
     assert not trained & evaluated
     # each evaluated prompt carries its set's category, which the report counts failures by
-    cats = {p["kind"]: set() for p in eval_prompts(cfg, tokenizer)}
-    for p in eval_prompts(cfg, tokenizer):
+    cats = {p["kind"]: set() for p in prompts}
+    for p in prompts:
         cats[p["kind"]].add(p["category"])
     assert cats["general"] == {"fact", "howto", "writing", "math", "code"} and "indirect" in cats["identity"]
     assert cats["example"] == {""}

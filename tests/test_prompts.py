@@ -48,6 +48,14 @@ def load(name: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load_build():
+    """build.py as a module (it is a script beside the sets, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("prompts_build", PROMPTS_DIR / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
 @pytest.fixture(scope="module")
 def sets() -> dict[str, list[dict]]:
     return {name: load(name) for name in FILES}
@@ -160,9 +168,7 @@ def test_general_prompts_are_short_requests(sets):
 
 def test_generator_reproduces_the_shipped_files(tmp_path):
     """build.py is deterministic and the committed .jsonl files are its current output."""
-    spec = importlib.util.spec_from_file_location("prompts_build", PROMPTS_DIR / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_build()
     assert build.main(["--out-dir", str(tmp_path), "--quiet"]) == 0
     for name in (*FILES, "identity_train_tasks"):
         fresh = (tmp_path / f"{name}.jsonl").read_bytes()
@@ -174,9 +180,7 @@ def test_the_task_mix_is_the_train_set_with_task_requests_between_and_none_near_
     """identity_train_tasks keeps identity_train's records in order and at their positions modulo 3
     (same ids and system prompts), with 3 task requests after every 9; the first 260 (the default
     prompts.num_train) hold 63, and no task request is (nearly) a held-out prompt."""
-    spec = importlib.util.spec_from_file_location("prompts_build", PROMPTS_DIR / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_build()
     mix = load("identity_train_tasks")
     tasks = [r for r in mix if r["id"].startswith("idtask-")]
     assert [r for r in mix if not r["id"].startswith("idtask-")] == sets["identity_train"]
