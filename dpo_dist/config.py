@@ -282,6 +282,12 @@ class PromptsConfig:
     # shipped one) the leak prompts are picked from within the slice; empty: the slice's first ones.
     # The shipped evaluation's leaks are all writing requests in the user's voice (docs/rounds.md).
     leak_category: str = ""
+    # Languages (a `lang` column: en, zh in the shipped set) every general prompt of which, in the
+    # slice, is a leak prompt too, on top of num_train_leak picked from the others. The base model
+    # cannot answer Chinese (its own answers there are anchors of broken text), so the trained model
+    # answers Chinese general questions with the Chinese self-introduction it was taught: on seed 1,
+    # 4 of 24 Chinese general answers leak against 3 of 276 English ones (docs/rounds.md).
+    leak_langs: List[str] = field(default_factory=list)
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default
     # (which names the old identity), a neutral one, and none where the template allows it.
@@ -292,6 +298,8 @@ class PromptsConfig:
             _require(c in CONDITIONS, "prompts.conditions", f"{c!r} is not one of {CONDITIONS}")
         _require(len(self.conditions) > 0, "prompts.conditions", "needs at least one condition")
         _require(self.skip_train >= 0 and self.skip_general >= 0, "prompts.skip_train", "must be >= 0")
+        _require(all(isinstance(x, str) and x.strip() for x in self.leak_langs), "prompts.leak_langs",
+                 f"{self.leak_langs!r}: every entry must be a language code such as zh")
 
 
 @dataclass

@@ -474,7 +474,7 @@ def prompts_measured(prompts: PromptsConfig) -> dict:
     """The prompt settings a report's fingerprint covers: all of them (the general split depends on
     the training counts) but those that only choose which training prompts get a forced opener,
     which an evaluation never reads: a later round that sets them must not re-evaluate round 1."""
-    return {k: v for k, v in asdict(prompts).items() if k != "leak_category"}
+    return {k: v for k, v in asdict(prompts).items() if k not in ("leak_category", "leak_langs")}
 
 
 def run(cfg: Config) -> dict:

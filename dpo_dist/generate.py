@@ -54,7 +54,7 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     identity = window(identity, cfg.skip_train, cfg.num_train) if cfg.num_train >= 0 else identity[cfg.skip_train:]
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
-    leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category)
+    leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]
@@ -63,15 +63,23 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     return out
 
 
-def pick_leak(general: list[dict], n: int, category: str) -> tuple[list[dict], list[dict]]:
-    """The slice's leak prompts and the rest, both in the slice's order: its first `n`, or its first
-    `n` of `category` (prompts.leak_category)."""
+def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+    """The slice's leak prompts and the rest, both in the slice's order: every prompt in one of
+    `langs` (prompts.leak_langs), then of the others its first `n`, or its first `n` of `category`
+    (prompts.leak_category)."""
     leak: list[dict] = []
     rest: list[dict] = []
+    picked = 0
     for r in general:
-        (leak if len(leak) < n and (not category or r.get("category") == category) else rest).append(r)
-    if category and len(leak) < n:
-        raise ConfigError(f"prompts.leak_category={category!r}: {len(leak)} of this round's {len(general)} general "
+        if r.get("lang", "en") in langs:
+            leak.append(r)
+        elif picked < n and (not category or r.get("category") == category):
+            leak.append(r)
+            picked += 1
+        else:
+            rest.append(r)
+    if category and picked < n:
+        raise ConfigError(f"prompts.leak_category={category!r}: {picked} of this round's {len(general)} general "
                           f"prompts have that category, fewer than prompts.num_train_leak={n}")
     return leak, rest
 
