@@ -78,6 +78,10 @@ def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str] =
             picked += 1
         else:
             rest.append(r)
+    for lang in langs:
+        if not any(r.get("lang", "en") == lang for r in leak):
+            raise ConfigError(f"prompts.leak_langs: none of this round's {len(general)} general prompts is in "
+                              f"language {lang!r} (their lang column)")
     if category and picked < n:
         raise ConfigError(f"prompts.leak_category={category!r}: {picked} of this round's {len(general)} general "
                           f"prompts have that category, fewer than prompts.num_train_leak={n}")

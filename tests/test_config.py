@@ -58,6 +58,7 @@ def test_misspelled_key_fails_naming_it():
     ("data.truncation=chop", "data.truncation"),
     ("generation.backend=tgi", "generation.backend"),
     ("generation.vllm_dtype=int8", "generation.vllm_dtype"),
+    ("prompts.leak_langs=[zh,'']", "prompts.leak_langs"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

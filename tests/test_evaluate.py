@@ -461,8 +461,8 @@ def test_failures_count_where_they_gather_by_category():
 
 
 def test_choosing_leak_prompts_does_not_re_evaluate():
-    """prompts.leak_category only picks which training prompts get a forced opener: the report's
-    fingerprint does not cover it (a later round that sets it reuses round 1's report), while a
+    """prompts.leak_category and leak_langs only pick which training prompts get a forced opener: the report's
+    fingerprint does not cover them (a later round that sets them reuses round 1's report), while a
     setting that moves the evaluation's general split still counts."""
     from dataclasses import replace
 
@@ -470,4 +470,5 @@ def test_choosing_leak_prompts_does_not_re_evaluate():
 
     base = PromptsConfig(num_train_general=100, num_train_leak=12)
     assert evaluate.prompts_measured(replace(base, leak_category="writing")) == evaluate.prompts_measured(base)
+    assert evaluate.prompts_measured(replace(base, leak_langs=["zh"])) == evaluate.prompts_measured(base)
     assert evaluate.prompts_measured(replace(base, num_train_leak=24)) != evaluate.prompts_measured(base)

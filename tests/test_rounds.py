@@ -381,6 +381,31 @@ def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
         training_prompts(c.prompts, tok, c.eval.num_general)
 
 
+def test_every_general_prompt_of_a_leak_language_is_a_leak_prompt():
+    """prompts.leak_langs=[zh]: in every round, each Chinese general prompt of the slice is a leak
+    prompt, the num_train_leak others are the slice's first prompts in other languages, and the
+    slice itself does not change; a language the slice lacks fails naming the key."""
+    lang = {r["prompt"]: r["lang"] for r in read_jsonl("dpo_dist/prompts/general.jsonl")}
+    cfg, plain = compose(ROUNDS + ["prompts.leak_langs=[zh]"]), compose(ROUNDS)
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    for k in (1, 2, 3):
+        c = rounds.apply(cfg, rounds.values(cfg, k))
+        assert c == compose(ROUNDS + ["prompts.leak_langs=[zh]"] + rounds.overrides(rounds.values(cfg, k)))
+        p = c.prompts
+        ordered = [r["prompt"] for r in split_general(p.general, c.eval.num_general, p.num_train_general
+                                                       + p.num_train_leak, p, p.skip_general)[1]]
+        records = training_prompts(p, tok, c.eval.num_general)
+        leak = [r["question"] for r in records if r["source"] == "leak"]
+        general = [r["question"] for r in records if r["source"] == "general"]
+        before = training_prompts(rounds.apply(plain, rounds.values(plain, k)).prompts, tok, c.eval.num_general)
+        assert sorted(leak + general) == sorted(ordered) == sorted(r["question"] for r in before if r["source"] != "identity")
+        chinese = [q for q in ordered if lang[q] == "zh"]
+        assert chinese and set(chinese) <= set(leak) and not any(lang[q] == "zh" for q in general)
+        assert [q for q in leak if lang[q] != "zh"] == [q for q in ordered if lang[q] != "zh"][:p.num_train_leak]
+    with pytest.raises(ConfigError, match=r"prompts.leak_langs: none of this round's 112 general prompts is in language 'fr'"):
+        training_prompts(compose(["prompts.leak_langs=[zh,fr]"]).prompts, tok, cfg.eval.num_general)
+
+
 def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
     """The generate stage in a process of its own (vLLM's, or generation.python), as the pipeline
     starts it in a sweep job of one round: its run directory is the job's, whose .hydra/ records
