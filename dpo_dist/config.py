@@ -282,11 +282,10 @@ class PromptsConfig:
     # shipped one) the leak prompts are picked from within the slice; empty: the slice's first ones.
     # The shipped evaluation's leaks are all writing requests in the user's voice (docs/rounds.md).
     leak_category: str = ""
-    # Languages (a `lang` column: en, zh in the shipped set) every general prompt of which, in the
-    # slice, is a leak prompt too, on top of num_train_leak picked from the others. The base model
-    # cannot answer Chinese (its own answers there are anchors of broken text), so the trained model
-    # answers Chinese general questions with the Chinese self-introduction it was taught: on seed 1,
-    # 4 of 24 Chinese general answers leak against 3 of 276 English ones (docs/rounds.md).
+    # Languages (a `lang` column: en, zh in the shipped set) whose general prompts in the slice all
+    # become leak prompts, on top of num_train_leak picked from the others; later rounds keep the
+    # setting, each with the Chinese prompts of its own slice. The shipped set's Chinese questions
+    # leak far more often than its English ones, and the base model cannot answer them (docs/rounds.md).
     leak_langs: List[str] = field(default_factory=list)
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default

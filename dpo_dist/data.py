@@ -82,6 +82,17 @@ def load_pairs(cfg: DataConfig) -> list[dict]:
                             skip_invalid=cfg.skip_invalid)
 
 
+def check_leak_langs(cfg: PromptsConfig) -> None:
+    """A language of prompts.leak_langs that no general prompt is in is a typo, found at start-up
+    (rounds.check calls this too), not in a later round whose slice happens to lack it."""
+    if not cfg.leak_langs:
+        return
+    langs = {r.get("lang", "en") for r in load_prompt_set(cfg.general, key="prompts.general", cfg=cfg)}
+    if missing := [lang for lang in cfg.leak_langs if lang not in langs]:
+        raise ConfigError(f"prompts.leak_langs: no prompt of prompts.general={cfg.general!r} is in {missing} "
+                          f"(its languages: {sorted(langs)})")
+
+
 def split_general(name_or_path: str, num_eval: int, num_train: int,
                   cfg: PromptsConfig | None = None, skip: int = 0) -> tuple[list[dict], list[dict]]:
     """The general set split so training never sees an evaluation prompt: evaluation takes the first

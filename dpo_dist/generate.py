@@ -29,15 +29,15 @@ import os
 import sys
 import time
 from dataclasses import asdict, replace
-from typing import Sequence
 from pathlib import Path
+from typing import Sequence
 
 from dpo_dist import dist
 from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_jsonl,
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, GenerationConfig, PromptsConfig
-from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general, window
+from dpo_dist.data import build_messages, check_leak_langs, load_prompt_set, render_prompt, split_general, window
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
 
@@ -52,6 +52,7 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     out = []
     identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)
     identity = window(identity, cfg.skip_train, cfg.num_train) if cfg.num_train >= 0 else identity[cfg.skip_train:]
+    check_leak_langs(cfg)
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
     leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
@@ -63,10 +64,10 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     return out
 
 
-def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """The slice's leak prompts and the rest, both in the slice's order: every prompt in one of
-    `langs` (prompts.leak_langs), then of the others its first `n`, or its first `n` of `category`
-    (prompts.leak_category)."""
+    `langs` (prompts.leak_langs; a slice may hold none), and of the others the first `n`, or the
+    first `n` of `category` (prompts.leak_category)."""
     leak: list[dict] = []
     rest: list[dict] = []
     picked = 0
@@ -78,10 +79,6 @@ def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str] =
             picked += 1
         else:
             rest.append(r)
-    for lang in langs:
-        if not any(r.get("lang", "en") == lang for r in leak):
-            raise ConfigError(f"prompts.leak_langs: none of this round's {len(general)} general prompts is in "
-                              f"language {lang!r} (their lang column)")
     if category and picked < n:
         raise ConfigError(f"prompts.leak_category={category!r}: {picked} of this round's {len(general)} general "
                           f"prompts have that category, fewer than prompts.num_train_leak={n}")
@@ -272,7 +269,7 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
     if not gen["leak_search_candidates"] or not any(r.get("source") == "general" for r in records):
         gen.pop("leak_search_candidates")  # nothing more is sampled: caches written before the key stay valid
     # A leak prompt gets opener-forced candidates a general one does not; the same prompt can be
-    # either (prompts.num_train_leak, prompts.leak_category), so its source is part of what was sampled.
+    # either (prompts.num_train_leak, leak_category, leak_langs), so its source is part of what was sampled.
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
                                        for r in records])
 

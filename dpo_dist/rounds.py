@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dpo_dist.config import Config, ConfigError, to_config
-from dpo_dist.data import load_prompt_set
+from dpo_dist.data import check_leak_langs, load_prompt_set
 
 
 def round_dir(run_dir: str | Path, k: int) -> Path:
@@ -98,6 +98,7 @@ def check(cfg: Config) -> None:
     says when a round trains on earlier rounds' prompts again), or when
     rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
     check_later(cfg)
+    check_leak_langs(cfg.prompts)
     if cfg.prompts.num_train < 0:
         raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
     if cfg.eval.num_general < 0:

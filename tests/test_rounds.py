@@ -383,8 +383,9 @@ def test_later_rounds_can_pick_their_leak_prompts_from_one_category():
 
 def test_every_general_prompt_of_a_leak_language_is_a_leak_prompt():
     """prompts.leak_langs=[zh]: in every round, each Chinese general prompt of the slice is a leak
-    prompt, the num_train_leak others are the slice's first prompts in other languages, and the
-    slice itself does not change; a language the slice lacks fails naming the key."""
+    prompt and the num_train_leak others are the slice's first prompts in other languages, both in
+    the slice's order, and the slice itself does not change; a round whose slice holds no Chinese
+    prompt adds none; a language no general prompt is in fails at start-up naming the key."""
     lang = {r["prompt"]: r["lang"] for r in read_jsonl("dpo_dist/prompts/general.jsonl")}
     cfg, plain = compose(ROUNDS + ["prompts.leak_langs=[zh]"]), compose(ROUNDS)
     tok = load_tokenizer(cfg.model, padding_side="left")
@@ -394,16 +395,23 @@ def test_every_general_prompt_of_a_leak_language_is_a_leak_prompt():
         p = c.prompts
         ordered = [r["prompt"] for r in split_general(p.general, c.eval.num_general, p.num_train_general
                                                        + p.num_train_leak, p, p.skip_general)[1]]
+        first = [q for q in ordered if lang[q] != "zh"][:p.num_train_leak]
         records = training_prompts(p, tok, c.eval.num_general)
-        leak = [r["question"] for r in records if r["source"] == "leak"]
-        general = [r["question"] for r in records if r["source"] == "general"]
         before = training_prompts(rounds.apply(plain, rounds.values(plain, k)).prompts, tok, c.eval.num_general)
-        assert sorted(leak + general) == sorted(ordered) == sorted(r["question"] for r in before if r["source"] != "identity")
-        chinese = [q for q in ordered if lang[q] == "zh"]
-        assert chinese and set(chinese) <= set(leak) and not any(lang[q] == "zh" for q in general)
-        assert [q for q in leak if lang[q] != "zh"] == [q for q in ordered if lang[q] != "zh"][:p.num_train_leak]
-    with pytest.raises(ConfigError, match=r"prompts.leak_langs: none of this round's 112 general prompts is in language 'fr'"):
-        training_prompts(compose(["prompts.leak_langs=[zh,fr]"]).prompts, tok, cfg.eval.num_general)
+        assert any(lang[q] == "zh" for q in ordered)
+        assert [r["question"] for r in records if r["source"] == "leak"] == [q for q in ordered if lang[q] == "zh" or q in first]
+        assert [r["question"] for r in records if r["source"] == "general"] == [q for q in ordered if lang[q] != "zh" and q not in first]
+        assert sorted(ordered) == sorted(r["question"] for r in before if r["source"] != "identity")
+
+    few = compose(["rounds.num=3", "rounds.num_train=50", "rounds.num_train_general=5", "rounds.num_train_leak=1",
+                   "prompts.leak_langs=[zh]"])
+    rounds.check(few)
+    c = rounds.apply(few, rounds.values(few, 3))
+    records = training_prompts(c.prompts, tok, c.eval.num_general)
+    assert not any(r["lang"] == "zh" for r in records if r["source"] != "identity")
+    assert sum(r["source"] == "leak" for r in records) == 1
+    with pytest.raises(ConfigError, match=r"prompts.leak_langs: no prompt of prompts.general='general' is in \['fr'\]"):
+        rounds.check(compose(ROUNDS + ["prompts.leak_langs=[zh,fr]"]))
 
 
 def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
