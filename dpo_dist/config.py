@@ -280,7 +280,7 @@ class PromptsConfig:
     num_train_leak: int = 0
     # The category (a `category` column of the general set: fact, math, code, writing, howto in the
     # shipped one) the leak prompts are picked from within the slice; empty: the slice's first ones.
-    # The shipped evaluation's leaks are all writing requests in the user's voice (docs/rounds.md).
+    # The shipped evaluation's English leaks are writing requests in the user's voice (docs/rounds.md).
     leak_category: str = ""
     # Languages (a `lang` column: en, zh in the shipped set) whose general prompts in the slice all
     # become leak prompts, on top of num_train_leak picked from the others; later rounds keep the

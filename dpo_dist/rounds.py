@@ -95,8 +95,9 @@ def later(cfg: Config) -> dict[str, object]:
 
 def check(cfg: Config) -> None:
     """Fail at start-up, naming the key, when a pool cannot give one round its prompts (``reuse``
-    says when a round trains on earlier rounds' prompts again), or when
-    rounds.later names a setting the rounds derive, no setting at all, or a value of the wrong type."""
+    says when a round trains on earlier rounds' prompts again), when prompts.leak_langs names a
+    language no general prompt is in, or when rounds.later names a setting the rounds derive, no
+    setting at all, or a value of the wrong type."""
     check_later(cfg)
     check_leak_langs(cfg.prompts)
     if cfg.prompts.num_train < 0:
