@@ -52,10 +52,11 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
     out = []
     identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)
     identity = window(identity, cfg.skip_train, cfg.num_train) if cfg.num_train >= 0 else identity[cfg.skip_train:]
-    check_leak_langs(cfg)
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
     leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
+    if set(cfg.leak_langs) - {r.get("lang", "en") for r in leak}:
+        check_leak_langs(cfg)  # the whole pool is read again only when this slice lacks a language
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]

@@ -410,8 +410,11 @@ def test_every_general_prompt_of_a_leak_language_is_a_leak_prompt():
     records = training_prompts(c.prompts, tok, c.eval.num_general)
     assert not any(r["lang"] == "zh" for r in records if r["source"] != "identity")
     assert sum(r["source"] == "leak" for r in records) == 1
+    typo = compose(ROUNDS + ["prompts.leak_langs=[zh,fr]"])
     with pytest.raises(ConfigError, match=r"prompts.leak_langs: no prompt of prompts.general='general' is in \['fr'\]"):
-        rounds.check(compose(ROUNDS + ["prompts.leak_langs=[zh,fr]"]))
+        rounds.check(typo)
+    with pytest.raises(ConfigError, match=r"prompts.leak_langs: no prompt of prompts.general='general' is in \['fr'\]"):
+        training_prompts(typo.prompts, tok, typo.eval.num_general)  # the generate stage run on its own
 
 
 def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
