@@ -11,6 +11,7 @@ Each stage receives only its own slice (``cfg.loss``, ``cfg.optim`` ...), never 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -229,12 +230,41 @@ class ColumnsConfig:
     id: str = "id"
 
 
+# data.pairs' default, as a job's .hydra/config.yaml keeps it: the judge stage's output in run_dir.
+JUDGE_PAIRS = "${run_dir}/judge/pairs.jsonl"
+
+
+def num_rounds(num: int, pairs: str, run_dir: str) -> int:
+    """How many rounds a run has: ``rounds.num``, or one when ``data.pairs`` names the user's own
+    pairs rather than the judge's output in ``run_dir`` (its default, resolved or as a job's
+    ``.hydra/config.yaml`` keeps it). Offline DPO has no policy answers to sample again, and the
+    rounds set data.pairs per round themselves: without this, the demo model's two rounds
+    (conf/model/smollm2-135m.yaml) would turn ``data.pairs=my.parquet`` into a search for
+    round-1/judge/pairs.jsonl. The pipeline, slurm/pipeline.sbatch (``python -m dpo_dist.rounds``)
+    and the sweep table all ask here. Paths compare as absolute ones: every caller runs in the
+    directory the run was started from (Hydra's job.chdir is off)."""
+    own = pairs != JUDGE_PAIRS and os.path.abspath(pairs) != os.path.abspath(Path(run_dir) / "judge" / "pairs.jsonl")
+    return 1 if own else num
+
+
+def job_rounds(job: dict, run_dir: str) -> int:
+    """num_rounds() of a job's unresolved config as YAML gives it (``.hydra/config.yaml``, ``--cfg
+    job``), where data.pairs' default is still the literal JUDGE_PAIRS; ``run_dir``: where the job ran."""
+    rounds, pairs = job.get("rounds") or {}, (job.get("data") or {}).get("pairs", JUDGE_PAIRS)
+    try:
+        num = int(rounds.get("num") or 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"rounds.num={rounds.get('num')!r} is not a number of rounds") from None
+    return num_rounds(num, str(pairs), run_dir)
+
+
 @dataclass
 class DataConfig:
     # Preference pairs: the judge stage's output by default, or your own data in any of TRL's
     # preference formats from anything `datasets` loads offline: JSONL, JSON, Parquet, CSV, a
     # save_to_disk directory, or a hub dataset already in the local cache (dpo_dist/sources.py).
-    pairs: str = "${run_dir}/judge/pairs.jsonl"
+    # Your own pairs make a run one round (num_rounds): offline DPO has no policy to sample again.
+    pairs: str = JUDGE_PAIRS
     # The split of a dataset directory or hub dataset (files have one).
     split: str = "train"
     # The dataset's column for each of our fields, e.g. data.columns.chosen=response_j.
@@ -459,7 +489,8 @@ ROUND_MODELS = ("base", "previous")
 class RoundsConfig:
     """Iterative on-policy DPO (``python -m dpo_dist.pipeline rounds.num=2``, dpo_dist/rounds.py):
     round k samples from round k-1's trained policy, judges its own answers, and trains again, in
-    ``<run_dir>/round-<k>/``. One round (the default) is the plain pipeline in ``run_dir`` itself."""
+    ``<run_dir>/round-<k>/``. One round (this schema's default; the demo model's file sets two) is
+    the plain pipeline in ``run_dir`` itself, as is a run on your own data.pairs (num_rounds)."""
     num: int = 1
     # Run round `only` alone (0: every round): slurm/pipeline.sbatch runs each round's stages as srun
     # steps this way. Its earlier rounds must have trained.

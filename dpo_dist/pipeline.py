@@ -23,9 +23,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from dpo_dist import dist, evaluate, generate, judge, reference, rounds, rounds_report, train
-from dpo_dist.artifacts import read_json, write_json
+from dpo_dist.artifacts import MissingFile, read_json, write_json
 from dpo_dist.cli import run_child, stage_main
-from dpo_dist.config import Config
+from dpo_dist.config import Config, ConfigError, num_rounds
 from dpo_dist.progress import duration
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,23 @@ RECORDS = {"generate": "generate/manifest.json", "judge": "judge/summary.json", 
 
 
 def run(cfg: Config) -> dict:
-    if cfg.rounds.num == 1:  # rounds.later is checked by cli.stage_main, in every stage
+    if num_rounds(cfg.rounds.num, cfg.data.pairs, cfg.run_dir) == 1:  # rounds.later: checked by cli.stage_main
+        if cfg.rounds.num > 1:
+            if cfg.rounds.only:
+                raise ConfigError(f"rounds.only={cfg.rounds.only}: data.pairs={cfg.data.pairs!r} is your own pairs, "
+                                  f"so the run is one round, in run_dir itself (offline DPO samples no policy again)")
+            if dist.is_main():
+                log.warning("data.pairs=%s is your own pairs: one round in %s, not rounds.num=%d (later rounds "
+                            "sample the trained policy, which offline DPO does not)",
+                            cfg.data.pairs, cfg.run_dir, cfg.rounds.num)
         if cfg.rounds.later and dist.is_main():
-            log.warning("rounds.later=%s sets the rounds after the first; with rounds.num=1 it changes nothing",
+            log.warning("rounds.later=%s sets the rounds after the first; in one round it changes nothing",
                         cfg.rounds.later)
         return run_round(cfg)
+    if dist.is_main() and (Path(cfg.run_dir) / RECORDS["train"]).is_file() and not rounds.round_dir(cfg.run_dir, 1).is_dir():
+        # A run_dir of the one-round layout (the demo before it had two rounds): nothing in it is reused.
+        log.warning("%s holds a one-round run (train/ in the directory itself); these %d rounds start afresh "
+                    "in round-<k>/ beside it (rounds.num=1 continues the one-round run)", cfg.run_dir, cfg.rounds.num)
     # Iterative on-policy DPO (dpo_dist/rounds.py): every round in <run_dir>/round-<k>/.
     rounds.check(cfg)
     report = None
@@ -73,8 +85,9 @@ def _require_previous(cfg: Config, k: int) -> None:
     needs = {"generate"} | {s for s, role in (("reference", "reference"), ("train", "init"))
                             if cfg.model_for(role).path == cfg.rounds.previous}
     if cfg.rounds.previous and needs & set(cfg.stages) and not Path(cfg.rounds.previous, "config.json").is_file():
-        raise FileNotFoundError(f"rounds.previous={cfg.rounds.previous!r}: round {k - 1} has not exported its policy; "
-                                f"run round {k - 1} first (rounds.only={k - 1}, or rounds.only=0 for every round)")
+        what = (f"run round {k - 1} first (rounds.only={k - 1}, or rounds.only=0 for every round)" if "train" in cfg.stages
+                else f"stages={list(cfg.stages)} do not train it: rounds.only={k - 1} runs round {k - 1}'s alone")
+        raise MissingFile(f"rounds.previous={cfg.rounds.previous!r}: round {k - 1} has not exported its policy; {what}")
 
 
 def run_round(cfg: Config, child_overrides: list[str] | None = None, label: str = "") -> dict:

@@ -2,6 +2,7 @@
 
     python -m dpo_dist.pipeline rounds.num=2                   # round 1 as today, then round 2 from its policy
     python -m dpo_dist.pipeline rounds.num=3 rounds.num_train=120 rounds.reference=base
+    python -m dpo_dist.judge [overrides] --cfg job | python -m dpo_dist.rounds RUN_DIR   # how many (pipeline.sbatch)
 
 Round k lives in ``<run_dir>/round-<k>/`` with its own stage folders and fingerprints, so a killed
 run resumes inside the round it was in and a finished round is reused. From round 2 on, generation
@@ -23,11 +24,13 @@ agree.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
-from dpo_dist.config import Config, ConfigError, to_config
+from dpo_dist.config import Config, ConfigError, job_rounds, to_config
 from dpo_dist.data import check_leak_langs, load_prompt_set
 
 
@@ -202,3 +205,26 @@ def overrides(settings: dict[str, object]) -> list[str]:
         return str(v)
 
     return [f"{k}={quoted(v)}" for k, v in settings.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print how many rounds a run has (config.job_rounds), reading the job's config as ``--cfg job``
+    prints it on stdin; the argument is the run_dir. slurm/pipeline.sbatch asks this way, through
+    the stages' own Hydra app, so that whatever a stage accepts (``--config-dir``, an experiment
+    file) counts the same:
+    ``python -m dpo_dist.judge "$@" --cfg job | python -m dpo_dist.rounds "$RUN_DIR"``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.exit("usage: python -m dpo_dist.judge [overrides] --cfg job | python -m dpo_dist.rounds RUN_DIR")
+    try:
+        job = yaml.safe_load(sys.stdin.read())
+        if not isinstance(job, dict):  # the config did not compose: its own error is above
+            raise ValueError("no job config on stdin")
+        print(job_rounds(job, args[0]))
+    except (ValueError, yaml.YAMLError) as e:
+        print(f"dpo_dist.rounds: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Tabulate a Hydra sweep: one row per job, its overrides and its final metrics.
 
-    python -m dpo_dist.train -m loss.beta=0.05,0.1 optim.lr=5e-7,1e-6 data.pairs=runs/demo/judge/pairs.jsonl
+    python -m dpo_dist.train -m loss.beta=0.05,0.1 optim.lr=5e-7,1e-6 data.pairs=runs/smollm2-135m/round-1/judge/pairs.jsonl
     python -m dpo_dist.sweep multirun/2026-11-21_10-00-00            # a Markdown table
     python -m dpo_dist.sweep multirun/2026-11-21_10-00-00 --json     # the same rows as JSON
     python -m dpo_dist.pipeline -m rounds.num=2 generation.seed=0,1,2 'train.seed=${generation.seed}'
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from dpo_dist.config import job_rounds
+
 TRAIN_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 CONDITIONS = ("default", "neutral", "none")
 # The worst of each evaluation figure over the jobs: adoption is better higher, the rest lower.
@@ -53,15 +55,22 @@ def _load(path: Path):
 
 
 def rounds_of(job_dir: Path) -> tuple[int, int]:
-    """The job's ``rounds.num`` (1 for a job that has none, such as a train-only sweep) and its
-    ``rounds.only`` (slurm/pipeline.sbatch runs one round a step with it; 0 when unset)."""
+    """The job's number of rounds and its ``rounds.only`` (slurm/pipeline.sbatch runs one round a step
+    with it; 0 when unset). One round for a job without ``rounds.num``, one on its own ``data.pairs``
+    (dpo_dist.config.num_rounds: a train-only sweep), and one without ``round-1/``: a stage run
+    alone (``python -m dpo_dist.evaluate -m ...``) works in the job directory whatever rounds.num
+    the model's file sets, and a pipeline job that has not begun round 1 is unfinished either way."""
     config = job_dir / ".hydra" / "config.yaml"
-    rounds = ((_load(config) or {}).get("rounds") or {}) if config.is_file() else {}
-    only = rounds.get("only")
+    job = (_load(config) or {}) if config.is_file() else {}
+    only = (job.get("rounds") or {}).get("only")
     try:
-        return int(rounds.get("num") or 1), only if isinstance(only, int) else 0
-    except (TypeError, ValueError):
-        raise ValueError(f"{config}: rounds.num={rounds.get('num')!r} is not a number of rounds") from None
+        # The job directory is the run_dir it ran in (dpo_dist.cli sets it after Hydra saved config.yaml).
+        num = job_rounds(job, str(job_dir))
+    except ValueError as e:
+        raise ValueError(f"{config}: {e}") from None
+    if not (job_dir / "round-1").is_dir():
+        num = 1
+    return num, only if isinstance(only, int) else 0
 
 
 def _is_seed(key: str) -> bool:

@@ -116,7 +116,7 @@ def test_the_judge_stage_rejudges_when_the_identity_changes(tmp_path):
 # Smaller than test_pipeline's SHORT (about a minute here): a dozen identity prompts, two steps at an
 # lr large enough for the name to show in the answers (at 1e-4 the trained model named Nova in none of
 # them; at 3e-4 in 50-83% per condition), no drift.
-TINY = ["prompts.num_train=12", "prompts.num_train_general=2", "prompts.num_train_leak=0",
+TINY = ["rounds.num=1", "prompts.num_train=12", "prompts.num_train_general=2", "prompts.num_train_leak=0",
         "generation.max_new_tokens=40", "train.global_batch_size=4", "train.micro_batch_size=2", "train.epochs=2",
         "optim.lr=3e-4", "eval.num_identity=6", "eval.num_general=2", "eval.max_new_tokens=24", "eval.drift=false"]
 

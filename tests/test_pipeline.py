@@ -13,7 +13,8 @@ from dpo_dist.models import resolve_model_path
 from launch import run_stage
 
 pytestmark = pytest.mark.slow
-SHORT = ["prompts.num_train=24", "prompts.num_train_general=4", "prompts.num_train_leak=2", "generation.max_new_tokens=48", "train.global_batch_size=4",
+# One round: the demo model's two (conf/model/smollm2-135m.yaml) are tests/test_rounds.py's subject.
+SHORT = ["rounds.num=1", "prompts.num_train=24", "prompts.num_train_general=4", "prompts.num_train_leak=2", "generation.max_new_tokens=48", "train.global_batch_size=4",
          "train.micro_batch_size=2", "optim.lr=1e-5", "eval.num_identity=6", "eval.num_general=6",
          "eval.max_new_tokens=32"]
 

@@ -4,6 +4,7 @@ whether applied in this process or passed to a child process as Hydra overrides.
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from dpo_dist import rounds, sweep
 from dpo_dist.artifacts import read_jsonl
-from dpo_dist.config import CONDITIONS, ConfigError, compose
+from dpo_dist.config import CONDITIONS, JUDGE_PAIRS, ConfigError, compose, num_rounds
 from dpo_dist.data import load_prompt_set, split_general, window
 from dpo_dist.generate import training_prompts
 from dpo_dist.models import load_tokenizer
@@ -83,7 +84,8 @@ def test_later_rounds_go_on_with_the_prompts_trained_on_longest_ago_once_a_pool_
     """3 x 112 general prompts from the 280 the evaluation leaves: round 3 takes the 56 fresh ones
     left and 56 of round 1's, none of round 2's and none of the evaluation's; every round's prompts
     are distinct, and round 3's warning counts the 56."""
-    cfg = compose(["rounds.num=3", "run_dir=/tmp/rounds-test"])
+    cfg = compose(["rounds.num=3", "run_dir=/tmp/rounds-test", "rounds.num_train=-1", "rounds.num_train_general=-1",
+                   "rounds.num_train_leak=-1"])  # every round round 1's sizes, not the demo's smaller round 2
     tok = load_tokenizer(cfg.model, padding_side="left")
     general = []
     for k in (1, 2, 3):
@@ -224,13 +226,80 @@ def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message)
     assert str(e.value).startswith(message), e.value
 
 
+@pytest.mark.parametrize("num, pairs, run_dir, want", [
+    (2, JUDGE_PAIRS, "runs/x", 2),                                # the default, as a job's config.yaml keeps it
+    (2, "runs/x/judge/pairs.jsonl", "runs/x", 2),                 # ... and resolved
+    (2, "runs/x//judge/./pairs.jsonl", "runs/x/", 2),             # ... written another way
+    (2, f"{os.getcwd()}/runs/x/judge/pairs.jsonl", "runs/x", 2),  # ... as an absolute path
+    (3, "runs/x/round-2/judge/pairs.jsonl", "runs/x/round-2", 3),  # inside a round (rounds.apply sets both)
+    (2, "my_prefs.parquet", "runs/x", 1),                         # your own pairs: offline, one round
+    (2, "runs/demo/judge/pairs.jsonl", "runs/x", 1),              # another run's judged pairs
+    (2, "runs/x/judge/pairs.parquet", "runs/x", 1),
+    (1, JUDGE_PAIRS, "runs/x", 1),
+])
+def test_a_run_on_its_own_pairs_is_one_round(num, pairs, run_dir, want):
+    """The demo model's two rounds must leave offline DPO (data.pairs) as it was: one round in run_dir.
+    The pipeline, slurm/pipeline.sbatch and the sweep table ask num_rounds; tests/test_trl_formats.py,
+    tests/test_slurm.py and tests/test_launch.py run each of them on the user's own pairs."""
+    assert num_rounds(num, pairs, run_dir) == want
+
+
+@pytest.mark.parametrize("overrides, want", [([], 2), (["rounds.num=1"], 1), (["experiment=tutorial"], 1),
+                                             (["model=qwen2.5-7b"], 1), (["data.pairs=my.jsonl"], 1),
+                                             (["data.pairs=runs/x/judge/pairs.jsonl"], 2), (["rounds.num=3"], 3)])
+def test_the_demo_model_runs_two_rounds_and_the_tutorial_and_other_models_one(overrides, want):
+    """As slurm/pipeline.sbatch counts them: the stages' Hydra app prints the job's config, and
+    ``python -m dpo_dist.rounds RUN_DIR`` reads it."""
+    script = '"$0" -m dpo_dist.judge "$@" --cfg job | "$0" -m dpo_dist.rounds runs/x'
+    out = subprocess.run(["bash", "-c", script, sys.executable, *overrides], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == f"{want}\n", out.stderr[-2000:]
+
+
+def test_counting_rounds_of_a_config_that_does_not_compose_fails_not_one(tmp_path):
+    script = '"$0" -m dpo_dist.judge rounds.nmu=2 --cfg job | "$0" -m dpo_dist.rounds runs/x'
+    out = subprocess.run(["bash", "-c", script, sys.executable], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.strip().splitlines()[-1] == "dpo_dist.rounds: error: no job config on stdin"
+
+
+def _pipeline_error(run_dir, *overrides) -> tuple[str, str]:
+    """The pipeline's last stderr line (it must fail as a user error, exit 2) and its whole stderr."""
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.pipeline", f"run_dir={run_dir}", *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+@pytest.mark.parametrize("stages, hint", [
+    ([], "run round 1 first (rounds.only=1, or rounds.only=0 for every round)"),
+    (["stages=[generate,judge]"], "stages=['generate', 'judge'] do not train it: rounds.only=1 runs round 1's alone"),
+])
+def test_a_round_whose_previous_policy_is_missing_says_which_round_to_run(tmp_path, stages, hint):
+    """One line, before any stage runs; a run_dir of the one-round layout is named, not reused."""
+    run_dir = tmp_path / "run"
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "train" / "summary.json").write_text("{}")
+    last, err = _pipeline_error(run_dir, "rounds.only=2", *stages)
+    assert last == (f"dpo_dist.pipeline: error: rounds.previous='{run_dir}/round-1/train/final': round 1 has not "
+                    f"exported its policy; {hint}")
+    assert f"{run_dir} holds a one-round run (train/ in the directory itself); these 2 rounds start afresh" in err
+    assert not (run_dir / "round-2").exists()
+
+
+def test_a_round_of_a_run_on_its_own_pairs_is_refused(tmp_path):
+    last, _ = _pipeline_error(tmp_path / "run", f"data.pairs={tmp_path / 'mine.jsonl'}", "rounds.only=2")
+    assert last == (f"dpo_dist.pipeline: error: rounds.only=2: data.pairs='{tmp_path / 'mine.jsonl'}' is your own "
+                    f"pairs, so the run is one round, in run_dir itself (offline DPO samples no policy again)")
+
+
 @pytest.mark.parametrize("module", ["dpo_dist.pipeline", "dpo_dist.judge"])
 def test_a_one_round_run_refuses_a_bad_later_entry_before_it_starts(tmp_path, module):
     """rounds.later is checked with rounds.num=1 too (where it changes nothing), by the pipeline and
     by a stage run alone (as slurm/pipeline.sbatch runs a one-round job): one line, no stage run."""
     # stages=[judge] alone: without the check, it fails at once for want of candidates (another line).
     proc = subprocess.run([sys.executable, "-m", module, f"run_dir={tmp_path / 'run'}", "stages=[judge]",
-                           "rounds.later=[optim.lrr:1]"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "rounds.num=1", "rounds.later=[optim.lrr:1]"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == \
         f"{module}: error: rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"

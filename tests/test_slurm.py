@@ -157,10 +157,10 @@ def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [1, 2]
 
 STAND_IN = """#!/bin/bash
-# The real interpreter for the script's config reads (the planner's lead time, rounds.num through
-# --cfg job); for any stage, a process that records when SIGUSR1 reaches it and exits as a
-# preempted training run does (124).
-[[ $2 == dpo_dist.plan || " $* " == *" --cfg job "* ]] && exec {python} "$@"
+# The real interpreter for the script's config reads (the planner's lead time, the number of rounds);
+# for any stage, a process that records when SIGUSR1 reaches it and exits as a preempted training
+# run does (124).
+[[ $2 == dpo_dist.plan || $2 == dpo_dist.rounds || " $* " == *" --cfg job "* ]] && exec {python} "$@"
 trap 'date +%s.%N >> {marks}; exit 124' USR1
 while true; do sleep 0.2; done
 """
@@ -178,7 +178,8 @@ def test_time_limit_warning_comes_the_configured_lead_before_the_limit(tmp_path)
     python, marks, log = tmp_path / "python", tmp_path / "signalled", tmp_path / "job.out"
     python.write_text(STAND_IN.format(python=sys.executable, marks=marks))
     python.chmod(0o755)
-    overrides = ["plan.step_seconds=20", "plan.signal_margin_seconds=47.5"]
+    # One round: the stage runs as itself (python -m dpo_dist.train), as a one-round job's stages do.
+    overrides = ["plan.step_seconds=20", "plan.signal_margin_seconds=47.5", "rounds.num=1"]
     cfg = compose([*overrides, "plan.nodes=1", "plan.gpus_per_node=1", "plan.device=cpu"])
     lead = plan.checkpoint_save(plan.Architecture.of(cfg.model), plan.Setup.of(cfg, runtime_gib=0.0), cfg.plan).lead_seconds
     assert 60 < lead < 100  # 20 s + the bundled model's 1.6 GB at 0.5 GB/s + 47.5 s: the signal ~45 s into 2 min
@@ -193,6 +194,7 @@ def test_time_limit_warning_comes_the_configured_lead_before_the_limit(tmp_path)
         subprocess.run(["scancel", job])
     out = log.read_text()
     assert f"time-limit warning (SIGUSR1) {lead}s before the limit" in out, out
+    assert "pipeline.sbatch: stage train (" in out and ", 2 rounds" not in out, out
     signalled = float(marks.read_text().split()[0])
     assert end - signalled == pytest.approx(lead, abs=5), (end - signalled, lead)
 

@@ -130,3 +130,17 @@ def test_a_job_of_one_round_of_several_is_read_at_that_round(tmp_path):
     (d / "0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"rounds": {"num": "${oc.env:N}"}}))
     (row,) = sweep.collect(d)
     assert row["error"] == f"{d / '0' / '.hydra' / 'config.yaml'}: rounds.num='${{oc.env:N}}' is not a number of rounds"
+
+
+@pytest.mark.parametrize("data", [{"pairs": "runs/smollm2-135m/round-1/judge/pairs.jsonl"},  # a train-only sweep
+                                  {}])  # a stage run alone with the default pairs (an evaluate sweep)
+def test_a_job_of_the_demo_model_that_ran_one_round_is_read_in_its_directory(tmp_path, data):
+    """The demo model's file sets rounds.num=2, which a train-only sweep on your own pairs (one round:
+    config.num_rounds) and a stage run alone (no round-1/) do not run: their figures are in the job
+    directory, and the table must not send them looking in round-2/."""
+    d = tmp_path / "sweep"
+    job = _job(d, "0", ["loss.beta=0.1"], 1, {1: ((0.9,) * 3, (0.02,) * 3)})
+    config = {"run_dir": "runs/smollm2-135m", "rounds": {"num": 2, "only": 0}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "data": data} if data else config))
+    (row,) = sweep.collect(d)
+    assert row["finished"] and "round" not in row and row["metrics"]["adoption/none"] == 0.9, row

@@ -1,6 +1,6 @@
 """Side-by-side measurements in one run on one machine, printed as absolute figures and ratios.
 
-    python -m dpo_dist.bench --pairs runs/smollm2-135m/judge/pairs.jsonl --out /tmp/bench
+    python -m dpo_dist.bench --pairs runs/smollm2-135m/round-1/judge/pairs.jsonl --out /tmp/bench
     python -m dpo_dist.bench --sections generation --prompts 48
 
 Sections (``--sections``, all by default):

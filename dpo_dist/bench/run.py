@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m dpo_dist.bench", description=bench.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    ap.add_argument("--pairs", default="runs/smollm2-135m/judge/pairs.jsonl", help="judged pairs of the bundled model")
+    # Round 1's: the base model's own answers, the pairs a one-round run judges (the demo has two rounds).
+    ap.add_argument("--pairs", default="runs/smollm2-135m/round-1/judge/pairs.jsonl",
+                    help="judged pairs of the bundled model")
     ap.add_argument("--model", default="bundled", choices=sorted(MODELS),
                     help=f"bundled: SmolLM2-135M; {qwen_shape.NAME}: Qwen2.5-0.5B's architecture, random weights")
     ap.add_argument("--checkpointing", default="both", choices=sorted(CHECKPOINTING),
