@@ -86,7 +86,8 @@ def _require_previous(cfg: Config, k: int) -> None:
                             if cfg.model_for(role).path == cfg.rounds.previous}
     if cfg.rounds.previous and needs & set(cfg.stages) and not Path(cfg.rounds.previous, "config.json").is_file():
         what = (f"run round {k - 1} first (rounds.only={k - 1}, or rounds.only=0 for every round)" if "train" in cfg.stages
-                else f"stages={list(cfg.stages)} do not train it: rounds.only={k - 1} runs round {k - 1}'s alone")
+                else f"stages={list(cfg.stages)} do not train it: run round {k - 1} with train among its stages "
+                     f"(rounds.only={k - 1}; on Slurm, STAGES)")
         raise MissingFile(f"rounds.previous={cfg.rounds.previous!r}: round {k - 1} has not exported its policy; {what}")
 
 

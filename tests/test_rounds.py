@@ -239,8 +239,8 @@ def test_bad_later_round_settings_fail_at_start_naming_the_entry(entry, message)
 ])
 def test_a_run_on_its_own_pairs_is_one_round(num, pairs, run_dir, want):
     """The demo model's two rounds must leave offline DPO (data.pairs) as it was: one round in run_dir.
-    The pipeline, slurm/pipeline.sbatch and the sweep table ask num_rounds; tests/test_trl_formats.py,
-    tests/test_slurm.py and tests/test_launch.py run each of them on the user's own pairs."""
+    The pipeline, slurm/pipeline.sbatch and the sweep table ask num_rounds: tests/test_trl_formats.py
+    and tests/test_slurm.py run the first two on the user's own pairs, tests/test_sweep.py the third."""
     assert num_rounds(num, pairs, run_dir) == want
 
 
@@ -273,7 +273,8 @@ def _pipeline_error(run_dir, *overrides) -> tuple[str, str]:
 
 @pytest.mark.parametrize("stages, hint", [
     ([], "run round 1 first (rounds.only=1, or rounds.only=0 for every round)"),
-    (["stages=[generate,judge]"], "stages=['generate', 'judge'] do not train it: rounds.only=1 runs round 1's alone"),
+    (["stages=[generate,judge]"],
+     "stages=['generate', 'judge'] do not train it: run round 1 with train among its stages (rounds.only=1; on Slurm, STAGES)"),
 ])
 def test_a_round_whose_previous_policy_is_missing_says_which_round_to_run(tmp_path, stages, hint):
     """One line, before any stage runs; a run_dir of the one-round layout is named, not reused."""

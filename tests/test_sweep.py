@@ -142,5 +142,7 @@ def test_a_job_of_the_demo_model_that_ran_one_round_is_read_in_its_directory(tmp
     job = _job(d, "0", ["loss.beta=0.1"], 1, {1: ((0.9,) * 3, (0.02,) * 3)})
     config = {"run_dir": "runs/smollm2-135m", "rounds": {"num": 2, "only": 0}}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "data": data} if data else config))
+    if data:  # a round-1/ beside it: the own pairs alone must make it one round
+        (job / "round-1").mkdir()
     (row,) = sweep.collect(d)
     assert row["finished"] and "round" not in row and row["metrics"]["adoption/none"] == 0.9, row
