@@ -505,8 +505,9 @@ class RoundsConfig:
     num_train: int = -1
     num_train_general: int = -1
     num_train_leak: int = -1
-    # prompts.leak_category for each round after the first (None: round 1's).
+    # prompts.leak_category and prompts.leak_langs for each round after the first (None: round 1's).
     leak_category: Optional[str] = None
+    leak_langs: Optional[List[str]] = None
     # generation.leak_search_candidates for each round after the first (None: round 1's). Round 1's
     # base model does not know the new name, so it has no leaks to find.
     leak_search_candidates: Optional[int] = None

@@ -82,14 +82,15 @@ def load_pairs(cfg: DataConfig) -> list[dict]:
                             skip_invalid=cfg.skip_invalid)
 
 
-def check_leak_langs(cfg: PromptsConfig) -> None:
+def check_leak_langs(cfg: PromptsConfig, key: str = "prompts.leak_langs") -> None:
     """A language of prompts.leak_langs that no general prompt is in is a typo, found at start-up
-    (rounds.check calls this too), not in a later round whose slice happens to lack it."""
+    (rounds.check calls this too, for rounds.leak_langs as ``key``), not in a later round whose slice
+    happens to lack it."""
     if not cfg.leak_langs:
         return
     langs = {r.get("lang", "en") for r in load_prompt_set(cfg.general, key="prompts.general", cfg=cfg)}
     if missing := [lang for lang in cfg.leak_langs if lang not in langs]:
-        raise ConfigError(f"prompts.leak_langs: no prompt of prompts.general={cfg.general!r} is in {missing} "
+        raise ConfigError(f"{key}: no prompt of prompts.general={cfg.general!r} is in {missing} "
                           f"(its languages: {sorted(langs)})")
 
 

@@ -25,6 +25,7 @@ agree.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -103,6 +104,8 @@ def check(cfg: Config) -> None:
     setting at all, or a value of the wrong type."""
     check_later(cfg)
     check_leak_langs(cfg.prompts)
+    if cfg.rounds.leak_langs is not None:
+        check_leak_langs(replace(cfg.prompts, leak_langs=list(cfg.rounds.leak_langs)), key="rounds.leak_langs")
     if cfg.prompts.num_train < 0:
         raise ConfigError("prompts.num_train: -1 (the whole pool) leaves no fresh prompts for round 2; set a number")
     if cfg.eval.num_general < 0:
@@ -179,6 +182,8 @@ def values(cfg: Config, k: int) -> dict[str, object]:
     }
     if k > 1 and cfg.rounds.leak_category is not None:
         out["prompts.leak_category"] = cfg.rounds.leak_category
+    if k > 1 and cfg.rounds.leak_langs is not None:
+        out["prompts.leak_langs"] = list(cfg.rounds.leak_langs)
     if k > 1 and cfg.rounds.leak_search_candidates is not None:
         out["generation.leak_search_candidates"] = cfg.rounds.leak_search_candidates
     if cfg.train.checkpoint_dir:

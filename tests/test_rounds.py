@@ -487,6 +487,28 @@ def test_every_general_prompt_of_a_leak_language_is_a_leak_prompt():
         training_prompts(typo.prompts, tok, typo.eval.num_general)  # the generate stage run on its own
 
 
+def test_later_rounds_can_make_a_languages_general_prompts_leak_prompts_alone():
+    """rounds.leak_langs=[zh]: round 1 keeps the run's prompts.leak_langs (none) and its prompts; each
+    later round makes its slice's Chinese general prompts leak prompts, as prompts.leak_langs does for
+    every round; the setting reaches a child process the same way; a typo fails at start-up naming
+    rounds.leak_langs."""
+    cfg, every = compose(ROUNDS + ["rounds.leak_langs=[zh]"]), compose(ROUNDS + ["prompts.leak_langs=[zh]"])
+    plain = compose(ROUNDS)
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    for k in (1, 2, 3):
+        settings = rounds.values(cfg, k)
+        c = rounds.apply(cfg, settings)
+        assert c == compose(ROUNDS + ["rounds.leak_langs=[zh]"] + rounds.overrides(settings))
+        like = plain if k == 1 else every
+        records = training_prompts(c.prompts, tok, c.eval.num_general)
+        assert records == training_prompts(rounds.apply(like, rounds.values(like, k)).prompts, tok, c.eval.num_general)
+        assert c.prompts.leak_langs == ([] if k == 1 else ["zh"])
+        zh = [r["source"] for r in records if r["source"] != "identity" and r["lang"] == "zh"]
+        assert zh and (set(zh) == {"leak"}) == (k > 1)
+    with pytest.raises(ConfigError, match=r"rounds.leak_langs: no prompt of prompts.general='general' is in \['fr'\]"):
+        rounds.check(compose(ROUNDS + ["rounds.leak_langs=[fr]"]))
+
+
 def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
     """The generate stage in a process of its own (vLLM's, or generation.python), as the pipeline
     starts it in a sweep job of one round: its run directory is the job's, whose .hydra/ records
