@@ -218,3 +218,17 @@ def test_reading_names_the_line_of_a_bad_byte(tmp_path):
     manifest.write_bytes(b'{\n  "a": 1,\n  "b": "\x80"\n}\n')
     with pytest.raises(DataError, match=r"m\.json:3: not UTF-8 text \(byte 0x80 at column 9\)"):
         read_json(manifest)
+
+
+@pytest.mark.parametrize("override", ["run_dir=runs/mine", "+run_dir=runs/mine", "++run_dir=runs/mine"])
+def test_the_slurm_script_refuses_a_run_dir_override_before_it_starts_anything(tmp_path, override):
+    """slurm/pipeline.sbatch counts rounds, resumes and reports in RUN_DIR, and the stages' last
+    override wins: a run_dir= argument would split the job in two directories. It is refused in one
+    line before any step, or scontrol, runs (so no Slurm is needed here); RUN_DIR is the way."""
+    env = {"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7", "RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run(["bash", "slurm/pipeline.sbatch", "prompts.num_train=3", override], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"pipeline.sbatch: {override}: set the run directory as RUN_DIR=... in the "
+                                        "environment (the job resumes and reports there), not as an override"]
+    assert proc.stdout == "" and not (tmp_path / "run").exists()
