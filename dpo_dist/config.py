@@ -314,8 +314,9 @@ class PromptsConfig:
     leak_category: str = ""
     # Languages (a `lang` column: en, zh in the shipped set) whose general prompts in the slice all
     # become leak prompts, on top of num_train_leak picked from the others; later rounds keep the
-    # setting (rounds.leak_langs sets it for them alone), each with the Chinese prompts of its own slice. The shipped set's Chinese questions
-    # leak far more often than its English ones, and the base model cannot answer them (docs/rounds.md).
+    # setting (rounds.leak_langs sets it for them alone), each with the Chinese prompts of its own
+    # slice. The shipped set's Chinese questions leak far more often than its English ones, and the
+    # base model cannot answer them (docs/rounds.md).
     leak_langs: List[str] = field(default_factory=list)
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default
