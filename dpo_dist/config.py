@@ -506,7 +506,9 @@ class RoundsConfig:
     num_train: int = -1
     num_train_general: int = -1
     num_train_leak: int = -1
-    # prompts.leak_category and prompts.leak_langs for each round after the first (None: round 1's).
+    # prompts.leak_category and prompts.leak_langs for each round after the first (None: round 1's;
+    # [] turns leak_langs off): a setting tried on later rounds alone keeps round 1's prompts, so
+    # its files are reused instead of sampled and trained again.
     leak_category: Optional[str] = None
     leak_langs: Optional[List[str]] = None
     # generation.leak_search_candidates for each round after the first (None: round 1's). Round 1's
