@@ -56,6 +56,9 @@ def sizes(cfg: Config) -> dict[str, list[int]]:
 # held-out prompts (evaluation reads generation.vllm_dtype too).
 DERIVED = ("run_dir", "data.pairs", "prompts", "rounds", "train.checkpoint_dir", "stages")
 SHARED = ("model", "eval", "identity", "generation.vllm_dtype")
+# rounds.<key> (None: round 1's) -> the setting it gives every round after the first.
+LATER_KEYS = {"leak_category": "prompts.leak_category", "leak_langs": "prompts.leak_langs",
+              "leak_search_candidates": "generation.leak_search_candidates"}
 
 
 def _touches(key: str, keys: tuple[str, ...]) -> bool:
@@ -77,9 +80,10 @@ def later(cfg: Config) -> dict[str, object]:
         if _touches(key, DERIVED):
             raise ConfigError(f"rounds.later: {key} is set per round by the rounds themselves (round directory, "
                               f"prompt slices, previous policy, stage); the rounds.* keys set a later round's prompts")
-        if key == "generation.leak_search_candidates" and cfg.rounds.leak_search_candidates is not None:
-            raise ConfigError(f"rounds.later: {key} is set for the later rounds by rounds.leak_search_candidates="
-                              f"{cfg.rounds.leak_search_candidates} already; set one of the two")
+        for name, sets in LATER_KEYS.items():
+            if key == sets and getattr(cfg.rounds, name) is not None:
+                raise ConfigError(f"rounds.later: {key} is set for the later rounds by rounds.{name}="
+                                  f"{getattr(cfg.rounds, name)} already; set one of the two")
         if _touches(key, SHARED):
             raise ConfigError(f"rounds.later: {key} must be the same in every round, so that every round is "
                               f"measured against the same base model on the same held-out prompts")
@@ -180,12 +184,9 @@ def values(cfg: Config, k: int) -> dict[str, object]:
         "prompts.skip_general": sum(n["num_train_general"][:k - 1]) + sum(n["num_train_leak"][:k - 1]),
         **{f"prompts.{key}": n[key][k - 1] for key in n},
     }
-    if k > 1 and cfg.rounds.leak_category is not None:
-        out["prompts.leak_category"] = cfg.rounds.leak_category
-    if k > 1 and cfg.rounds.leak_langs is not None:
-        out["prompts.leak_langs"] = list(cfg.rounds.leak_langs)
-    if k > 1 and cfg.rounds.leak_search_candidates is not None:
-        out["generation.leak_search_candidates"] = cfg.rounds.leak_search_candidates
+    for name, sets in LATER_KEYS.items():
+        if k > 1 and (value := getattr(cfg.rounds, name)) is not None:
+            out[sets] = list(value) if isinstance(value, list) else value
     if cfg.train.checkpoint_dir:
         out["train.checkpoint_dir"] = str(Path(cfg.train.checkpoint_dir) / f"round-{k}")
     if k > 1:
