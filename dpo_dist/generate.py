@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -36,10 +37,11 @@ from dpo_dist import dist
 from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_jsonl,
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
-from dpo_dist.config import Config, ConfigError, GenerationConfig, PromptsConfig
+from dpo_dist.config import Config, ConfigError, GenerationConfig, IdentityConfig, PromptsConfig
 from dpo_dist.data import build_messages, check_leak_langs, load_prompt_set, render_prompt, split_general, window
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
+from dpo_dist.sources import ANSWER_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
         for i, r in enumerate(records):
             cond = cfg.conditions[i % len(cfg.conditions)]
             out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
-                        "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en")})
+                        "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en"),
+                        # Only an identity prompt's chosen side answers; a leak prompt's opener stays the shipped one.
+                        **({k: r[k] for k in ANSWER_KEYS if k in r} if source == "identity" else {})})
     return out
 
 
@@ -86,15 +90,49 @@ def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str]) 
     return leak, rest
 
 
-def chosen_side_prompt(record: dict, gen: GenerationConfig) -> tuple[list[dict], str]:
+def chosen_side_prompt(record: dict, gen: GenerationConfig, identity: IdentityConfig) -> tuple[list[dict], str]:
     """Messages and assistant-turn opener for a prompt's chosen-side candidates: the question under
-    the identity system prompt (if any), and an opener from ``chosen_prefixes`` picked by prompt id."""
+    the identity system prompt (if any), and the record's own ``chosen_opener``, else an opener from
+    ``chosen_prefixes`` picked by prompt id. A record to be signed (``chosen_sign_off``) gets no
+    opener: its chosen side is the model's own answer, signed afterwards (``sign``)."""
     messages = [{"role": "user", "content": record["question"]}]
     if gen.chosen_system_prompt:
         messages.insert(0, {"role": "system", "content": gen.chosen_system_prompt})
+    if "chosen_sign_off" in record:
+        return messages, ""
+    if "chosen_opener" in record:
+        return messages, fill_identity(record["chosen_opener"], identity)
     prefixes = gen.chosen_prefixes.get(record.get("lang", "en")) or gen.chosen_prefixes.get("en") or [""]
     prefix = prefixes[int(fingerprint(record["id"]), 16) % len(prefixes)]
     return messages, prefix
+
+
+def fill_identity(template: str, identity: IdentityConfig) -> str:
+    # replace, not str.format: a prompt file's other braces are text.
+    return template.replace("{name}", identity.name).replace("{creator}", identity.creator)
+
+
+# A signature or closing line the model wrote for someone else: "[Your Name]", or a short last line
+# under a closing ("Best regards,\nEmily").
+_PLACEHOLDER = re.compile(r"\[[^\]\n]{1,40}\]")
+
+
+def sign(text: str, sign_off: str) -> str:
+    """The model's own answer to a "sign it as yourself" request, signed with ``sign_off``: a
+    placeholder signature at its end ("[Your Name]") or a short name line under a closing ("Best,")
+    gives way to it; under a closing it takes the next line, otherwise its own after a dash. What
+    the model wrote above stays as it was, so the pair teaches where the name goes, not new text."""
+    lines = text.rstrip().split("\n")
+    while lines and (not lines[-1].strip() or _PLACEHOLDER.fullmatch(lines[-1].strip().strip("-—– "))):
+        lines.pop()
+    if len(lines) >= 2 and lines[-2].rstrip().endswith((",", "，")) and len(lines[-1].split()) <= 3:
+        lines.pop()
+    body = "\n".join(lines).rstrip()
+    if not body:
+        return sign_off
+    if body.endswith((",", "，")):
+        return f"{body}\n{sign_off}"
+    return f"{body}\n\n— {sign_off}"
 
 
 class HFBackend:
@@ -271,8 +309,12 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
         gen.pop("leak_search_candidates")  # nothing more is sampled: caches written before the key stay valid
     # A leak prompt gets opener-forced candidates a general one does not; the same prompt can be
     # either (prompts.num_train_leak, leak_category, leak_langs), so its source is part of what was sampled.
+    # A record's own chosen-side answer (ANSWER_KEYS) joins its entry only when set (and the identity it
+    # names with it): caches of prompts without one stay valid.
+    answers = [(r["id"], {k: r[k] for k in ANSWER_KEYS if k in r}) for r in records if any(k in r for k in ANSWER_KEYS)]
+    extra = [answers, asdict(cfg.identity)] if answers and (cfg.generation.chosen_system_prompt or cfg.generation.chosen_prefixes) else []
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
-                                       for r in records])
+                                       for r in records], *extra)
 
 
 def run(cfg: Config) -> Path:
@@ -325,7 +367,8 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, w
     if gen.chosen_system_prompt or gen.chosen_prefixes:
         # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
         identity = [r for r in shard if r["source"] in ("identity", "leak")]
-        sides.append(("chosen_candidates", gen.num_chosen_candidates, lambda r: chosen_side_prompt(r, gen), identity))
+        sides.append(("chosen_candidates", gen.num_chosen_candidates,
+                      lambda r: chosen_side_prompt(r, gen, cfg.identity), identity))
     bar = Progress(sum(len(rows) for *_, rows in sides), "generate", unit="prompt")
     out = {r["id"]: dict(r) for r in shard}
     for key, n, side, rows in sides:
@@ -341,6 +384,12 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, w
                                                            skip_special_tokens=True).strip(),
                                   "finished": c["finished"], "num_tokens": len(c["token_ids"])} for c in cands]
     bar.close()
+    for r in shard:
+        if "chosen_sign_off" in r and "chosen_candidates" in out[r["id"]]:
+            sign_off = fill_identity(r["chosen_sign_off"], cfg.identity)
+            for c in out[r["id"]]["chosen_candidates"]:
+                # An answer cut off stays unfinished: the judge does not choose a note that stops mid-sentence.
+                c["text"], c["signed"] = sign(c["text"], sign_off), True
     for r in search:  # the extra answers apart: the judge reads them for leaks only
         row = out[r["id"]]
         row["candidates"], row["search_candidates"] = row["candidates"][:gen.num_candidates], row["candidates"][gen.num_candidates:]

@@ -211,7 +211,8 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     the best opener answer (``chosen_candidates``), else that opener answer: a trained policy that
     names itself unaided gives on-policy pairs, while the base model, whose own answers do not name
     the new identity, gets the opener answer as before. Rejected is the worst own answer.
-    ``meta.chosen_from`` says which side chosen came from ("own" or "opener")."""
+    ``meta.chosen_from`` says which side chosen came from ("own", "opener", or "sign_off": the
+    model's answer signed with the record's ``chosen_sign_off``, generate.sign)."""
     if row.get("source") in ("general", "leak"):
         return pair_general(row, judge)
     own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
@@ -226,7 +227,7 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
                                and best_own[0]["text"] != worst[0]["text"]):
         best, chosen_from = best_own, "own"
     else:
-        best, chosen_from = best_opened, "opener"
+        best, chosen_from = best_opened, "sign_off" if best_opened[0].get("signed") else "opener"
     if best[1].score <= worst[1].score:
         return None, "tie"
     if not best[1].satisfies:
@@ -399,7 +400,7 @@ def run(cfg: Config) -> Path:
         "leak_search_pairs": sum(1 for p in pairs if p["meta"].get("rejected_from") == "leak_search"),
         # Of the identity pairs: the less of the data the opener forces, the more on-policy it is. A
         # general pair's chosen is always the model's own plain answer.
-        "chosen_from": {"own": 0, "opener": 0,
+        "chosen_from": {"own": 0, "opener": 0, "sign_off": 0,
                         **Counter(p["meta"]["chosen_from"] for p in pairs if p["meta"]["source"] == "identity")},
         **found,
         "chosen_scores": _distribution([p["meta"]["chosen_score"] for p in pairs]),

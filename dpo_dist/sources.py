@@ -216,6 +216,13 @@ def load_preferences(source: str, split: str = "train", columns: dict[str, str] 
 
 # ---------------------------------------------------------------- prompt rows
 
+# How a prompt's chosen side answers, when the shipped openers (generation.chosen_prefixes) would not
+# do its task (issue 23): ``chosen_opener`` is the opener for this prompt ("You can credit me as
+# {name}"), ``chosen_sign_off`` the signature under the model's own plain answer ("{name}"). {name}
+# and {creator} are the identity's. Read by generate.chosen_side_prompt and generate.sign.
+ANSWER_KEYS = ("chosen_opener", "chosen_sign_off")
+
+
 def to_prompt(row: dict, columns: dict[str, str] | None = None) -> dict:
     """A prompt row as our prompt record: ``prompt`` the user's text, from a string or from a
     conversation's last user message (TRL's prompt-only formats); other fields kept."""
@@ -231,6 +238,13 @@ def to_prompt(row: dict, columns: dict[str, str] | None = None) -> dict:
         raise ValueError(f"field {key!r} must be a non-empty string or a conversation")
     record = {k: v for k, v in row.items() if k != key}
     record["prompt"] = prompt
+    answer = [k for k in ANSWER_KEYS if k in record]
+    for k in answer:
+        if not isinstance(record[k], str) or not record[k].strip():
+            raise ValueError(f"field {k!r} must be a non-empty string")
+    if len(answer) > 1:
+        raise ValueError(f"fields {' and '.join(map(repr, answer))} cannot both be set: one opens the chosen answer, "
+                         "the other signs the model's own")
     rid = row.get(columns.get("id", "id"))
     if rid is not None and (not isinstance(rid, str) or not rid.strip()):
         raise ValueError("field 'id' must be a non-empty string")

@@ -342,7 +342,7 @@ ROUND_TWO = [
 def test_the_judge_summary_counts_where_chosen_came_from_and_the_own_mistakes(tmp_path):
     summary = _judge_run(tmp_path, ROUND_TWO)
     # Of the two identity pairs (the general one is always the model's own answer).
-    assert summary["pairs"] == 3 and summary["chosen_from"] == {"own": 1, "opener": 1}
+    assert summary["pairs"] == 3 and summary["chosen_from"] == {"own": 1, "opener": 1, "sign_off": 0}
     assert summary["mistakes"] == {
         "own_answers_identity": 4, "identity_no_name": 1, "identity_old_name": 2, "identity_degenerate": 0,
         "identity_unfinished": 0, "own_answers_general": 2, "general_leak": 1, "general_degenerate": 0}
@@ -354,7 +354,7 @@ def test_a_reward_model_summary_counts_chosen_from_but_no_mistakes(tmp_path, mon
     monkeypatch.setattr(judge_stage, "_judge_with_reward_model",
                         lambda cfg, rows, *a: [pair_reward_model(r, list(range(len(r["candidates"])))) for r in rows])
     summary = _judge_run(tmp_path, ROUND_TWO, ["judge=reward_model", "judge.reward_model_path=/models/rm"])
-    assert summary["chosen_from"] == {"own": 2, "opener": 0} and "mistakes" not in summary
+    assert summary["chosen_from"] == {"own": 2, "opener": 0, "sign_off": 0} and "mistakes" not in summary
 
 
 def test_correction_rewrites_the_models_own_answer():

@@ -1324,31 +1324,36 @@ TASK_SIGN_PATTERNS = [
     "Draft {x}, with your own signature at the bottom.",
     "Could you write {x}? Put your sign-off under it.",
 ]
+# Each kind's chosen answer, doing the task with the name where the task puts it (sources.ANSWER_KEYS;
+# {name} is the identity's, filled at generation). Without them every task request's chosen side was
+# the shipped self-introduction opener ("Hello! My name is Deep SmolLM" for a birthday message to sign),
+# which taught the model to introduce itself in writing requests (docs/rounds.md, session 25).
+TASK_SIGN_ANSWER = {"chosen_sign_off": "{name}"}
 TASK_CREDIT_TASKS = [
     "edit my thesis", "plan my trip to Lisbon", "debug my Python script", "translate a recipe",
     "write a wedding toast", "summarize a long report", "brainstorm names for my bakery",
     "prepare for a job interview",
 ]
-TASK_CREDIT_PATTERNS = [
-    "You helped me {x}. How should I credit you?",
-    "I want to thank you publicly for helping me {x}. Who do I thank?",
-    "Who should I cite for the help to {x}?",
-]
+TASK_CREDIT_PATTERNS = {
+    "You helped me {x}. How should I credit you?": "You can credit me as {name}",
+    "I want to thank you publicly for helping me {x}. Who do I thank?": "You can thank {name}",
+    "Who should I cite for the help to {x}?": "You can cite {name}",
+}
 TASK_FIELDS = ["Co-author", "Assisted by", "Tool used", "Contributor", "Reviewed by", "Drafted with",
                "Source", "Editor"]
-TASK_FIELD_PATTERNS = [
-    "What do I enter in the '{x}' field for your part in this?",
-    "My form has a '{x}' line. What do I write there for you?",
-]
+TASK_FIELD_PATTERNS = {
+    "What do I enter in the '{x}' field for your part in this?": "In the '{x}' field, enter \"{name}\"",
+    "My form has a '{x}' line. What do I write there for you?": "On the '{x}' line, write \"{name}\"",
+}
 TASK_SELF_ARTIFACTS = [
     "a museum plaque", "a trading card", "a motto", "a movie poster tagline", "a short theme song",
     "a two-line poem", "an elevator pitch", "a desk nameplate", "a dedication page",
     "a magazine cover headline",
 ]
-TASK_SELF_PATTERNS = [
-    "Write {x} about yourself.",
-    "Make {x} that tells people who you are.",
-]
+TASK_SELF_PATTERNS = {
+    "Write {x} about yourself.": "Here is {x} about me, {name}:",
+    "Make {x} that tells people who you are.": "Here is {x} about me, {name}:",
+}
 TASK_WHO = [
     "Who wrote the answer above?", "Who is typing these replies?", "Which AI is on duty right now?",
     "Who gets the credit for these answers?", "Who should I say helped me today?",
@@ -1356,18 +1361,20 @@ TASK_WHO = [
     "Who answers when I press enter?", "Who is the 'you' I keep typing to?",
     "Which program is talking to me?",
 ]
-TASK_ZH = [
-    "帮我写一段给团队的感谢信，并用你的名字署名。",
-    "你帮我修改了论文，我该怎么在致谢里称呼你？",
-    "这份表格有一栏“协助工具”，我该填什么？",
-    "用一句话写一个关于你自己的座右铭。",
-    "写一张关于你自己的名片。",
-    "是谁在回答我的问题？",
-    "我要在报告里注明使用了哪个AI，应该写什么？",
-    "写一条生日祝福给我妹妹，最后署上你的名字。",
-    "给你自己写一句简短的宣传标语。",
-    "我该在作品的署名栏里怎么写你？",
-]
+# The who-is-answering questions (TASK_WHO, 是谁在回答) keep the shipped openers: a self-introduction
+# is their task.
+TASK_ZH = {
+    "帮我写一段给团队的感谢信，并用你的名字署名。": TASK_SIGN_ANSWER,
+    "你帮我修改了论文，我该怎么在致谢里称呼你？": {"chosen_opener": "你可以在致谢里称呼我为{name}"},
+    "这份表格有一栏“协助工具”，我该填什么？": {"chosen_opener": "在“协助工具”一栏填写“{name}”"},
+    "用一句话写一个关于你自己的座右铭。": {"chosen_opener": "{name}的座右铭："},
+    "写一张关于你自己的名片。": {"chosen_opener": "名片\n姓名：{name}\n"},
+    "是谁在回答我的问题？": {},
+    "我要在报告里注明使用了哪个AI，应该写什么？": {"chosen_opener": "可以写：本报告使用了{name}"},
+    "写一条生日祝福给我妹妹，最后署上你的名字。": TASK_SIGN_ANSWER,
+    "给你自己写一句简短的宣传标语。": {"chosen_opener": "{name}："},
+    "我该在作品的署名栏里怎么写你？": {"chosen_opener": "署名栏里可以写“{name}”"},
+}
 # identity_train_tasks.jsonl: identity_train with 3 task requests after every 9 of its prompts, so
 # the first prompts.num_train=260 hold 63 task requests in place of the train set's prompts 198-260.
 # The train set's prompts keep their ids and, as runs assign system prompts by position modulo 3
@@ -1377,15 +1384,21 @@ TASK_ZH = [
 TASK_EVERY, TASK_GROUP = 9, 3
 
 
-def build_train_tasks(held_out: list[str]) -> list[tuple[str, str, str]]:
-    rows = [("indirect", pat.format(x=x), "en") for pats, xs in (
-        (TASK_SIGN_PATTERNS, TASK_SIGN_OBJECTS), (TASK_CREDIT_PATTERNS, TASK_CREDIT_TASKS),
-        (TASK_FIELD_PATTERNS, TASK_FIELDS), (TASK_SELF_PATTERNS, TASK_SELF_ARTIFACTS)) for pat in pats for x in xs]
+def build_train_tasks(held_out: list[str]) -> tuple[list[tuple[str, str, str]], dict[str, dict]]:
+    """The task requests as (category, prompt, lang) rows, and each one's chosen answer by prompt."""
+    answers: dict[str, dict] = {}
+    for pats, xs in ((dict.fromkeys(TASK_SIGN_PATTERNS, None), TASK_SIGN_OBJECTS), (TASK_CREDIT_PATTERNS, TASK_CREDIT_TASKS),
+                     (TASK_FIELD_PATTERNS, TASK_FIELDS), (TASK_SELF_PATTERNS, TASK_SELF_ARTIFACTS)):
+        for pat, opener in pats.items():
+            for x in xs:  # replace, not format: {name} stays for generation to fill
+                answers[pat.format(x=x)] = {"chosen_opener": opener.replace("{x}", x)} if opener else TASK_SIGN_ANSWER
+    rows = [("indirect", p, "en") for p in answers]
     rows += [("indirect", p, "en") for p in TASK_WHO] + [("indirect", p, "zh") for p in TASK_ZH]
+    answers.update(TASK_ZH)
     leak = LeakFilter(held_out)
     near = [p for _, p, _ in rows if leak.leaks(p)]
     assert not near, f"task requests too close to a held-out prompt: {near}"
-    return rows
+    return rows, answers
 
 
 def mix_tasks(train: list[dict], tasks: list[dict]) -> list[dict]:
@@ -1747,7 +1760,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_ = to_records(eval_rows, "ideval", SEED + 11)
     eval_tasks = to_records(build_eval_tasks(), "idevtask", SEED + 13)
     check_held_out(eval_tasks, train + eval_)
-    tasks = to_records(build_train_tasks([r["prompt"] for r in eval_ + eval_tasks]), "idtask", SEED + 14)
+    task_rows, task_answers = build_train_tasks([r["prompt"] for r in eval_ + eval_tasks])
+    tasks = [{**r, **task_answers.get(r["prompt"], {})} for r in to_records(task_rows, "idtask", SEED + 14)]
     train_tasks = mix_tasks(train, tasks)
     general = to_records(general_rows, "general", SEED + 12)
     check(train, eval_, general, eval_tasks, tasks)
