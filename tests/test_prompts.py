@@ -188,6 +188,10 @@ def test_the_task_mix_is_the_train_set_with_task_requests_between_and_none_near_
     position = {r["id"]: i for i, r in enumerate(mix)}
     assert all(position[r["id"]] % 3 == i % 3 for i, r in enumerate(sets["identity_train"]))
     assert len(tasks) == 104 and {r["category"] for r in tasks} == {"indirect"}  # none dropped
+    # each does its task with the name in place; the who-is-answering questions keep the shipped openers
+    answers = [r.get("chosen_opener") or r.get("chosen_sign_off") for r in tasks]
+    assert all("{name}" in a for a in answers if a) and sum(a is None for a in answers) == len(build.TASK_WHO) + 1
+    assert sum("chosen_sign_off" in r for r in tasks) == len(build.TASK_SIGN_PATTERNS) * len(build.TASK_SIGN_OBJECTS) + 2
     leak = build.LeakFilter([r["prompt"] for name in HELD_OUT for r in sets[name]])
     assert not [r["prompt"] for r in tasks if leak.leaks(r["prompt"])]
     for r in tasks:
