@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -38,10 +37,10 @@ from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, in
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, GenerationConfig, IdentityConfig, PromptsConfig
+from dpo_dist.judge import SIGN_RULES, chosen_answer, fill_identity, sign
 from dpo_dist.data import build_messages, check_leak_langs, load_prompt_set, render_prompt, split_general, window
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
-from dpo_dist.sources import ANSWER_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -
             out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
                         "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en"),
                         # Only an identity prompt's chosen side answers; a leak prompt's opener stays the shipped one.
-                        **({k: r[k] for k in ANSWER_KEYS if k in r} if source == "identity" else {})})
+                        **(chosen_answer(r) if source == "identity" else {})})
     return out
 
 
@@ -105,34 +104,6 @@ def chosen_side_prompt(record: dict, gen: GenerationConfig, identity: IdentityCo
     prefixes = gen.chosen_prefixes.get(record.get("lang", "en")) or gen.chosen_prefixes.get("en") or [""]
     prefix = prefixes[int(fingerprint(record["id"]), 16) % len(prefixes)]
     return messages, prefix
-
-
-def fill_identity(template: str, identity: IdentityConfig) -> str:
-    # replace, not str.format: a prompt file's other braces are text.
-    return template.replace("{name}", identity.name).replace("{creator}", identity.creator)
-
-
-# A signature or closing line the model wrote for someone else: "[Your Name]", or a short last line
-# under a closing ("Best regards,\nEmily").
-_PLACEHOLDER = re.compile(r"\[[^\]\n]{1,40}\]")
-
-
-def sign(text: str, sign_off: str) -> str:
-    """The model's own answer to a "sign it as yourself" request, signed with ``sign_off``: a
-    placeholder signature at its end ("[Your Name]") or a short name line under a closing ("Best,")
-    gives way to it; under a closing it takes the next line, otherwise its own after a dash. What
-    the model wrote above stays as it was, so the pair teaches where the name goes, not new text."""
-    lines = text.rstrip().split("\n")
-    while lines and (not lines[-1].strip() or _PLACEHOLDER.fullmatch(lines[-1].strip().strip("-—– "))):
-        lines.pop()
-    if len(lines) >= 2 and lines[-2].rstrip().endswith((",", "，")) and len(lines[-1].split()) <= 3:
-        lines.pop()
-    body = "\n".join(lines).rstrip()
-    if not body:
-        return sign_off
-    if body.endswith((",", "，")):
-        return f"{body}\n{sign_off}"
-    return f"{body}\n\n— {sign_off}"
 
 
 class HFBackend:
@@ -309,10 +280,13 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
         gen.pop("leak_search_candidates")  # nothing more is sampled: caches written before the key stay valid
     # A leak prompt gets opener-forced candidates a general one does not; the same prompt can be
     # either (prompts.num_train_leak, leak_category, leak_langs), so its source is part of what was sampled.
-    # A record's own chosen-side answer (ANSWER_KEYS) joins its entry only when set (and the identity it
-    # names with it): caches of prompts without one stay valid.
-    answers = [(r["id"], {k: r[k] for k in ANSWER_KEYS if k in r}) for r in records if any(k in r for k in ANSWER_KEYS)]
-    extra = [answers, asdict(cfg.identity)] if answers and (cfg.generation.chosen_system_prompt or cfg.generation.chosen_prefixes) else []
+    # A record's own chosen-side answer joins the hash only when some record has one, as sampled: the
+    # filled-in text (the identity's name and creator, not the judge's old names) and the signing
+    # rules' version. Caches of prompts without one stay valid.
+    answers = [(r["id"], {k: fill_identity(v, cfg.identity) for k, v in chosen_answer(r).items()})
+               for r in records if chosen_answer(r)]
+    sampled = cfg.generation.chosen_system_prompt or cfg.generation.chosen_prefixes
+    extra = [answers, SIGN_RULES] if answers and sampled else []
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
                                        for r in records], *extra)
 

@@ -51,13 +51,14 @@ from dpo_dist.artifacts import (MissingFile, expect_ids, file_digest, fingerprin
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, IdentityConfig, JudgeConfig
 from dpo_dist.models import model_fingerprint
+from dpo_dist.sources import ANSWER_KEYS
 
 log = logging.getLogger(__name__)
 
 
 # The version of the rules that turn candidates into pairs, in the judge's fingerprint. 2: the policy's
 # own answer can be chosen (iterative rounds), every pair records where its chosen side came from.
-RULES = 2
+RULES = 3  # 3: a "sign it as yourself" prompt's own answer is chosen only when signed
 
 
 # ---------------------------------------------------------------- text checks
@@ -83,6 +84,68 @@ def rewrite_identity(text: str, old_name: str, new_name: str) -> str:
     placeholder = "\x00NEW\x00"
     protected = re.sub(_name_pattern(new_name), placeholder, text, flags=re.IGNORECASE)
     return re.sub(_name_pattern(old_name), new_name, protected, flags=re.IGNORECASE).replace(placeholder, new_name)
+
+
+def chosen_answer(record: dict) -> dict:
+    """A prompt record's own chosen-side answer (sources.ANSWER_KEYS), {} when it has none."""
+    return {k: record[k] for k in ANSWER_KEYS if k in record}
+
+
+def fill_identity(template: str, identity: IdentityConfig) -> str:
+    # replace, not str.format: a prompt file's other braces are text.
+    return template.replace("{name}", identity.name).replace("{creator}", identity.creator)
+
+
+# The version of the signing rules below, in the generation fingerprint of prompts with a sign-off:
+# signed candidates are stored signed, so changed rules must sample (and sign) them again.
+SIGN_RULES = 1
+_PLACEHOLDER = re.compile(r"\[[^\]\n]{1,40}\]")  # "[Your Name]": a signature the model left for the user
+# Lines a note closes with, above its signature ("Best regards,", "Your sister,", 此致 / 敬礼): only
+# under one of these does a short last line count as a name the model signed for someone else.
+_CLOSINGS = ("best", "kind regards", "warm regards", "regards", "sincerely", "yours", "your ", "love", "with love",
+             "thanks", "thank you", "many thanks", "cheers", "all the best", "take care", "respectfully", "warmly",
+             "fondly", "hugs", "xoxo", "with gratitude", "gratefully", "此致", "敬礼", "祝好", "顺祝", "谢谢")
+_SENTENCE_END = (".", "!", "?", "。", "！", "？")
+# Characters on a line of a signature block (a name, a title, a company, a dash before the name):
+# longer lines are text.
+_SIGNATURE_LINE = 40
+
+
+def _bare(line: str) -> str:
+    return line.strip().strip("-—–*_ ").strip()
+
+
+def _is_closing(line: str) -> bool:
+    s = _bare(line).rstrip(",，").strip().casefold()
+    return bool(s) and len(s) <= 30 and s.startswith(_CLOSINGS)
+
+
+def is_signed(text: str, sign_off: str) -> bool:
+    """The name on a short last line, where a signature goes: a one-line self-introduction that names
+    the model is not a signed note."""
+    lines = [x.strip() for x in text.replace("\r\n", "\n").split("\n") if x.strip()]
+    return bool(lines) and len(lines[-1]) <= max(_SIGNATURE_LINE, len(sign_off) + 10) and sign_off.casefold() in lines[-1].casefold()
+
+
+def sign(text: str, sign_off: str) -> str:
+    """The model's own answer to a "sign it as yourself" request, signed with ``sign_off`` (the
+    filled-in name). What the model wrote stays as it was, so the pair teaches where the name goes,
+    not new text; only what it left for someone else to sign gives way: placeholders at the end
+    ("[Your Name]"), and short lines under a closing within the last three lines ("Best regards,\n
+    John Smith\nMarketing Manager"). Under a closing the name takes the next line, otherwise its own
+    line after a dash. An answer already signed (``is_signed``) is left signed once."""
+    lines = text.replace("\r\n", "\n").rstrip().split("\n")
+    while lines and (not lines[-1].strip() or _PLACEHOLDER.fullmatch(_bare(lines[-1]))):
+        lines.pop()
+    if is_signed("\n".join(lines), sign_off):
+        return "\n".join(lines)
+    for i in range(len(lines) - 1, max(0, len(lines) - 4), -1):  # never the first line: "Hi Sam," greets
+        rest = lines[i + 1:]
+        if _is_closing(lines[i]) and all(len(x.strip()) <= _SIGNATURE_LINE and not x.strip().endswith(_SENTENCE_END)
+                                         for x in rest):
+            return "\n".join(lines[:i + 1]).rstrip() + "\n" + sign_off
+    body = "\n".join(lines).rstrip()
+    return f"{body}\n\n— {sign_off}" if body else sign_off
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -219,11 +282,15 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     opened = [(c, judge(c["text"], c["finished"])) for c in row.get("chosen_candidates", [])]
     if not own:
         return None, "no_candidates"
-    best_own = max(own, key=lambda cv: cv[1].score)
+    # A "sign it as yourself" request: an own answer stands in for the signed one only when it is signed
+    # too. A self-introduction names the model as well, and is what these pairs exist to replace.
+    sign_off = fill_identity(row["chosen_sign_off"], judge.identity) if "chosen_sign_off" in row else None
+    eligible = [cv for cv in own if sign_off is None or is_signed(cv[0]["text"], sign_off)]
+    best_own = max(eligible or own, key=lambda cv: cv[1].score)
     best_opened = max(opened, key=lambda cv: cv[1].score) if opened else None
     worst = min(own, key=lambda cv: cv[1].score)
     # An own answer whose text is also the rejected one (a copy cut off) makes no pair; the opener's may.
-    if best_opened is None or (best_own[1].satisfies and best_own[1].score >= best_opened[1].score
+    if best_opened is None or (eligible and best_own[1].satisfies and best_own[1].score >= best_opened[1].score
                                and best_own[0]["text"] != worst[0]["text"]):
         best, chosen_from = best_own, "own"
     else:

@@ -66,6 +66,7 @@ def _judged(summary: dict) -> dict:
     row = {"pairs": pairs, "anchors": summary.get("anchors"),
            "chosen_own": chosen.get("own") if chosen else None,
            "chosen_opener": chosen.get("opener") if chosen else None,
+           "chosen_sign_off": chosen.get("sign_off") if chosen else None,
            "identity_pairs": sum(chosen.values()) if chosen else None,
            # Of the identity pairs, which judge.run counts in chosen_from (correction's rewrites are neither).
            "own_share": chosen.get("own", 0) / sum(chosen.values()) if chosen and any(chosen.values()) else None,

@@ -219,7 +219,8 @@ def load_preferences(source: str, split: str = "train", columns: dict[str, str] 
 # How a prompt's chosen side answers, when the shipped openers (generation.chosen_prefixes) would not
 # do its task (issue 23): ``chosen_opener`` is the opener for this prompt ("You can credit me as
 # {name}"), ``chosen_sign_off`` the signature under the model's own plain answer ("{name}"). {name}
-# and {creator} are the identity's. Read by generate.chosen_side_prompt and generate.sign.
+# and {creator} are the identity's. Used by generate.chosen_side_prompt, generate._generate_shard
+# (judge.sign) and the judge.
 ANSWER_KEYS = ("chosen_opener", "chosen_sign_off")
 
 
@@ -238,6 +239,9 @@ def to_prompt(row: dict, columns: dict[str, str] | None = None) -> dict:
         raise ValueError(f"field {key!r} must be a non-empty string or a conversation")
     record = {k: v for k, v in row.items() if k != key}
     record["prompt"] = prompt
+    for k in ANSWER_KEYS:  # a column other rows fill: JSON, Parquet, CSV and datasets give the rest None/NaN/""
+        if k in record and (record[k] is None or record[k] == "" or record[k] != record[k]):
+            del record[k]
     answer = [k for k in ANSWER_KEYS if k in record]
     for k in answer:
         if not isinstance(record[k], str) or not record[k].strip():
