@@ -37,8 +37,8 @@ from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, in
                                 reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, GenerationConfig, IdentityConfig, PromptsConfig
-from dpo_dist.judge import SIGN_RULES, chosen_answer, fill_identity, sign
 from dpo_dist.data import build_messages, check_leak_langs, load_prompt_set, render_prompt, split_general, window
+from dpo_dist.judge import SIGN_RULES, chosen_answer, fill_identity, sign
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from dpo_dist.progress import Progress
 

@@ -14,7 +14,8 @@ end-of-turn token, -1 outside the length bounds, -1 for naming an old creator
 dropped, and counted by reason, when best and worst tie, or when the best does not satisfy the rule
 (claims the new name, not the old, fluent, finished). With context-distillation candidates
 (``chosen_candidates``), chosen comes from those and rejected from the model's own answers to the
-training prompt, unless an own answer satisfies the rule and scores no lower (a trained policy, issue 23).
+training prompt, unless an own answer satisfies the rule and scores no lower (a trained policy, issue 23);
+for a prompt whose record asks its answer signed (``chosen_sign_off``) only a signed own answer does.
 
 General instructions (``prompts.num_train_general``) keep the rest of the model's behaviour: chosen
 is its own best plain answer (no identity named, not degenerate), rejected its worst, or for a few
@@ -275,7 +276,7 @@ def pair_best_worst(row: dict, judge: IdentityJudge) -> tuple[dict | None, str]:
     names itself unaided gives on-policy pairs, while the base model, whose own answers do not name
     the new identity, gets the opener answer as before. Rejected is the worst own answer.
     ``meta.chosen_from`` says which side chosen came from ("own", "opener", or "sign_off": the
-    model's answer signed with the record's ``chosen_sign_off``, generate.sign)."""
+    model's answer signed with the record's ``chosen_sign_off`` by ``sign``)."""
     if row.get("source") in ("general", "leak"):
         return pair_general(row, judge)
     own = [(c, judge(c["text"], c["finished"])) for c in row["candidates"]]
