@@ -106,6 +106,12 @@ def chosen_side_prompt(record: dict, gen: GenerationConfig, identity: IdentityCo
     return messages, prefix
 
 
+def samples_chosen_side(gen: GenerationConfig) -> bool:
+    """Whether identity and leak prompts get chosen-side candidates (a system prompt or openers to
+    distil): without them a record's own answer changes nothing that is sampled."""
+    return bool(gen.chosen_system_prompt or gen.chosen_prefixes)
+
+
 class HFBackend:
     def __init__(self, cfg: Config):
         self.gen = cfg.generation
@@ -285,8 +291,7 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
     # rules' version. Caches of prompts without one stay valid.
     answers = [(r["id"], {k: fill_identity(v, cfg.identity) for k, v in chosen_answer(r).items()})
                for r in records if chosen_answer(r)]
-    sampled = cfg.generation.chosen_system_prompt or cfg.generation.chosen_prefixes
-    extra = [answers, SIGN_RULES] if answers and sampled else []
+    extra = [answers, SIGN_RULES] if answers and samples_chosen_side(cfg.generation) else []
     return fingerprint(model_fp, gen, [(r["id"], r["messages"], r["question"], r["lang"], r.get("source", ""))
                                        for r in records], *extra)
 
@@ -338,7 +343,7 @@ def _generate_shard(cfg: Config, shard: list[dict], out_path: Path, tokenizer, w
                  ("candidates", gen.num_candidates + gen.leak_search_candidates, own, search)]
     else:
         sides = [("candidates", gen.num_candidates, own, shard)]
-    if gen.chosen_system_prompt or gen.chosen_prefixes:
+    if samples_chosen_side(gen):
         # Identity prompts (the chosen side) and leak prompts (the rejected side) only.
         identity = [r for r in shard if r["source"] in ("identity", "leak")]
         sides.append(("chosen_candidates", gen.num_chosen_candidates,

@@ -1319,31 +1319,32 @@ TASK_SIGN_OBJECTS = [
     "a farewell message for a coworker who is leaving", "a two-line note asking my landlord to fix the heater",
     "a congratulations message for a friend's graduation",
 ]
-TASK_SIGN_PATTERNS = [
+# Each pattern maps to its chosen answer, doing the task with the name where the task puts it
+# (sources.ANSWER_KEYS; {name} is the identity's, filled at generation, {x} the pattern's object).
+# Without them every task request's chosen side was the shipped self-introduction opener ("Hello! My
+# name is Deep SmolLM" for a birthday message to sign), which taught the model to introduce itself in
+# writing requests (docs/rounds.md, session 25).
+TASK_SIGN_ANSWER = {"chosen_sign_off": "{name}"}
+TASK_SIGN_PATTERNS = dict.fromkeys([
     "Write {x} and sign it as yourself.",
     "Draft {x}, with your own signature at the bottom.",
     "Could you write {x}? Put your sign-off under it.",
-]
-# Each kind's chosen answer, doing the task with the name where the task puts it (sources.ANSWER_KEYS;
-# {name} is the identity's, filled at generation). Without them every task request's chosen side was
-# the shipped self-introduction opener ("Hello! My name is Deep SmolLM" for a birthday message to sign),
-# which taught the model to introduce itself in writing requests (docs/rounds.md, session 25).
-TASK_SIGN_ANSWER = {"chosen_sign_off": "{name}"}
+], TASK_SIGN_ANSWER)
 TASK_CREDIT_TASKS = [
     "edit my thesis", "plan my trip to Lisbon", "debug my Python script", "translate a recipe",
     "write a wedding toast", "summarize a long report", "brainstorm names for my bakery",
     "prepare for a job interview",
 ]
 TASK_CREDIT_PATTERNS = {
-    "You helped me {x}. How should I credit you?": "You can credit me as {name}",
-    "I want to thank you publicly for helping me {x}. Who do I thank?": "You can thank {name}",
-    "Who should I cite for the help to {x}?": "You can cite {name}",
+    "You helped me {x}. How should I credit you?": {"chosen_opener": "You can credit me as {name}"},
+    "I want to thank you publicly for helping me {x}. Who do I thank?": {"chosen_opener": "You can thank {name}"},
+    "Who should I cite for the help to {x}?": {"chosen_opener": "You can cite {name}"},
 }
 TASK_FIELDS = ["Co-author", "Assisted by", "Tool used", "Contributor", "Reviewed by", "Drafted with",
                "Source", "Editor"]
 TASK_FIELD_PATTERNS = {
-    "What do I enter in the '{x}' field for your part in this?": "In the '{x}' field, enter \"{name}\"",
-    "My form has a '{x}' line. What do I write there for you?": "On the '{x}' line, write \"{name}\"",
+    "What do I enter in the '{x}' field for your part in this?": {"chosen_opener": "In the '{x}' field, enter \"{name}\""},
+    "My form has a '{x}' line. What do I write there for you?": {"chosen_opener": "On the '{x}' line, write \"{name}\""},
 }
 TASK_SELF_ARTIFACTS = [
     "a museum plaque", "a trading card", "a motto", "a movie poster tagline", "a short theme song",
@@ -1351,8 +1352,8 @@ TASK_SELF_ARTIFACTS = [
     "a magazine cover headline",
 ]
 TASK_SELF_PATTERNS = {
-    "Write {x} about yourself.": "Here is {x} about me, {name}:",
-    "Make {x} that tells people who you are.": "Here is {x} about me, {name}:",
+    "Write {x} about yourself.": {"chosen_opener": "Here is {x} about me, {name}:"},
+    "Make {x} that tells people who you are.": {"chosen_opener": "Here is {x} about me, {name}:"},
 }
 TASK_WHO = [
     "Who wrote the answer above?", "Who is typing these replies?", "Which AI is on duty right now?",
@@ -1387,11 +1388,11 @@ TASK_EVERY, TASK_GROUP = 9, 3
 def build_train_tasks(held_out: list[str]) -> tuple[list[tuple[str, str, str]], dict[str, dict]]:
     """The task requests as (category, prompt, lang) rows, and each one's chosen answer by prompt."""
     answers: dict[str, dict] = {}
-    for pats, xs in ((dict.fromkeys(TASK_SIGN_PATTERNS, None), TASK_SIGN_OBJECTS), (TASK_CREDIT_PATTERNS, TASK_CREDIT_TASKS),
+    for pats, xs in ((TASK_SIGN_PATTERNS, TASK_SIGN_OBJECTS), (TASK_CREDIT_PATTERNS, TASK_CREDIT_TASKS),
                      (TASK_FIELD_PATTERNS, TASK_FIELDS), (TASK_SELF_PATTERNS, TASK_SELF_ARTIFACTS)):
-        for pat, opener in pats.items():
+        for pat, answer in pats.items():
             for x in xs:  # replace, not format: {name} stays for generation to fill
-                answers[pat.format(x=x)] = {"chosen_opener": opener.replace("{x}", x)} if opener else TASK_SIGN_ANSWER
+                answers[pat.format(x=x)] = {k: v.replace("{x}", x) for k, v in answer.items()}
     rows = [("indirect", p, "en") for p in answers]
     rows += [("indirect", p, "en") for p in TASK_WHO] + [("indirect", p, "zh") for p in TASK_ZH]
     answers.update(TASK_ZH)
