@@ -391,18 +391,25 @@ def test_two_rounds_second_samples_from_the_first_policy_and_a_finished_round_is
 
 
 @pytest.mark.slow
+@pytest.mark.multiproc
 def test_a_multirun_over_seeds_runs_each_jobs_rounds_in_its_own_directory_and_tabulates_the_last(tmp_path):
-    """Three seeds of a setting as users sweep them (Hydra's basic launcher: the jobs one after
-    another in one process), two here: each job's round 2 samples from its own round 1's policy,
-    and `python -m dpo_dist.sweep` reads each job's last round, with the worst over the seeds."""
+    """Three seeds of a setting as users sweep them on a multi-GPU node (Hydra's basic launcher under
+    torchrun: every rank runs the jobs one after another in its process), two seeds on two ranks
+    here: each job's rounds make and leave a process group of their own, four in one torchrun store;
+    each job's round 2 samples from its own round 1's policy, and `python -m dpo_dist.sweep` reads
+    each job's last round, with the worst over the seeds. (One process runs a multirun of rounds in
+    tests/test_vllm.py.)"""
     sweep_dir = tmp_path / "sweep"
     proc = run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS,
-                                           "generation.seed=0,1", "train.seed=${generation.seed}"], timeout=2400)
+                                           "generation.seed=0,1", "train.seed=${generation.seed}"], nproc=2, timeout=2400)
     jobs = [sweep_dir / "0", sweep_dir / "1"]
     for job in jobs:
         gen = json.loads((job / "round-2" / "generate" / "manifest.json").read_text())
         assert gen["model"] == str(job / "round-1" / "train" / "final")  # its own round 1, not the other job's
+        assert gen["world_size"] == 2
         assert [r["round"] for r in json.loads((job / "rounds.json").read_text())["rounds"]] == [1, 2]
+        for k in (1, 2):
+            assert json.loads((job / f"round-{k}" / "train" / "summary.json").read_text())["world_size"] == 2
     # Each job ran with its own seed: round 1 sampled other answers to the same prompts.
     first = [read_jsonl(job / "round-1" / "generate" / "candidates.jsonl") for job in jobs]
     assert [r["question"] for r in first[0]] == [r["question"] for r in first[1]]

@@ -10,6 +10,8 @@
   the checkpoint, and the final metrics equal those of the uninterrupted run.
 - A 2x2 beta/lr Hydra sweep through hydra-submitit-launcher runs as 4 Slurm jobs, each in its own
   run directory, and `python -m dpo_dist.sweep` tabulates the 4 runs.
+- Two rounds run as srun steps, each step deriving its round's settings; a two-seed sweep of two
+  rounds runs under `srun -n 2` without torchrun, a process group per round in each task.
 
 Without `sbatch` these tests skip, unless DPO_DIST_REQUIRE_SLURM=1 (CI), where they fail.
 """
@@ -142,11 +144,19 @@ def test_sbatch_pipeline_two_ranks(tmp_path):
 
 def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     """rounds.num=2: each round's stages as steps of their own (pipeline entry, rounds.only=<k>), round 2
-    sampling from round 1's exported policy."""
+    sampling from round 1's exported policy. Each step derives its round's settings itself, round 2's
+    own ones (`rounds.later`: one training step, shorter answers) included, and its prompts from a
+    general pool round 1 left half used up: round 2 takes the 3 fresh ones, then 3 of round 1's,
+    never the evaluation's."""
     from test_rounds import MECHANICS, TWO_ROUNDS
 
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(log, ["--cpus-per-task=2"], [*MECHANICS, *TWO_ROUNDS, "wandb.mode=disabled"], NPROC_PER_NODE="1", RUN_DIR=str(run_dir))
+    later = "rounds.later=[train.max_steps:1,generation.max_new_tokens:24]"
+    # 12 general prompts: the evaluation's 3 (eval.num_general), 6 for round 1 (4 + 2 leak), 3 left.
+    pool = tmp_path / "general.jsonl"
+    pool.write_text("".join((REPO / "dpo_dist" / "prompts" / "general.jsonl").read_text().splitlines(keepends=True)[:12]))
+    job = submit(log, ["--cpus-per-task=2"], [*MECHANICS, *TWO_ROUNDS, later, f"prompts.general={pool}", "wandb.mode=disabled"],
+                 NPROC_PER_NODE="1", RUN_DIR=str(run_dir))
     assert_completed(wait_for(job, log, timeout=1800), log)
     out = log.read_text()
     assert "2 rounds" in out and "pipeline.sbatch: done" in out
@@ -155,6 +165,17 @@ def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     gen = json.loads((run_dir / "round-2" / "generate" / "manifest.json").read_text())
     assert gen["model"] == str(run_dir / "round-1" / "train" / "final")
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [1, 2]
+    steps = [json.loads((run_dir / f"round-{k}" / "train" / "summary.json").read_text())["steps"] for k in (1, 2)]
+    assert steps == [2, 1], steps
+    lengths = [[c["num_tokens"] for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()
+                for c in json.loads(line)["candidates"]] for k in (1, 2)]
+    assert max(lengths[0]) > 24 >= max(lengths[1]), lengths
+    general = [{r["question"] for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()
+                if (r := json.loads(line))["source"] in ("general", "leak")} for k in (1, 2)]
+    evaluated = {json.loads(line)["prompt"] for line in pool.read_text().splitlines()[:3]}
+    assert len(general[0]) == len(general[1]) == 6 and len(general[1] - general[0]) == 3, general
+    assert not (general[0] | general[1]) & evaluated
+    assert "round 2 trains again on 3 of its 6 general prompts" in out, out[-3000:]
 
 STAND_IN = """#!/bin/bash
 # The real interpreter for the script's config reads (the planner's lead time, the number of rounds);
@@ -238,26 +259,37 @@ def test_the_batch_shell_is_one_process_and_each_srun_task_a_rank(tmp_path):
     assert lines == ["shell: rank 0 of 1", "task: rank 0 of 2", "task: rank 1 of 2"], log.read_text()[-3000:]
 
 
-def test_a_sweep_under_srun_without_torchrun_gives_each_job_its_own_process_group(tmp_path, pairs_file):
-    """`srun -n 2 python -m dpo_dist.train -m ...`: each task runs the jobs one after another, and each
-    job makes its process group anew, rank 0's TCP store on the same port (from the job id) as the
-    job before it. torch's env:// rendezvous shares one store server per port within a process, so
-    the second job's group finds the first one's keys: without a namespace of its own per group
-    (dist.init's PrefixStore) its ranks read the old group's (planted: job #1 hung once, failed
-    once on a gloo read error). The collective timeout is cut to 2 min so that a hang fails in
-    minutes, not at the test's limit."""
+def test_a_pipeline_sweep_under_srun_without_torchrun_gives_each_round_its_own_process_group(tmp_path):
+    """`srun -n 2 python -m dpo_dist.pipeline -m ...`, two seeds of two rounds: each task runs the jobs
+    one after another, and each round of each job makes its process group anew (four in a task),
+    rank 0's TCP store on the same port (from the job id) as the group before it. torch's env://
+    rendezvous shares one store server per port within a process, so a later group finds the
+    earlier ones' keys: without a namespace of its own per group (dist.init's PrefixStore) its ranks
+    read an old group's (planted, training alone: a job hung once, failed once on a gloo read
+    error). The collective timeout is cut to 2 min so that a hang fails in minutes, not at the
+    test's limit."""
+    import shlex
+
+    from test_rounds import MECHANICS, TWO_ROUNDS
+
     script, log, sweep_dir = tmp_path / "sweep.sh", tmp_path / "sweep.out", tmp_path / "sweep"
-    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} -m dpo_dist.train -m "
-                      f"hydra.sweep.dir={sweep_dir} loss.beta=0.05,0.1 data.pairs={pairs_file} "
-                      f"{' '.join(TRAIN)} train.max_steps=1\n")
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS, "generation.seed=0,1",
+            "train.seed=${generation.seed}", "wandb.mode=disabled"]
+    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} -m dpo_dist.pipeline "
+                      f"{' '.join(shlex.quote(a) for a in args)}\n")
     proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
                           cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "2"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=600), log)
-    for job, beta in ((0, 0.05), (1, 0.1)):
-        summary = json.loads((sweep_dir / str(job) / "train" / "summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["steps"] == 1, summary
-        assert f"- loss.beta={beta}\n" in (sweep_dir / str(job) / ".hydra" / "overrides.yaml").read_text()
+    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=1800), log)
+    for seed in (0, 1):
+        job = sweep_dir / str(seed)
+        assert [r["round"] for r in json.loads((job / "rounds.json").read_text())["rounds"]] == [1, 2]
+        gen = json.loads((job / "round-2" / "generate" / "manifest.json").read_text())
+        assert gen["model"] == str(job / "round-1" / "train" / "final") and gen["world_size"] == 2
+        for k in (1, 2):
+            summary = json.loads((job / f"round-{k}" / "train" / "summary.json").read_text())
+            assert summary["world_size"] == 2 and summary["steps"] == 2, summary
+        assert f"- generation.seed={seed}\n" in (job / ".hydra" / "overrides.yaml").read_text()
     table = subprocess.run([sys.executable, "-m", "dpo_dist.sweep", str(sweep_dir)], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
     assert "2 runs, 2 finished." in table, table

@@ -42,21 +42,33 @@ def _run_vllm(vllm_python, overrides):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
+# Records that carry their chosen side's answer (sources.ANSWER_KEYS): the opener goes to the engine
+# as a token prefix, the sign-off signs the engine's own answer after it returns.
+ANSWERS = [{"prompt": "You helped me plan a trip. How should I credit you?", "chosen_opener": "You can credit me as {name}"},
+           {"prompt": "Write a two-line note welcoming Sam to the team and sign it as yourself.", "chosen_sign_off": "{name}"}]
+
+
 def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q, "lang": "en"}) + "\n" for i, q in enumerate(QUESTIONS)))
+    rows = [{"prompt": q} for q in QUESTIONS] + ANSWERS
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", **r, "lang": "en"}) + "\n" for i, r in enumerate(rows)))
     greedy = [f"prompts.train={prompts}", "prompts.num_train_general=0", "prompts.num_train_leak=0", "generation.temperature=0", "generation.num_candidates=1",
               "generation.num_chosen_candidates=1", "generation.max_new_tokens=48"]
     run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'hf'}", *greedy])
     _run_vllm(vllm_python, [f"run_dir={tmp_path / 'vllm'}", "generation=vllm", *greedy])
     hf, vl = _candidates(tmp_path / "hf"), _candidates(tmp_path / "vllm")
-    assert hf.keys() == vl.keys() and len(hf) == len(QUESTIONS)
+    assert hf.keys() == vl.keys() and len(hf) == len(rows)
     manifest = json.loads((tmp_path / "vllm" / "generate" / "manifest.json").read_text())
     assert manifest["backend"] == "vllm"
     # fp32 on both sides, same prompt tokens: greedy answers agree exactly, both sides of the pair.
     for key in ("candidates", "chosen_candidates"):
         mismatched = [i for i in hf if hf[i][key][0]["text"] != vl[i][key][0]["text"]]
         assert not mismatched, {i: (hf[i][key][0]["text"], vl[i][key][0]["text"]) for i in mismatched}
+    by_question = {r["question"]: r for r in vl.values()}
+    opener, signed = (by_question[a["prompt"]] for a in ANSWERS)
+    assert opener["chosen_candidates"][0]["text"].startswith("You can credit me as Deep SmolLM")
+    assert signed["chosen_candidates"][0]["signed"] and "Deep SmolLM" in signed["chosen_candidates"][0]["text"]
+    assert "Deep SmolLM" not in signed["candidates"][0]["text"] and "signed" not in signed["candidates"][0]
 
     sampled = [f"prompts.train={prompts}", "prompts.num_train_general=2", "prompts.num_train_leak=0", "generation=vllm", "generation.num_candidates=3",
                "generation.num_chosen_candidates=1", "generation.max_new_tokens=24"]
@@ -152,7 +164,8 @@ def test_rounds_sample_through_vllm_from_the_previous_rounds_export(tmp_path, vl
     (train.seed an interpolation, which Hydra hands the job escaped) and the round's settings. Round
     2's engine loads round 1's export (export_hf's files, the base model's tokenizer) and samples
     answers that name the new identity, which the base model's never do; the job's own .hydra
-    records stay as the sweep wrote them. (Evaluation is left out: tests/test_rounds.py runs it.)"""
+    records stay as the sweep wrote them. Round 2's own settings (`rounds.later`, shorter answers here)
+    reach the child as overrides. (Evaluation is left out: tests/test_rounds.py runs it.)"""
     from test_pipeline import SHORT
     from test_rounds import TWO_ROUNDS
 
@@ -162,13 +175,17 @@ def test_rounds_sample_through_vllm_from_the_previous_rounds_export(tmp_path, vl
     short = replaced(SHORT, {"optim.lr": "3e-4"})
     run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *short, *TWO_ROUNDS, "stages=[generate,judge,train]",
                                     "generation=vllm", f"generation.python={vllm_python}", "generation.seed=0",
-                                    "train.seed=${generation.seed}"], timeout=2400)
+                                    "train.seed=${generation.seed}", "rounds.later=[generation.max_new_tokens:32]"],
+              timeout=2400)
     job = sweep_dir / "0"
     one, two = job / "round-1", job / "round-2"
     manifests = [json.loads((r / "generate" / "manifest.json").read_text()) for r in (one, two)]
     assert [m["backend"] for m in manifests] == ["vllm", "vllm"]
     assert manifests[1]["model"] == str(one / "train" / "final")
     assert (two / "train" / "final" / "model.safetensors").is_file()
+    lengths = [[c["num_tokens"] for r in _candidates(run).values() for c in r["candidates"]] for run in (one, two)]
+    assert max(lengths[0]) > 32 >= max(lengths[1]), lengths
+    assert [m["sampling"]["max_new_tokens"] for m in manifests] == [48, 32]
 
     def own_identity_answers(run_dir):
         return [c["text"] for r in _candidates(run_dir).values() if r["source"] == "identity" for c in r["candidates"]]
