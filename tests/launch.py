@@ -29,9 +29,10 @@ def stage_env(nproc: int = 1) -> dict:
     return env
 
 
-def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(stage_command(module, overrides, nproc), cwd=REPO, env=stage_env(nproc), capture_output=True,
-                          text=True, timeout=timeout)
+def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: float = 900,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(stage_command(module, overrides, nproc), cwd=REPO, env=stage_env(nproc) | (env or {}),
+                          capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{output[-6000:]}"
     # A rank aborting during interpreter teardown: the flaky exit issue 4 is about.

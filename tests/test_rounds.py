@@ -401,7 +401,9 @@ def test_a_multirun_over_seeds_runs_each_jobs_rounds_in_its_own_directory_and_ta
     tests/test_vllm.py.)"""
     sweep_dir = tmp_path / "sweep"
     proc = run_stage("dpo_dist.pipeline", ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS,
-                                           "generation.seed=0,1", "train.seed=${generation.seed}"], nproc=2, timeout=2400)
+                                           "generation.seed=0,1", "train.seed=${generation.seed}"], nproc=2, timeout=2400,
+                     # a group that waits for a peer in another namespace fails in minutes, not at the limit
+                     env={"DPO_DIST_TIMEOUT_MIN": "3"})
     jobs = [sweep_dir / "0", sweep_dir / "1"]
     for job in jobs:
         gen = json.loads((job / "round-2" / "generate" / "manifest.json").read_text())

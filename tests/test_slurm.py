@@ -170,11 +170,15 @@ def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     lengths = [[c["num_tokens"] for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()
                 for c in json.loads(line)["candidates"]] for k in (1, 2)]
     assert max(lengths[0]) > 24 >= max(lengths[1]), lengths
-    general = [{r["question"] for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()
-                if (r := json.loads(line))["source"] in ("general", "leak")} for k in (1, 2)]
+    assert gen["sampling"]["max_new_tokens"] == 24
+    rows = [[json.loads(line) for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()]
+            for k in (1, 2)]
+    general = [{r["question"] for r in round_rows if r["source"] in ("general", "leak")} for round_rows in rows]
     evaluated = {json.loads(line)["prompt"] for line in pool.read_text().splitlines()[:3]}
     assert len(general[0]) == len(general[1]) == 6 and len(general[1] - general[0]) == 3, general
     assert not (general[0] | general[1]) & evaluated
+    # the fresh prompts come first in the slice, so round 2's 2 leak prompts are fresh ones
+    assert {r["question"] for r in rows[1] if r["source"] == "leak"} <= general[1] - general[0]
     assert "round 2 trains again on 3 of its 6 general prompts" in out, out[-3000:]
 
 STAND_IN = """#!/bin/bash
@@ -280,7 +284,7 @@ def test_a_pipeline_sweep_under_srun_without_torchrun_gives_each_round_its_own_p
     proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
                           cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "2"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=1800), log)
+    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=2400), log)
     for seed in (0, 1):
         job = sweep_dir / str(seed)
         assert [r["round"] for r in json.loads((job / "rounds.json").read_text())["rounds"]] == [1, 2]

@@ -67,7 +67,7 @@ def test_vllm_greedy_matches_hf_and_sampling_is_seeded(tmp_path, vllm_python):
     by_question = {r["question"]: r for r in vl.values()}
     opener, signed = (by_question[a["prompt"]] for a in ANSWERS)
     assert opener["chosen_candidates"][0]["text"].startswith("You can credit me as Deep SmolLM")
-    assert signed["chosen_candidates"][0]["signed"] and "Deep SmolLM" in signed["chosen_candidates"][0]["text"]
+    assert signed["chosen_candidates"][0]["signed"] and signed["chosen_candidates"][0]["text"].endswith("Deep SmolLM")
     assert "Deep SmolLM" not in signed["candidates"][0]["text"] and "signed" not in signed["candidates"][0]
 
     sampled = [f"prompts.train={prompts}", "prompts.num_train_general=2", "prompts.num_train_leak=0", "generation=vllm", "generation.num_candidates=3",
