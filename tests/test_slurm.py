@@ -27,6 +27,7 @@ import time
 
 import pytest
 
+from dpo_dist.artifacts import read_jsonl
 from launch import REPO, metrics, stage_env, write_identity_pairs
 from test_pipeline import SHORT as PIPELINE_SHORT
 
@@ -167,12 +168,10 @@ def test_sbatch_runs_each_round_as_srun_steps(tmp_path):
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [1, 2]
     steps = [json.loads((run_dir / f"round-{k}" / "train" / "summary.json").read_text())["steps"] for k in (1, 2)]
     assert steps == [2, 1], steps
-    lengths = [[c["num_tokens"] for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()
-                for c in json.loads(line)["candidates"]] for k in (1, 2)]
+    rows = [read_jsonl(run_dir / f"round-{k}" / "generate" / "candidates.jsonl") for k in (1, 2)]
+    lengths = [[c["num_tokens"] for r in round_rows for c in r["candidates"]] for round_rows in rows]
     assert max(lengths[0]) > 24 >= max(lengths[1]), lengths
     assert gen["sampling"]["max_new_tokens"] == 24
-    rows = [[json.loads(line) for line in (run_dir / f"round-{k}" / "generate" / "candidates.jsonl").read_text().splitlines()]
-            for k in (1, 2)]
     general = [{r["question"] for r in round_rows if r["source"] in ("general", "leak")} for round_rows in rows]
     evaluated = {json.loads(line)["prompt"] for line in pool.read_text().splitlines()[:3]}
     assert len(general[0]) == len(general[1]) == 6 and len(general[1] - general[0]) == 3, general
