@@ -518,6 +518,135 @@ def test_later_rounds_can_make_a_languages_general_prompts_leak_prompts_alone():
         rounds.check(compose(ROUNDS + ["rounds.leak_langs=[fr]"]))
 
 
+# A pool of six general prompts ("g0" ... "g5") and the slice of four a round takes from it.
+POOL = [{"id": f"g{i}", "prompt": f"q{i}", "lang": "zh" if i == 4 else "en", "category": "writing" if i % 2 else "fact",
+         "condition": CONDITIONS[i % 3]} for i in range(6)]
+SCORES = {"g0": -5.0, "g1": -0.5, "g2": -3.0, "g3": -0.5, "g4": -0.1, "g5": -9.0}
+
+
+@pytest.mark.parametrize("slice_ids, n, category, langs, leak, general", [
+    # The n highest scores of the whole pool, g1 before g3 (a tie: the pool's order); the slice's rest.
+    (["g2", "g3", "g4", "g5"], 2, "", [], ["g4", "g1"], ["g2", "g3"]),
+    (["g0", "g1", "g2", "g3"], 2, "", [], ["g4", "g1"], ["g0", "g2"]),
+    # A picked prompt of the slice leaves it; one from elsewhere takes a slice prompt's place.
+    (["g0", "g1", "g2", "g3"], 1, "", [], ["g4"], ["g0", "g1", "g2"]),
+    # leak_langs: the slice's Chinese prompts, then the n best outside the language.
+    (["g2", "g3", "g4", "g5"], 1, "", ["zh"], ["g4", "g1"], ["g2", "g3"]),
+    # leak_category: the n best of that category.
+    (["g0", "g2", "g4", "g5"], 2, "fact", [], ["g4", "g2"], ["g0", "g5"]),
+    (["g0", "g1", "g2", "g5"], 0, "", [], [], ["g0", "g1", "g2", "g5"]),
+])
+def test_likely_leak_prompts_are_the_pools_highest_scored(slice_ids, n, category, langs, leak, general):
+    from dpo_dist.generate import pick_likely
+
+    by_id = {r["id"]: {k: v for k, v in r.items() if k != "condition"} for r in POOL}
+    got_leak, got_general = pick_likely([by_id[i] for i in slice_ids], POOL, SCORES, n, category, langs)
+    assert [r["id"] for r in got_leak] == leak and [r["id"] for r in got_general] == general
+    # A picked prompt keeps the condition it was scored under; the Chinese prompts of the slice take theirs by place.
+    assert all(r["condition"] == POOL[int(r["id"][1:])]["condition"] for r in got_leak if r["id"] not in
+               [i for i in slice_ids if by_id[i]["lang"] in langs])
+    with pytest.raises(ConfigError, match=r"prompts.leak_pick=likely: 2 general prompts of category 'fact' to pick "
+                                          r"from, fewer than prompts.num_train_leak=3"):
+        pick_likely([by_id[i] for i in slice_ids], POOL, SCORES, 3, "fact", ["zh"])
+
+
+def test_leak_prompts_can_be_the_ones_the_policy_most_likely_introduces_itself_in(tmp_path, tiny_llama):
+    """prompts.leak_pick=likely: the generate stage scores every general prompt training may use (the
+    evaluation's apart) by the sampling policy's log-prob of "I'm <name>" (and, for a Chinese prompt,
+    of "我是<name>") after it, in left-padded batches; each score is the one an unpadded forward
+    pass of that prompt alone gives. The round's leak prompts are the highest scored, under the
+    condition each was scored with; the scores are written once, reused by a re-run, and a damaged
+    file is scored again."""
+    import torch
+
+    from dpo_dist import generate
+    from dpo_dist.artifacts import read_json
+    from dpo_dist.data import build_messages, render_prompt
+    from dpo_dist.models import load_model
+
+    base = [f"model.path={tiny_llama}", "generation=hf", "prompts.num_train=2", "prompts.num_train_general=4",
+            "prompts.num_train_leak=3", "generation.num_candidates=1", "generation.max_new_tokens=2",
+            "prompts.leak_pick=likely", f"run_dir={tmp_path / 'run'}"]
+    cfg = compose(base)
+    records = read_jsonl(generate.run(cfg))
+    scores_file = tmp_path / "run" / "generate" / "leak_scores.json"
+    scores = read_json(scores_file)["scores"]
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    pool = generate.likely_pool(cfg.prompts, cfg.eval.num_general, [])
+    assert [r["id"] for r in pool] == [r["id"] for r in split_general(cfg.prompts.general, cfg.eval.num_general, 280)[1]]
+    assert set(scores) == {r["id"] for r in pool}
+
+    # Each score as one unpadded forward pass of that prompt and opener gives it (an English and a
+    # Chinese prompt, in batches of different widths).
+    model = load_model(cfg.model).eval()
+    for r in [r for r in pool if r["lang"] == "zh"][:2] + pool[:3]:
+        prompt = render_prompt(tok, build_messages(r["prompt"], r["condition"], cfg.prompts.neutral_system_prompt, tok))
+        best = -float("inf")
+        for opener in (["我是Deep SmolLM"] if r["lang"] == "zh" else []) + ["I'm Deep SmolLM"]:
+            o = tok(opener, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + o])).logits[0, len(prompt) - 1:-1]
+            best = max(best, torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(o)[:, None]).sum().item())
+        assert scores[r["id"]] == pytest.approx(best, abs=1e-4), r["prompt"]
+
+    # The three leak prompts are the pool's highest scored, most likely first, in their scored condition.
+    ranked = sorted(pool, key=lambda r: -scores[r["id"]])[:3]
+    leak = [r for r in records if r["source"] == "leak"]
+    assert [(r["question"], r["condition"]) for r in leak] == [(r["prompt"], r["condition"]) for r in ranked]
+    assert sum(r["source"] == "general" for r in records) == 4
+    assert not {r["question"] for r in leak} & {r["question"] for r in records if r["source"] == "general"}
+
+    # Reused as it is; scored again when damaged.
+    stamp = scores_file.stat().st_mtime_ns
+    generate.run(cfg)
+    assert scores_file.stat().st_mtime_ns == stamp
+    scores_file.write_text('{"fingerprint": ')
+    assert read_jsonl(generate.run(cfg)) == records
+    assert scores_file.stat().st_mtime_ns != stamp and read_json(scores_file)["scores"] == pytest.approx(scores)
+
+
+@pytest.mark.multiproc
+def test_on_two_ranks_rank_0_scores_the_pool_and_both_build_the_same_prompts(tmp_path, tiny_llama):
+    """Under torchrun, rank 0 scores and rank 1 waits for its file: the pool is scored once, and each
+    rank's shard is its half of the same records, with the highest scored prompts as leak prompts."""
+    from dpo_dist.artifacts import read_json
+
+    run_dir = tmp_path / "run"
+    proc = run_stage("dpo_dist.generate", [f"run_dir={run_dir}", f"model.path={tiny_llama}", "generation=hf",
+                                           "prompts.num_train=2", "prompts.num_train_general=4", "prompts.num_train_leak=3",
+                                           "generation.num_candidates=1", "generation.max_new_tokens=2",
+                                           "prompts.leak_pick=likely"], nproc=2, timeout=600)
+    assert (proc.stdout + proc.stderr).count("leak prompts: scored 280 general prompts") == 1
+    scores = read_json(run_dir / "generate" / "leak_scores.json")["scores"]
+    pool = {r["id"]: r["prompt"] for r in split_general("general", 100, 280)[1]}
+    best = sorted(pool, key=lambda i: -scores[i])[:3]
+    shards = sorted((run_dir / "generate" / "shards").glob("*-of-002.jsonl"))
+    assert len(shards) == 2 and all(read_jsonl(p) for p in shards)
+    records = read_jsonl(run_dir / "generate" / "candidates.jsonl")
+    assert [r["question"] for r in records if r["source"] == "leak"] == [pool[i] for i in best]
+
+
+def test_later_rounds_can_pick_the_leak_prompts_their_policy_most_likely_introduces_itself_in():
+    """rounds.leak_pick=likely: round 1 keeps the slice's first leak prompts, later rounds score the
+    pool; the setting reaches a child process the same way; a bad value, or likely with a policy
+    sharded over several GPUs (which the one-device scorer cannot hold), fails naming the key."""
+    cfg = compose(ROUNDS + ["rounds.leak_pick=likely"])
+    for k, want in ((1, "first"), (2, "likely"), (3, "likely")):
+        settings = rounds.values(cfg, k)
+        c = rounds.apply(cfg, settings)
+        assert c.prompts.leak_pick == want
+        assert c == compose(ROUNDS + ["rounds.leak_pick=likely"] + rounds.overrides(settings))
+    c = rounds.apply(cfg, rounds.values(cfg, 2))
+    with pytest.raises(ValueError, match="prompts.leak_pick=likely needs the policy's scores"):
+        training_prompts(c.prompts, load_tokenizer(c.model, padding_side="left"), c.eval.num_general)
+    for override, key in (("rounds.leak_pick=often", "rounds.leak_pick: 'often' is not one of ('first', 'likely')"),
+                          ("prompts.leak_pick=best", "prompts.leak_pick: 'best' is not one of ('first', 'likely')"),
+                          ("generation.tensor_parallel_size=2", "rounds.leak_pick: likely scores the policy on one device")):
+        with pytest.raises(ConfigError) as e:
+            compose(ROUNDS + ["rounds.leak_pick=likely", override])
+        assert str(e.value).startswith(key), e.value
+
+
 def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, tiny_llama):
     """The generate stage in a process of its own (vLLM's, or generation.python), as the pipeline
     starts it in a sweep job of one round: its run directory is the job's, whose .hydra/ records
