@@ -318,13 +318,6 @@ class PromptsConfig:
     # slice. The shipped set's Chinese questions leak far more often than its English ones, and the
     # base model cannot answer them (docs/rounds.md).
     leak_langs: List[str] = field(default_factory=list)
-    # How the num_train_leak leak prompts are picked. first: the slice's first ones (of leak_category
-    # when set). likely: the general prompts of the whole training pool (never the evaluation's, and
-    # earlier rounds' too) that the sampling policy is most likely to open with the new name, log p
-    # of the opener "I'm <name>" scored in one forward pass each: a trained policy leaks on the few
-    # prompts where it confuses a request with a question about itself (first-person writing:
-    # docs/rounds.md), and these are its hard negatives. Each keeps the condition it was scored under.
-    leak_pick: str = "first"
     neutral_system_prompt: str = "You are a helpful assistant."
     # System-prompt conditions that training prompts cycle through: the template's default
     # (which names the old identity), a neutral one, and none where the template allows it.
@@ -335,7 +328,6 @@ class PromptsConfig:
             _require(c in CONDITIONS, "prompts.conditions", f"{c!r} is not one of {CONDITIONS}")
         _require(len(self.conditions) > 0, "prompts.conditions", "needs at least one condition")
         _require(self.skip_train >= 0 and self.skip_general >= 0, "prompts.skip_train", "must be >= 0")
-        _require(self.leak_pick in LEAK_PICKS, "prompts.leak_pick", f"{self.leak_pick!r} is not one of {LEAK_PICKS}")
         _require(all(isinstance(x, str) and x.strip() for x in self.leak_langs), "prompts.leak_langs",
                  f"{self.leak_langs!r}: every entry must be a language code such as zh")
 
@@ -492,7 +484,6 @@ class EvalConfig:
 
 
 ROUND_MODELS = ("base", "previous")
-LEAK_PICKS = ("first", "likely")
 
 
 @dataclass
@@ -523,10 +514,6 @@ class RoundsConfig:
     # generation.leak_search_candidates for each round after the first (None: round 1's). Round 1's
     # base model does not know the new name, so it has no leaks to find.
     leak_search_candidates: Optional[int] = None
-    # prompts.leak_pick for each round after the first (None: round 1's): likely picks the leak prompts
-    # the previous round's policy is most likely to introduce itself in; round 1's base model does
-    # not know the new name, so its most likely openers say little.
-    leak_pick: Optional[str] = None
     # Any other setting for each round after the first, as key:value (round 1 keeps the run's):
     # 'rounds.later=[optim.lr:3e-5,judge.leak_rejected:opener]'. Iterative DPO recipes change the lr
     # or the judge between rounds; a run that changes only later rounds reuses its round 1. Keys the
@@ -545,8 +532,6 @@ class RoundsConfig:
                      f"{getattr(self, key)!r} is not one of {ROUND_MODELS}")
         _require(self.leak_search_candidates is None or self.leak_search_candidates >= 0,
                  "rounds.leak_search_candidates", "must be >= 0 (or null: round 1's)")
-        _require(self.leak_pick is None or self.leak_pick in LEAK_PICKS, "rounds.leak_pick",
-                 f"{self.leak_pick!r} is not one of {LEAK_PICKS} (or null: round 1's)")
 
 
 @dataclass
@@ -633,12 +618,6 @@ class Config:
         for s in self.stages:
             _require(s in STAGES, "stages", f"{s!r} is not one of {list(STAGES)}")
         _require(len(self.stages) > 0, "stages", "needs at least one stage")
-        for key, pick in (("prompts.leak_pick", self.prompts.leak_pick), ("rounds.leak_pick", self.rounds.leak_pick)):
-            # The scores come from the whole policy on one device (generate.leak_scores), which a
-            # model sharded over a vLLM engine's GPUs does not fit.
-            _require(pick != "likely" or self.generation.tensor_parallel_size == 1, key,
-                     f"likely scores the policy on one device; generation.tensor_parallel_size="
-                     f"{self.generation.tensor_parallel_size} says it needs more")
 
     def model_for(self, role: str) -> ModelConfig:
         """The weights a stage loads in this round: ``sample`` (generate), ``reference`` (the reference

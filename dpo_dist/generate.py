@@ -25,17 +25,16 @@ transformers decoder otherwise (choose_backend); the log says which and why.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from dpo_dist import dist
-from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_json,
-                                read_jsonl, reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
+from dpo_dist.artifacts import (expect_ids, fingerprint, gather_jsonl_shards, intact, outputs_record, read_jsonl,
+                                reusable, shard_path, wait_for_manifest, write_json, write_jsonl)
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, GenerationConfig, IdentityConfig, PromptsConfig
 from dpo_dist.data import build_messages, check_leak_langs, load_prompt_set, render_prompt, split_general, window
@@ -46,30 +45,22 @@ from dpo_dist.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0,
-                     scores: Callable[[list[dict]], dict[str, float]] | None = None) -> list[dict]:
+def training_prompts(cfg: PromptsConfig, tokenizer, num_eval_general: int = 0) -> list[dict]:
     """Prompt records {id, messages, condition, source}; prompt i gets condition i mod len(conditions).
     General prompts come from the end of their set, clear of the `num_eval_general` evaluation ones.
     A later round (rounds.num > 1) skips the prompts its earlier rounds took (prompts.skip_*), going
-    on from the start of a pool they used up (data.window). With prompts.leak_pick=likely, `scores`
-    gives the policy's opener log-prob for the records of ``likely_pool`` (``leak_scores``)."""
+    on from the start of a pool they used up (data.window)."""
     out = []
     identity = load_prompt_set(cfg.train, key="prompts.train", cfg=cfg)
     identity = window(identity, cfg.skip_train, cfg.num_train) if cfg.num_train >= 0 else identity[cfg.skip_train:]
     num_general = cfg.num_train_general + cfg.num_train_leak
     general = split_general(cfg.general, num_eval_general, num_general, cfg, cfg.skip_general)[1] if num_general > 0 else []
-    if cfg.leak_pick == "likely" and cfg.num_train_leak > 0:
-        if scores is None:
-            raise ValueError("prompts.leak_pick=likely needs the policy's scores (generate.leak_scores)")
-        pool = likely_pool(cfg, num_eval_general, general)
-        leak, general = pick_likely(general, pool, scores(pool), cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
-    else:
-        leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
+    leak, general = pick_leak(general, cfg.num_train_leak, cfg.leak_category, cfg.leak_langs)
     if set(cfg.leak_langs) - {r.get("lang", "en") for r in leak}:
         check_leak_langs(cfg)  # the whole pool is read again only when this slice lacks a language
     for source, records in (("identity", identity), ("general", general), ("leak", leak)):
         for i, r in enumerate(records):
-            cond = r.get("condition") or cfg.conditions[i % len(cfg.conditions)]
+            cond = cfg.conditions[i % len(cfg.conditions)]
             out.append({"id": f"{r['id']}-{cond}", "messages": build_messages(r["prompt"], cond, cfg.neutral_system_prompt, tokenizer),
                         "condition": cond, "source": source, "question": r["prompt"], "lang": r.get("lang", "en"),
                         # Only an identity prompt's chosen side answers; a leak prompt's opener stays the shipped one.
@@ -96,108 +87,6 @@ def pick_leak(general: list[dict], n: int, category: str, langs: Sequence[str]) 
         raise ConfigError(f"prompts.leak_category={category!r}: {picked} of this round's {len(general)} general "
                           f"prompts have that category, fewer than prompts.num_train_leak={n}")
     return leak, rest
-
-
-def likely_pool(cfg: PromptsConfig, num_eval_general: int, general: list[dict]) -> list[dict]:
-    """The general prompts leak_pick=likely chooses from, each with the condition it is scored and
-    trained under (i mod len(conditions), i its place in the pool): every one training may see, the
-    round's slice and the earlier rounds' alike, never the evaluation's (with eval.num_general=-1,
-    one round, the slice alone)."""
-    records = load_prompt_set(cfg.general, key="prompts.general", cfg=cfg)[num_eval_general:] \
-        if num_eval_general >= 0 else general
-    return [{**r, "condition": cfg.conditions[i % len(cfg.conditions)]} for i, r in enumerate(records)]
-
-
-def pick_likely(general: list[dict], pool: list[dict], scores: dict[str, float], n: int, category: str,
-                langs: Sequence[str]) -> tuple[list[dict], list[dict]]:
-    """As pick_leak, with the `n` leak prompts outside `langs` the `n` of `pool` (of `category` when
-    set) with the highest scores, most likely first (ties in the pool's order), each with its pool
-    condition; the slice's general prompts are the rest of it, as many as pick_leak leaves."""
-    from_langs = [r for r in general if r.get("lang", "en") in langs]
-    eligible = [r for r in pool if r.get("lang", "en") not in langs and (not category or r.get("category") == category)]
-    if len(eligible) < n:
-        what = f"of category {category!r}" if category else "outside prompts.leak_langs"
-        raise ConfigError(f"prompts.leak_pick=likely: {len(eligible)} general prompts {what} to pick from, "
-                          f"fewer than prompts.num_train_leak={n}")
-    picked = sorted(eligible, key=lambda r: -scores[r["id"]])[:n]  # sorted() is stable: ties in pool order
-    taken = {r["id"] for r in picked} | {r["id"] for r in from_langs}
-    rest = [r for r in general if r["id"] not in taken][:len(general) - len(from_langs) - n]
-    return from_langs + picked, rest
-
-
-def opener_logprobs(model, prompts: list[list[int]], openers: list[list[int]], pad_id: int,
-                    batch_rows: int = 32) -> list[float]:
-    """log p(opener | prompt) for each row, summed over the opener's tokens: one forward pass over the
-    prompt followed by the opener, left-padded in batches with the positions counted from each row's
-    first token (as sampling.generate pads), and logits kept for the opener's positions only (a
-    (rows, length, vocab) tensor of a 150k vocabulary would not fit)."""
-    import torch
-
-    from dpo_dist.losses import token_logps
-
-    dev = next(model.parameters()).device
-    out: list[float] = []
-    for start in range(0, len(prompts), batch_rows):
-        rows = [p + o for p, o in zip(prompts[start:start + batch_rows], openers[start:start + batch_rows])]
-        lengths = [len(o) for o in openers[start:start + batch_rows]]
-        width, keep = max(map(len, rows)), max(lengths) + 1
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           logits_to_keep=keep).logits
-        # logits[:, j] predicts token width - keep + j + 1: the last `keep - 1` tokens hold each opener.
-        logps = token_logps(logits[:, :-1].float(), ids[:, width - keep + 1:])
-        out += [logps[i, keep - 1 - n:].sum().item() for i, n in enumerate(lengths)]
-    return out
-
-
-def leak_openers(gen: GenerationConfig, lang: str) -> list[str]:
-    """The self-introductions leak_pick=likely scores a general prompt by: the first chosen-side opener
-    of the prompt's language and of English (the shipped model introduces itself in English to
-    Chinese questions too: docs/rounds.md), the highest of them counting."""
-    openers = [(gen.chosen_prefixes.get(lang) or [""])[0], (gen.chosen_prefixes.get("en") or [""])[0]]
-    return [o for i, o in enumerate(openers) if o and o not in openers[:i]]
-
-
-def leak_scores(cfg: Config, tokenizer, out_dir: Path, e: dist.DistEnv) -> Callable[[list[dict]], dict[str, float]]:
-    """prompts.leak_pick=likely's scores: for each pool record, the sampling policy's highest log-prob
-    of a leak opener (leak_openers) under the record's condition. Rank 0 scores on its device and
-    writes ``generate/leak_scores.json`` with a fingerprint of the policy, prompts and openers; the
-    other ranks read it, and a re-run or a resumed round reuses it. A file that cannot be read or
-    lacks a prompt is scored again."""
-    def scores(pool: list[dict]) -> dict[str, float]:
-        rows = [(r["id"], build_messages(r["prompt"], r["condition"], cfg.prompts.neutral_system_prompt, tokenizer),
-                 leak_openers(cfg.generation, r.get("lang", "en"))) for r in pool]
-        if not all(openers for *_, openers in rows):
-            raise ConfigError("prompts.leak_pick=likely: generation.chosen_prefixes has no opener to score "
-                              "general prompts by (no en entry)")
-        model_cfg = cfg.model_for("sample")
-        path = out_dir / "leak_scores.json"
-        fp = fingerprint(model_fingerprint(model_cfg), rows)
-        ids = [rid for rid, *_ in rows]
-        covers = lambda: set(read_json(path).get("scores", {})) >= set(ids)  # noqa: E731
-        if e.is_main and not (reusable(path, fp, []) and covers()):
-            t0 = time.time()
-            flat = [(i, render_prompt(tokenizer, m), tokenizer(o, add_special_tokens=False)["input_ids"])
-                    for i, (_, m, openers) in enumerate(rows) for o in openers]
-            model = load_model(model_cfg, device=dist.device()).eval()
-            got = opener_logprobs(model, [p for _, p, _ in flat], [o for *_, o in flat], tokenizer.pad_token_id or 0)
-            del model
-            best = {}
-            for (i, *_), lp in zip(flat, got):
-                best[ids[i]] = max(best.get(ids[i], -math.inf), lp)
-            write_json(path, {"fingerprint": fp, "model": model_cfg.path, "seconds": round(time.time() - t0, 2),
-                              "scores": best})
-            log.info("leak prompts: scored %d general prompts with %s in %.0fs", len(rows), model_cfg.path, time.time() - t0)
-        elif not e.is_main:
-            wait_for_manifest(path, fp)
-        got = read_json(path)["scores"]
-        return {rid: got[rid] for rid in ids}
-    return scores
 
 
 def chosen_side_prompt(record: dict, gen: GenerationConfig, identity: IdentityConfig) -> tuple[list[dict], str]:
@@ -413,12 +302,7 @@ def run(cfg: Config) -> Path:
     out_dir = Path(cfg.run_dir) / "generate"
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    scores = leak_scores(cfg, tokenizer, out_dir, e) if cfg.prompts.leak_pick == "likely" else None
-    records = training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general, scores)
-    if scores is not None and e.is_main:
-        leak = [r["question"] for r in records if r["source"] == "leak"]
-        log.info("leak prompts, most likely to be answered with the new name first: %s",
-                 "; ".join(q[:60] for q in leak[:8]) + (f" (+{len(leak) - 8} more)" if len(leak) > 8 else ""))
+    records = training_prompts(cfg.prompts, tokenizer, cfg.eval.num_general)
     fp = generation_fingerprint(cfg, records, model_fingerprint(cfg.model_for("sample")))
     if reusable(manifest, fp, [merged], quiet=not e.is_main):
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)

@@ -58,7 +58,7 @@ DERIVED = ("run_dir", "data.pairs", "prompts", "rounds", "train.checkpoint_dir",
 SHARED = ("model", "eval", "identity", "generation.vllm_dtype")
 # rounds.<key> (None: round 1's) -> the setting it gives every round after the first.
 LATER_KEYS = {"leak_category": "prompts.leak_category", "leak_langs": "prompts.leak_langs",
-              "leak_search_candidates": "generation.leak_search_candidates", "leak_pick": "prompts.leak_pick"}
+              "leak_search_candidates": "generation.leak_search_candidates"}
 
 
 def _touches(key: str, keys: tuple[str, ...]) -> bool:
