@@ -148,20 +148,22 @@ def test_basic_launcher_sweep_on_two_ranks_runs_each_job_in_its_own_run_dir(tmp_
     assert "| job | loss.beta | steps |" in table and "2 runs, 2 finished." in table, table
 
 
-# A failure that only rank 1 meets, in the first micro-batch's loss of the sweep's first job (a GPU out
-# of memory on one rank): rank 0 goes on into the backward pass's gradient reduction and waits there.
-# stage_main wires it as `python -m dpo_dist.train` does.
+# A failure that only rank FAIL_RANK meets (-1: none), in the first micro-batch's loss of the sweep's job
+# with loss.beta FAIL_BETA (0.05 unless set; a GPU out of memory on one rank): the other rank goes on into the backward pass's gradient reduction
+# and waits there. The rank is read as the stages read it (RANK under torchrun, SLURM_PROCID under
+# srun). stage_main wires it as `python -m dpo_dist.train` does (tests/test_slurm.py runs it too).
 ONE_RANK_FAILS = """
 import os
-from dpo_dist import train
+from dpo_dist import dist, train
 from dpo_dist.cli import stage_main
 
 job = {}
 loss = train.dpo_loss
 
 def failing_loss(*args, **kwargs):
-    if os.environ["RANK"] == "1" and job["beta"] == 0.05:
-        raise RuntimeError("CUDA out of memory (planted on rank 1)")
+    rank = dist.read_env().rank
+    if rank == int(os.environ["FAIL_RANK"]) and job["beta"] == float(os.environ.get("FAIL_BETA", "0.05")):
+        raise RuntimeError(f"CUDA out of memory (planted on rank {rank})")
     return loss(*args, **kwargs)
 
 def run(cfg):
@@ -174,24 +176,40 @@ stage_main(run)()
 
 
 @pytest.mark.multiproc
-def test_a_job_failed_on_one_rank_ends_the_sweep_on_every_rank(tmp_path, pairs_file):
-    """A sweep under torchrun whose first job fails on rank 1 alone, mid-step: rank 1 exits instead of
-    starting the second job, and torchrun stops rank 0, which waits for it in the step's gradient
-    reduction. Without the exit (cli.stop_the_sweep; planted) rank 1 starts the second job, and both
-    ranks' sweeps go on out of step. The collective timeout is 5 min, so that a run stopped by
-    torchrun (seconds) is told from one ended by the timeout."""
+def test_a_job_failed_on_one_rank_ends_the_sweep_on_every_rank_and_a_rerun_reuses_the_jobs_it_finished(
+        tmp_path, pairs_file):
+    """A 3-job sweep under torchrun whose second job fails on rank 1 alone, mid-step: rank 1 exits
+    instead of starting the third job, and torchrun stops rank 0, which waits for it in the step's
+    gradient reduction. Without the exit (cli.stop_the_sweep; planted) rank 1 starts the third job,
+    and both ranks' sweeps go on out of step. The collective timeout is 5 min, so that a run stopped
+    by torchrun (seconds) is told from one ended by the timeout. Run again with the same
+    hydra.sweep.dir (the fault gone), the sweep reuses the first job, which finished, and runs the
+    other two: what the exit promises (cli.stop_the_sweep's docstring)."""
     runner, sweep_dir = tmp_path / "runner.py", tmp_path / "sweep"
     runner.write_text(ONE_RANK_FAILS)
+
+    def sweep(fail_rank: int) -> tuple[subprocess.CompletedProcess, str]:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(runner), "-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1,0.2",
+                               f"data.pairs={pairs_file}", *TRAIN, "train.max_steps=1"],
+                              cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "5", "PYTHONPATH": str(REPO),
+                                                            "FAIL_RANK": str(fail_rank), "FAIL_BETA": "0.1"},
+                              capture_output=True, text=True, timeout=900)
+        return proc, proc.stdout + proc.stderr
+
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(runner), "-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1",
-                           f"data.pairs={pairs_file}", *TRAIN, "train.max_steps=1"],
-                          cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "5", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
+    proc, out = sweep(fail_rank=1)
     assert proc.returncode != 0, out[-4000:]
-    assert not (sweep_dir / "1").exists(), f"a rank started the second job:\n{out[-4000:]}"
+    assert summary(sweep_dir / "0")["steps"] == 1 and not (sweep_dir / "1" / "train" / "summary.json").exists()
+    assert not (sweep_dir / "2").exists(), f"a rank started the third job:\n{out[-4000:]}"
     assert any("[rank 1]" in line and "this job failed on this rank; ending the sweep here" in line
                for line in out.splitlines()), out[-4000:]
     assert "CUDA out of memory (planted on rank 1)" in out
     assert time.monotonic() - started < 240, out[-4000:]  # stopped by torchrun, not by the 5-min timeout
+
+    first = (sweep_dir / "0" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
+    proc, out = sweep(fail_rank=-1)
+    assert proc.returncode == 0, out[-4000:]
+    assert (sweep_dir / "0" / "train" / "final" / "model.safetensors").stat().st_mtime_ns == first
+    assert "training already finished with these settings: " + str(sweep_dir / "0" / "train" / "final") in out
+    assert [summary(sweep_dir / str(job))["steps"] for job in (1, 2)] == [1, 1]

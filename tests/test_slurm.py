@@ -298,6 +298,41 @@ def test_a_pipeline_sweep_under_srun_without_torchrun_gives_each_round_its_own_p
     assert "2 runs, 2 finished." in table, table
 
 
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_a_job_failed_on_one_srun_task_ends_the_sweep_on_every_task(tmp_path, pairs_file, fail_rank):
+    """A training sweep under `srun -n 2 --kill-on-bad-exit=1` without torchrun (one Slurm task per
+    rank), whose first job fails on one task alone, mid-step (tests/test_launch.py's runner): that
+    task exits instead of starting the second job, and srun stops the other, which waits in the
+    step's gradient reduction. Rank 0 failing is the case torchrun's test does not cover: it is the
+    rank that holds the process group's TCP store. Without the exit (cli.stop_the_sweep; planted)
+    the failed task starts the second job. The collective timeout is 5 min, so that a step stopped
+    by srun (seconds) is told from one ended by the timeout."""
+    import shlex
+
+    from test_launch import ONE_RANK_FAILS
+
+    script, runner, log, sweep_dir = tmp_path / "sweep.sh", tmp_path / "runner.py", tmp_path / "sweep.out", tmp_path / "sweep"
+    runner.write_text(ONE_RANK_FAILS)
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1", f"data.pairs={pairs_file}", *TRAIN,
+            "train.max_steps=1"]
+    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} {runner} "
+                      f"{' '.join(shlex.quote(a) for a in args)}\n")
+    started = time.monotonic()
+    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
+                          cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "5", "PYTHONPATH": str(REPO),
+                                                        "FAIL_RANK": str(fail_rank)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = wait_for(proc.stdout.strip().split(";")[0], log, timeout=900)
+    out = log.read_text()
+    assert info["JobState"] == "FAILED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{out[-4000:]}"
+    assert not (sweep_dir / "1").exists(), f"a task started the second job:\n{out[-4000:]}"
+    assert any(f"[rank {fail_rank}]" in line and "this job failed on this rank; ending the sweep here" in line
+               for line in out.splitlines()), out[-4000:]
+    assert f"CUDA out of memory (planted on rank {fail_rank})" in out
+    assert time.monotonic() - started < 240, out[-4000:]  # stopped by srun, not by the 5-min timeout
+
+
 def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_metrics(tmp_path, pairs_file, uninterrupted):
     """Attempt 1 gets SIGUSR1 (as from `--signal=B:USR1@N`) after its first checkpoint: the script
     requeues the job. Attempt 2 is requeued by `scontrol requeue` after its next checkpoint: Slurm
