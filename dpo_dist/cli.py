@@ -154,9 +154,10 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
             except BaseException as e:
                 dist.shutdown(clean=False)
                 if stop_the_sweep(e, multirun, dist.read_env().world_size, HydraConfig.get().launcher._target_):
-                    # Into the log too (Hydra's job log keeps it), not only on stderr.
+                    # Logged, not only raised: each rank's line names the rank that failed.
                     logging.getLogger(prog).exception("this job failed on this rank; ending the sweep here, so "
-                                                      "that torchrun stops the other ranks")
+                                                      "that the launcher (torchrun, or srun with --kill-on-bad-exit) "
+                                                      "stops the other ranks")
                     raise SystemExit(1) from None
                 raise
             dist.shutdown()

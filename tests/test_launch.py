@@ -149,11 +149,16 @@ def test_basic_launcher_sweep_on_two_ranks_runs_each_job_in_its_own_run_dir(tmp_
 
 
 # A failure that only rank FAIL_RANK meets (-1: none), in the first micro-batch's loss of the sweep's job
-# with loss.beta FAIL_BETA (0.05 unless set; a GPU out of memory on one rank): the other rank goes on into the backward pass's gradient reduction
-# and waits there. The rank is read as the stages read it (RANK under torchrun, SLURM_PROCID under
-# srun). stage_main wires it as `python -m dpo_dist.train` does (tests/test_slurm.py runs it too).
+# with loss.beta FAIL_BETA (0.05 unless set; a GPU out of memory on one rank). The other rank blocks
+# there until the launcher's signal ends it, as a rank waiting in an NCCL collective does: gloo would
+# notice its peer's exit and fail the rank by itself, and the test would not see whether the launcher
+# stops it. A rank blocked in NCCL never runs training's SIGTERM handler (Python runs handlers between
+# bytecodes) and dies at the SIGKILL that follows (torchrun: 30 s later; Slurm: KillWait later, 300 s
+# on the test cluster); SIGTERM's default action stands for that here, so a test takes seconds. The
+# rank is read as the stages read it (RANK under torchrun, SLURM_PROCID under srun). stage_main wires
+# it as `python -m dpo_dist.train` does (tests/test_slurm.py runs it too).
 ONE_RANK_FAILS = """
-import os
+import os, signal, time
 from dpo_dist import dist, train
 from dpo_dist.cli import stage_main
 
@@ -162,8 +167,11 @@ loss = train.dpo_loss
 
 def failing_loss(*args, **kwargs):
     rank = dist.read_env().rank
-    if rank == int(os.environ["FAIL_RANK"]) and job["beta"] == float(os.environ.get("FAIL_BETA", "0.05")):
-        raise RuntimeError(f"CUDA out of memory (planted on rank {rank})")
+    if job["beta"] == float(os.environ.get("FAIL_BETA", "0.05")) and int(os.environ["FAIL_RANK"]) >= 0:
+        if rank == int(os.environ["FAIL_RANK"]):
+            raise RuntimeError(f"CUDA out of memory (planted on rank {rank})")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(3600)
     return loss(*args, **kwargs)
 
 def run(cfg):
@@ -179,10 +187,9 @@ stage_main(run)()
 def test_a_job_failed_on_one_rank_ends_the_sweep_on_every_rank_and_a_rerun_reuses_the_jobs_it_finished(
         tmp_path, pairs_file):
     """A 3-job sweep under torchrun whose second job fails on rank 1 alone, mid-step: rank 1 exits
-    instead of starting the third job, and torchrun stops rank 0, which waits for it in the step's
-    gradient reduction. Without the exit (cli.stop_the_sweep; planted) rank 1 starts the third job,
-    and both ranks' sweeps go on out of step. The collective timeout is 5 min, so that a run stopped
-    by torchrun (seconds) is told from one ended by the timeout. Run again with the same
+    instead of starting the third job, and torchrun stops rank 0, blocked in the same step. Without the exit (cli.stop_the_sweep; planted) rank 1 starts the third
+    job, and both ranks' sweeps go on out of step. The collective timeout is 5 min, so that a run
+    stopped by torchrun is told from one ended by the timeout. Run again with the same
     hydra.sweep.dir (the fault gone), the sweep reuses the first job, which finished, and runs the
     other two: what the exit promises (cli.stop_the_sweep's docstring)."""
     runner, sweep_dir = tmp_path / "runner.py", tmp_path / "sweep"
@@ -205,6 +212,7 @@ def test_a_job_failed_on_one_rank_ends_the_sweep_on_every_rank_and_a_rerun_reuse
     assert any("[rank 1]" in line and "this job failed on this rank; ending the sweep here" in line
                for line in out.splitlines()), out[-4000:]
     assert "CUDA out of memory (planted on rank 1)" in out
+    assert "closing signal SIGTERM" in out, out[-4000:]  # torchrun's agent signalled the blocked rank
     assert time.monotonic() - started < 240, out[-4000:]  # stopped by torchrun, not by the 5-min timeout
 
     first = (sweep_dir / "0" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
