@@ -187,9 +187,10 @@ stage_main(run)()
 def test_a_job_failed_on_one_rank_ends_the_sweep_on_every_rank_and_a_rerun_reuses_the_jobs_it_finished(
         tmp_path, pairs_file):
     """A 3-job sweep under torchrun whose second job fails on rank 1 alone, mid-step: rank 1 exits
-    instead of starting the third job, and torchrun stops rank 0, blocked in the same step. Without the exit (cli.stop_the_sweep; planted) rank 1 starts the third
-    job, and both ranks' sweeps go on out of step. The collective timeout is 5 min, so that a run
-    stopped by torchrun is told from one ended by the timeout. Run again with the same
+    instead of starting the third job, and torchrun stops rank 0, blocked in the same step. Without
+    the exit (cli.stop_the_sweep; planted) rank 1 starts the third job, and both ranks' sweeps go on
+    out of step. The collective timeout is 5 min, so that a run stopped by torchrun is told from one
+    ended by the timeout. Run again with the same
     hydra.sweep.dir (the fault gone), the sweep reuses the first job, which finished, and runs the
     other two: what the exit promises (cli.stop_the_sweep's docstring)."""
     runner, sweep_dir = tmp_path / "runner.py", tmp_path / "sweep"
