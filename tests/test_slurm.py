@@ -81,6 +81,20 @@ def submit(log, sbatch_options, overrides, **env) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+def submit_srun_sweep(tmp_path, command: list[str], args: list[str], **env) -> tuple[str, object]:
+    """`sbatch -n 2` of a script whose one step is `srun -n 2 --kill-on-bad-exit=1 <command> <args>`
+    (one Slurm task per rank, no torchrun); the job id and its log."""
+    import shlex
+
+    script, log = tmp_path / "sweep.sh", tmp_path / "sweep.out"
+    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {' '.join(command)} "
+                      f"{' '.join(shlex.quote(a) for a in args)}\n")
+    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
+                          cwd=REPO, env=stage_env(2) | env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0], log
+
+
 def job_info(job_id: str) -> dict:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
@@ -271,19 +285,13 @@ def test_a_pipeline_sweep_under_srun_without_torchrun_gives_each_round_its_own_p
     read an old group's (planted, training alone: a job hung once, failed once on a gloo read
     error). The collective timeout is cut to 2 min so that a hang fails in minutes, not at the
     test's limit."""
-    import shlex
-
     from test_rounds import MECHANICS, TWO_ROUNDS
 
-    script, log, sweep_dir = tmp_path / "sweep.sh", tmp_path / "sweep.out", tmp_path / "sweep"
-    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS, "generation.seed=0,1",
-            "train.seed=${generation.seed}", "wandb.mode=disabled"]
-    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} -m dpo_dist.pipeline "
-                      f"{' '.join(shlex.quote(a) for a in args)}\n")
-    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
-                          cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "2"}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert_completed(wait_for(proc.stdout.strip().split(";")[0], log, timeout=2400), log)
+    sweep_dir = tmp_path / "sweep"
+    job, log = submit_srun_sweep(tmp_path, [sys.executable, "-m", "dpo_dist.pipeline"],
+                                 ["-m", f"hydra.sweep.dir={sweep_dir}", *MECHANICS, *TWO_ROUNDS, "generation.seed=0,1",
+                                  "train.seed=${generation.seed}", "wandb.mode=disabled"], DPO_DIST_TIMEOUT_MIN="2")
+    assert_completed(wait_for(job, log, timeout=2400), log)
     for seed in (0, 1):
         job = sweep_dir / str(seed)
         assert [r["round"] for r in json.loads((job / "rounds.json").read_text())["rounds"]] == [1, 2]
@@ -308,22 +316,15 @@ def test_a_job_failed_on_one_srun_task_ends_the_sweep_on_every_task(tmp_path, pa
     (cli.stop_the_sweep; planted) the failed task starts the second job; without
     --kill-on-bad-exit (planted) the other task blocks on. The collective timeout is 5 min, so
     that a step stopped by srun is told from one ended by the timeout."""
-    import shlex
-
     from test_launch import ONE_RANK_FAILS
 
-    script, runner, log, sweep_dir = tmp_path / "sweep.sh", tmp_path / "runner.py", tmp_path / "sweep.out", tmp_path / "sweep"
+    runner, sweep_dir = tmp_path / "runner.py", tmp_path / "sweep"
     runner.write_text(ONE_RANK_FAILS)
-    args = ["-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1", f"data.pairs={pairs_file}", *TRAIN,
-            "train.max_steps=1"]
-    script.write_text(f"#!/bin/bash\nsrun -n 2 --kill-on-bad-exit=1 {sys.executable} {runner} "
-                      f"{' '.join(shlex.quote(a) for a in args)}\n")
-    proc = subprocess.run(["sbatch", "--parsable", "-n", "2", "--cpus-per-task=1", f"--output={log}", str(script)],
-                          cwd=REPO, env=stage_env(2) | {"DPO_DIST_TIMEOUT_MIN": "5", "PYTHONPATH": str(REPO),
-                                                        "FAIL_RANK": str(fail_rank)},
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    info = wait_for(proc.stdout.strip().split(";")[0], log, timeout=900)
+    job, log = submit_srun_sweep(tmp_path, [sys.executable, str(runner)],
+                                 ["-m", f"hydra.sweep.dir={sweep_dir}", "loss.beta=0.05,0.1", f"data.pairs={pairs_file}",
+                                  *TRAIN, "train.max_steps=1"],
+                                 DPO_DIST_TIMEOUT_MIN="5", PYTHONPATH=str(REPO), FAIL_RANK=str(fail_rank))
+    info = wait_for(job, log, timeout=900)
     out = log.read_text()
     assert info["JobState"] == "FAILED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{out[-4000:]}"
     assert not (sweep_dir / "1").exists(), f"a task started the second job:\n{out[-4000:]}"
