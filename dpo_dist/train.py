@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dpo_dist import attention, checkpoint, dist, fused, memory, reference
-from dpo_dist.artifacts import fingerprint, read_json, write_json
+from dpo_dist.artifacts import DataError, fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, OptimConfig
 from dpo_dist.data import collate_shared_prompt, global_batches, load_pairs, micro_batches, tokenize_pairs
@@ -131,6 +131,19 @@ def run(cfg: Config) -> dict:
             signal.signal(sig, handler)
 
 
+def _finished(summary_path: Path, final_dir: Path, train_fp: str) -> dict | None:
+    """The metrics of a training that finished with these settings (its summary names this
+    fingerprint and its export is there), None when it has to run."""
+    if not (summary_path.is_file() and final_dir.is_dir()):
+        return None
+    try:
+        summary = read_json(summary_path)
+    except DataError as e:  # written atomically, so damaged since: train again rather than trust it
+        log.warning("%s: training again", e)
+        return None
+    return summary.get("metrics") if summary.get("fingerprint") == train_fp else None
+
+
 def _run(cfg: Config) -> dict:
     denv = dist.init()
     out_dir = Path(cfg.run_dir) / "train"
@@ -144,11 +157,15 @@ def _run(cfg: Config) -> dict:
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
     train_fp = training_fingerprint(cfg, ref_fp)
-    if summary_path.is_file() and read_json(summary_path).get("fingerprint") == train_fp and final_dir.is_dir():
+    # Rank 0 decides and every rank follows: on a shared filesystem another node may not see the
+    # summary yet (NFS attribute caching), and a rank that trains while the others return would wait
+    # in DeepSpeed's first collective for ever.
+    finished = dist.broadcast_object(_finished(summary_path, final_dir, train_fp) if denv.is_main else None)
+    if finished is not None:
         log.info("training already finished with these settings: %s", final_dir)
         if denv.is_main and not cfg.train.keep_checkpoints_after_export:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run killed right after its summary
-        return read_json(summary_path)["metrics"]
+        return finished
     _claim_checkpoints(ckpt_dir, train_fp, denv.is_main,
                        "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
 

@@ -1,12 +1,15 @@
 """Run training in this process, as the pipeline does before evaluating and before the next round
 samples, and print (one JSON line per rank) how many bytes of tensors are still alive afterwards next
 to the model's own size, its exit code if it stopped (``--signal-during-export``: SIGUSR1 to rank 0
-as the export begins), and whether the signal handlers are the ones before training. Launched by
-tests/test_release.py, under torchrun for 2 ranks."""
+as the export begins), whether the signal handlers are the ones before training, and the metrics
+training returned (``--summary-unseen-by-rank-1``: rank 1 does not see ``train/summary.json``, as a
+node whose NFS attribute cache lags would not). Launched by tests/test_release.py, under torchrun for
+2 ranks."""
 
 import gc
 import json
 import os
+import pathlib
 import signal
 import sys
 
@@ -45,21 +48,36 @@ def signal_during_export() -> None:
     checkpoint.export_hf = signalled
 
 
+def summary_unseen_by_rank_1() -> None:
+    """On rank 1, ``train/summary.json`` does not exist as far as Path.is_file can tell."""
+    if dist.read_env().rank != 1:
+        return
+    is_file = pathlib.Path.is_file
+
+    def lagging(self, *args, **kwargs):
+        return False if self.name == "summary.json" and self.parent.name == "train" else is_file(self, *args, **kwargs)
+
+    pathlib.Path.is_file = lagging
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "--signal-during-export":
         signal_during_export()
         args = args[1:]
+    if args and args[0] == "--summary-unseen-by-rank-1":
+        summary_unseen_by_rank_1()
+        args = args[1:]
     cfg = compose(args)
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
     before = live_tensor_bytes()
     try:
-        train.run(cfg)
+        metrics = train.run(cfg)
         exit_code = None
     except SystemExit as e:  # train.Preempted
-        exit_code = e.code
+        metrics, exit_code = None, e.code
     after = live_tensor_bytes()
     restored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
     print("LIVE " + json.dumps({"rank": dist.read_env().rank, "before": before, "after": after, "exit": exit_code,
-                                "signals_restored": restored}), flush=True)
+                                "signals_restored": restored, "metrics": metrics}), flush=True)
     dist.shutdown()

@@ -46,3 +46,16 @@ def test_a_signal_during_the_export_stops_every_rank_after_it(tmp_path):
     assert [r["exit"] for r in ranks] == [EXIT_PREEMPTED] * 2 and all(r["signals_restored"] for r in ranks), ranks
     assert (tmp_path / "run" / "train" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "train" / "summary.json").is_file()
+
+
+def test_a_finished_training_is_reused_on_every_rank_when_one_rank_cannot_see_its_summary(tmp_path):
+    """Rank 0 decides whether training already finished and every rank follows: a rank on a node whose
+    view of the shared run directory lags (no train/summary.json yet) must not start training alone,
+    to wait in DeepSpeed's first collective for ranks that have returned."""
+    first = train_in_process(tmp_path, 2, "zero2")
+    export = tmp_path / "run" / "train" / "final" / "model.safetensors"
+    written = export.stat().st_mtime_ns
+    again = train_in_process(tmp_path, 2, "zero2", "--summary-unseen-by-rank-1")
+    assert [r["metrics"] for r in again] == [first[0]["metrics"]] * 2 and first[0]["metrics"], (first, again)
+    assert all(r["exit"] is None for r in again), again
+    assert export.stat().st_mtime_ns == written  # reused, not trained and exported again
