@@ -127,6 +127,23 @@ def stop_the_sweep(error: BaseException, multirun: bool, world_size: int, launch
             and launcher.rsplit(".", 1)[-1] == "BasicLauncher")
 
 
+def _log_to_stderr_and_run_dir() -> None:
+    """Every rank's lines, with its rank, on stderr and appended to the log file Hydra opened in the
+    run directory (``<run_dir>/dpo_dist.log``, hydra.job.name): Hydra's own console handler and
+    format give way to ours, and its file handler takes our format rather than being dropped with
+    them, which left that file empty."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    for h in files:
+        root.removeHandler(h)
+    logging.basicConfig(level=os.environ.get("DPO_DIST_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for h in files:
+        h.setFormatter(root.handlers[0].formatter)
+        root.addHandler(h)
+
+
 def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
     # The module's own name even when it runs as __main__ (python -m dpo_dist.train).
     spec = getattr(sys.modules.get(run.__module__), "__spec__", None)
@@ -134,9 +151,7 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def hydra_main(raw: DictConfig) -> None:
-        logging.basicConfig(level=os.environ.get("DPO_DIST_LOG_LEVEL", "INFO"),
-                            format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s",
-                            force=True)
+        _log_to_stderr_and_run_dir()
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         if multirun:
             # Each sweep job gets its own run directory (Hydra's per-job output dir).

@@ -9,6 +9,7 @@ reference precomputation and sharded generation equal the single-rank results.
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -239,5 +240,13 @@ def test_two_rank_generation_covers_the_same_prompts(tmp_path):
         assert {r["id"]: [c["text"] for c in r[key]] for r in one} == {r["id"]: [c["text"] for c in r[key]] for r in two}
     # A re-run reuses the merged result instead of generating again.
     stamp = (tmp_path / "two" / "generate" / "candidates.jsonl").stat().st_mtime
-    run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'two'}", *common], nproc=2)
+    again = run_stage("dpo_dist.generate", [f"run_dir={tmp_path / 'two'}", *common], nproc=2)
     assert (tmp_path / "two" / "generate" / "candidates.jsonl").stat().st_mtime == stamp
+    # The run directory's log file holds every rank's lines of both runs, as stderr shows them.
+    logged = (tmp_path / "two" / "dpo_dist.log").read_text().splitlines()
+    ours = [line for line in again.stderr.splitlines() if re.match(r"\S+ \S+ \[rank \d\] ", line)]
+    assert ours and set(ours) <= set(logged), (ours, logged)
+    assert {re.search(r"\[rank (\d)\]", line)[1] for line in logged} == {"0", "1"}, logged
+    # The first run's lines are there too, before the second's: appended, not overwritten.
+    assert sum("[rank 0] INFO" in line and "candidates: reusing" in line for line in logged) == 1, logged
+    assert any("candidates: 7 prompts, 14 candidates" in line for line in logged[:-len(ours)]), logged

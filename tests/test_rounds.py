@@ -304,7 +304,7 @@ def test_a_one_round_run_refuses_a_bad_later_entry_before_it_starts(tmp_path, mo
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == \
         f"{module}: error: rounds.later: optim.lrr: ConfigAttributeError: Key 'lrr' not in 'OptimConfig'"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "cli.log"]  # Hydra's records only
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "dpo_dist.log"]  # Hydra's records only
 
 
 def test_leak_search_for_later_rounds_is_set_one_way_only():
