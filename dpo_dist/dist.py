@@ -15,15 +15,18 @@ import contextlib
 import datetime
 import logging
 import os
+import pickle
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from dpo_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +376,31 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone, its result given to every rank, and what it raises raised
+    on every rank. For decisions about shared files: another node may see them late (NFS attribute
+    caching), and one decision is followed by all; and a rank that fails alone would leave the
+    others in the next collective until the timeout, where a launcher does not stop them (srun
+    without --kill-on-bad-exit)."""
+    if not torch_dist.is_initialized():
+        return decide()
+    outcome, error = None, None
+    if read_env().rank == 0:
+        try:
+            outcome = (True, decide())
+        except Exception as e:  # noqa: BLE001 -- given to every rank, then raised on each
+            error = e
+            try:
+                pickle.dumps(e)
+                outcome = (False, e)
+            except Exception:  # noqa: BLE001 -- an exception that does not pickle: its text does
+                outcome = (False, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise error if error is not None else value
+    return value
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:

@@ -133,14 +133,16 @@ def run(cfg: Config) -> dict:
 
 def _finished(summary_path: Path, final_dir: Path, train_fp: str) -> dict | None:
     """The metrics of a training that finished with these settings (its summary names this
-    fingerprint and its export is there), None when it has to run."""
+    fingerprint and its export is there), None when it has to run. A summary that cannot be read is
+    an error naming it, not a reason to train again over an export that may be finished."""
     if not (summary_path.is_file() and final_dir.is_dir()):
         return None
     try:
         summary = read_json(summary_path)
-    except DataError as e:  # written atomically, so damaged since: train again rather than trust it
-        log.warning("%s: training again", e)
-        return None
+        if not isinstance(summary, dict):
+            raise DataError(f"{summary_path}: not a JSON object")
+    except DataError as e:
+        raise DataError(f"{e}; remove it to train again (which replaces {final_dir})") from None
     return summary.get("metrics") if summary.get("fingerprint") == train_fp else None
 
 
@@ -153,21 +155,25 @@ def _run(cfg: Config) -> dict:
 
     reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
     phases = memory.PhasePeaks()  # the training peak is its own, not the reference pass's
-    ref_fp = dist.broadcast_object(reference.cache_fingerprint(cfg) if denv.is_main else None)
+    ref_fp = dist.on_main(lambda: reference.cache_fingerprint(cfg))
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
-    train_fp = training_fingerprint(cfg, ref_fp)
+
+    def decide() -> tuple[str, dict | None]:
+        fp = training_fingerprint(cfg, ref_fp)  # hashes a later round's starting weights: once, not per rank
+        return fp, _finished(summary_path, final_dir, fp)
+
     # Rank 0 decides and every rank follows: on a shared filesystem another node may not see the
-    # summary yet (NFS attribute caching), and a rank that trains while the others return would wait
-    # in DeepSpeed's first collective for ever.
-    finished = dist.broadcast_object(_finished(summary_path, final_dir, train_fp) if denv.is_main else None)
+    # summary yet (NFS attribute caching), and a rank that trained while the others returned would
+    # wait in DeepSpeed's first collective until the timeout.
+    train_fp, finished = dist.on_main(decide)
     if finished is not None:
-        log.info("training already finished with these settings: %s", final_dir)
-        if denv.is_main and not cfg.train.keep_checkpoints_after_export:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run killed right after its summary
+        if denv.is_main:
+            log.info("training already finished with these settings: %s", final_dir)
+            if not cfg.train.keep_checkpoints_after_export:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run killed right after its summary
         return finished
-    _claim_checkpoints(ckpt_dir, train_fp, denv.is_main,
-                       "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
+    _claim_checkpoints(ckpt_dir, train_fp, "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
 
     tokenizer = load_tokenizer(cfg.model)
     pairs, stats = tokenize_pairs(load_pairs(cfg.data), tokenizer, cfg.data)
@@ -319,16 +325,23 @@ def _run(cfg: Config) -> dict:
     return metrics
 
 
-def _claim_checkpoints(ckpt_dir: Path, train_fp: str, is_main: bool, key: str) -> None:
+def _claim_checkpoints(ckpt_dir: Path, train_fp: str, key: str) -> None:
     """Checkpoints belong to one set of settings: resuming another run's optimizer state would be a
-    silent mix of two experiments. ``key``: the setting that chose ``ckpt_dir``, for the message."""
+    silent mix of two experiments. ``key``: the setting that chose ``ckpt_dir``, for the message.
+    Rank 0 checks and claims, and every rank raises its error (dist.on_main)."""
     owner = ckpt_dir / "fingerprint.json"
-    if owner.is_file() and read_json(owner).get("fingerprint") != train_fp:
-        raise ConfigError(f"{key}: {ckpt_dir} holds checkpoints of a run with other settings "
-                          f"({read_json(owner).get('fingerprint')} != {train_fp}); use a new {key} or remove them")
-    if is_main and not owner.is_file():
-        write_json(owner, {"fingerprint": train_fp})
-    dist.barrier()
+
+    def claim() -> None:
+        if owner.is_file():
+            recorded = read_json(owner)
+            recorded = recorded.get("fingerprint") if isinstance(recorded, dict) else recorded
+            if recorded != train_fp:
+                raise ConfigError(f"{key}: {ckpt_dir} holds checkpoints of a run with other settings "
+                                  f"({recorded} != {train_fp}); use a new {key} or remove them")
+        else:
+            write_json(owner, {"fingerprint": train_fp})
+
+    dist.on_main(claim)
 
 
 def _release_free_heap(module, grad_output) -> None:

@@ -3,6 +3,7 @@
 Launched by tests/test_evaluate.py under torchrun for 2 ranks."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,4 +14,5 @@ if __name__ == "__main__":
     cfg = compose(sys.argv[1:])
     evaluate.run(cfg)
     written = (Path(cfg.run_dir) / "eval" / "report.json").is_file()
-    print("AFTER " + json.dumps({"rank": dist.read_env().rank, "report_written": written}), flush=True)
+    # One write per line: print() writes the text and its newline apart, and two ranks share stdout.
+    os.write(1, ("AFTER " + json.dumps({"rank": dist.read_env().rank, "report_written": written}) + "\n").encode())

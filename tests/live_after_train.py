@@ -78,6 +78,8 @@ if __name__ == "__main__":
         metrics, exit_code = None, e.code
     after = live_tensor_bytes()
     restored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
-    print("LIVE " + json.dumps({"rank": dist.read_env().rank, "before": before, "after": after, "exit": exit_code,
-                                "signals_restored": restored, "metrics": metrics}), flush=True)
+    # One write per line: print() writes the text and its newline apart, and two ranks share stdout.
+    os.write(1, ("LIVE " + json.dumps({"rank": dist.read_env().rank, "before": before, "after": after,
+                                       "exit": exit_code, "signals_restored": restored,
+                                       "metrics": metrics}) + "\n").encode())
     dist.shutdown()

@@ -56,6 +56,8 @@ def test_a_finished_training_is_reused_on_every_rank_when_one_rank_cannot_see_it
     export = tmp_path / "run" / "train" / "final" / "model.safetensors"
     written = export.stat().st_mtime_ns
     again = train_in_process(tmp_path, 2, "zero2", "--summary-unseen-by-rank-1")
-    assert [r["metrics"] for r in again] == [first[0]["metrics"]] * 2 and first[0]["metrics"], (first, again)
+    # Rank 0's (the summary's): another rank's own throughput figures differ.
+    written_metrics = next(r["metrics"] for r in first if r["rank"] == 0)
+    assert [r["metrics"] for r in again] == [written_metrics] * 2 and written_metrics, (first, again)
     assert all(r["exit"] is None for r in again), again
     assert export.stat().st_mtime_ns == written  # reused, not trained and exported again
