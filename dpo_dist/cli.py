@@ -127,21 +127,40 @@ def stop_the_sweep(error: BaseException, multirun: bool, world_size: int, launch
             and launcher.rsplit(".", 1)[-1] == "BasicLauncher")
 
 
-def _log_to_stderr_and_run_dir() -> None:
-    """Every rank's lines, with its rank, on stderr and appended to the log file Hydra opened in the
-    run directory (``<run_dir>/dpo_dist.log``, hydra.job.name): Hydra's own console handler and
-    format give way to ours, and its file handler takes our format rather than being dropped with
-    them, which left that file empty."""
+def _log_to_stderr_and_run_dir() -> list[logging.FileHandler]:
+    """Every rank's lines, with its rank, on stderr; rank 0's also appended to the log file Hydra
+    opened in the run directory (``<run_dir>/dpo_dist.log``, named by hydra.job.name). Hydra's
+    console handler and format give way to ours, and its file handler takes our format rather than
+    being dropped with them (which left the file empty). One writer: appends from several nodes to
+    one file on NFS are not atomic and lose lines. Returns the file handlers kept."""
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
     for h in files:
         root.removeHandler(h)
+    rank = dist.read_env().rank
     logging.basicConfig(level=os.environ.get("DPO_DIST_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s",
-                        force=True)
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    if rank != 0:
+        for h in files:
+            h.close()
+        return []
     for h in files:
         h.setFormatter(root.handlers[0].formatter)
         root.addHandler(h)
+    return files
+
+
+def _log_the_end(files: list[logging.FileHandler], prog: str, error: BaseException) -> None:
+    """The error that ends a run, in the run directory's log too (stderr shows it already, one line
+    for a user error): without it the file would not say why the run stopped."""
+    if not files:
+        return
+    user = isinstance(error, USER_ERRORS)
+    message = one_line(error) if user else f"stopped by {type(error).__name__}"
+    exc_info = None if user or not isinstance(error, Exception) else (type(error), error, error.__traceback__)
+    record = logging.getLogger(prog).makeRecord(prog, logging.ERROR, __file__, 0, message, (), exc_info)
+    for h in files:
+        h.handle(record)
 
 
 def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
@@ -151,7 +170,7 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def hydra_main(raw: DictConfig) -> None:
-        _log_to_stderr_and_run_dir()
+        files = _log_to_stderr_and_run_dir()
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         if multirun:
             # Each sweep job gets its own run directory (Hydra's per-job output dir).
@@ -167,6 +186,7 @@ def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
                     rounds.check_later(cfg)
                 run(cfg)
             except BaseException as e:
+                _log_the_end(files, prog, e)
                 dist.shutdown(clean=False)
                 if stop_the_sweep(e, multirun, dist.read_env().world_size, HydraConfig.get().launcher._target_):
                     # Logged, not only raised: each rank's line names the rank that failed.

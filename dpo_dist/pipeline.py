@@ -188,21 +188,27 @@ def _generate(cfg: Config, round_overrides: list[str]):
     if cfg.generation.backend != "vllm" and not cfg.generation.python:
         return generate.run(cfg)
     python = cfg.generation.python or sys.executable
+    # Hydra's file handler ("file" in its job_logging), kept on rank 0 only (cli.stage_main).
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers
+                     if isinstance(h, logging.FileHandler) and h.get_name() == "file"), "")
     overrides = child_overrides(list(HydraConfig.get().overrides.task), str(cfg.run_dir), round_overrides,
-                                cfg.generation.backend)
+                                cfg.generation.backend, log_file)
     log.info("generate stage in %s", python)
     run_child([python, "-m", "dpo_dist.generate", *overrides], "the generate stage")
 
 
-def child_overrides(task: list[str], run_dir: str, round_overrides: list[str], backend: str) -> list[str]:
+def child_overrides(task: list[str], run_dir: str, round_overrides: list[str], backend: str,
+                    log_file: str = "") -> list[str]:
     """The generate child's command line: this run's overrides (in a sweep job, the job's point), then
     its run directory, the round's settings and the resolved backend, which win over them. The child
     runs Hydra in run mode in ``run_dir``; in a sweep job of one round that is the job's own
     directory, whose ``.hydra/`` records the child must not overwrite (python -m dpo_dist.sweep reads
-    them), so it writes none."""
+    them), so it writes none. ``log_file``: the parent's log file, which the child appends to rather
+    than opening one in a round's directory."""
     kept = [o for o in task if not o.startswith("generation.backend=")]
+    log = rounds.overrides({"hydra.job_logging.handlers.file.filename": log_file}) if log_file else []
     return [*kept, f"run_dir={run_dir}", *round_overrides, f"generation.backend={backend}",
-            "hydra.output_subdir=null"]
+            "hydra.output_subdir=null", *log]
 
 
 main = stage_main(run)

@@ -113,6 +113,10 @@ def test_under_torchrun_one_rank_reports_and_the_process_group_is_torn_down(tmp_
     lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert proc.returncode != 0 and len(lines) == 1, out[-4000:]
     assert lines[0].startswith("dpo_dist.reference (rank 0): error: data.pairs=")
+    # The run directory's log says why the run stopped, once (rank 0 writes it).
+    logged = (tmp_path / "run" / "dpo_dist.log").read_text().splitlines()
+    errors = [line for line in logged if " ERROR " in line]
+    assert errors == logged[-1:] and errors[0].endswith("dpo_dist.reference: " + lines[0].split(": error: ", 1)[1]), logged
     assert 'dpo_dist/' not in "".join(line for line in out.splitlines() if line.lstrip().startswith("File "))
     assert "terminate called" not in out
 

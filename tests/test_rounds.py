@@ -530,8 +530,13 @@ def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, ti
     task = [f"model.path={tiny_llama}", "generation.seed=0", "generation.backend=auto", "prompts.num_train=2",
             "prompts.num_train_general=1", "prompts.num_train_leak=0", "generation.num_candidates=2",
             "generation.max_new_tokens=4"]
-    overrides = child_overrides(task, str(job), [], "hf")
-    assert overrides[-3:] == [f"run_dir={job}", "generation.backend=hf", "hydra.output_subdir=null"]
+    assert child_overrides(task, str(job), [], "hf")[-3:] == [f"run_dir={job}", "generation.backend=hf",
+                                                              "hydra.output_subdir=null"]
+    # The parent's log file (a path with a space and a quote, as a user's may have) takes the child's lines.
+    parent_log = tmp_path / "the job's log" / "dpo_dist.log"
+    parent_log.parent.mkdir()
+    parent_log.write_text("parent line\n")
+    overrides = child_overrides(task, str(job), [], "hf", str(parent_log))
     assert "generation.backend=auto" not in overrides
     proc = subprocess.run([sys.executable, "-m", "dpo_dist.generate", *overrides], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
@@ -539,6 +544,10 @@ def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, ti
     assert len(read_jsonl(job / "generate" / "candidates.jsonl")) == 3
     assert [p.name for p in (job / ".hydra").iterdir()] == ["overrides.yaml"]
     assert (job / ".hydra" / "overrides.yaml").read_text() == "- generation.seed=0\n"
+    logged = parent_log.read_text().splitlines()
+    assert logged[0] == "parent line" and any("[rank 0] INFO __main__: candidates: 3 prompts" in line
+                                              for line in logged[1:]), logged
+    assert not (job / "dpo_dist.log").exists()
 
 
 def test_general_prompts_can_be_searched_for_leaks_with_more_answers(tmp_path, tiny_llama):
