@@ -127,16 +127,24 @@ def stop_the_sweep(error: BaseException, multirun: bool, world_size: int, launch
             and launcher.rsplit(".", 1)[-1] == "BasicLauncher")
 
 
+# The log file Hydra opened for this job (set by stage_main; "" when its job_logging has none).
+RUN_LOG = ""
+
+
 def _log_to_stderr_and_run_dir() -> list[logging.FileHandler]:
     """Every rank's lines, with its rank, on stderr; rank 0's also appended to the log file Hydra
     opened in the run directory (``<run_dir>/dpo_dist.log``, named by hydra.job.name). Hydra's
     console handler and format give way to ours, and its file handler takes our format rather than
     being dropped with them (which left the file empty). One writer: appends from several nodes to
     one file on NFS are not atomic and lose lines. Returns the file handlers kept."""
+    global RUN_LOG
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
     for h in files:
         root.removeHandler(h)
+    # Hydra's own file handler ("file" in its job_logging), on every rank: a child process of this
+    # job (the pipeline's generate child) is pointed at it rather than opening one of its own.
+    RUN_LOG = next((h.baseFilename for h in files if h.get_name() == "file"), "")
     rank = dist.read_env().rank
     logging.basicConfig(level=os.environ.get("DPO_DIST_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
@@ -152,13 +160,19 @@ def _log_to_stderr_and_run_dir() -> list[logging.FileHandler]:
 
 def _log_the_end(files: list[logging.FileHandler], prog: str, error: BaseException) -> None:
     """The error that ends a run, in the run directory's log too (stderr shows it already, one line
-    for a user error): without it the file would not say why the run stopped."""
+    for a user error): without it the file would not say why the run stopped. Rank 0's only: another
+    rank's failure is on stderr (the launcher's output, a Slurm job's .out)."""
     if not files:
         return
     user = isinstance(error, USER_ERRORS)
-    message = one_line(error) if user else f"stopped by {type(error).__name__}"
-    exc_info = None if user or not isinstance(error, Exception) else (type(error), error, error.__traceback__)
-    record = logging.getLogger(prog).makeRecord(prog, logging.ERROR, __file__, 0, message, (), exc_info)
+    if isinstance(error, SystemExit):  # a planned stop too: preempted (124, requeue), a sweep ended
+        level, message, exc_info = logging.WARNING, f"exiting with code {error.code}", None
+    elif user:
+        level, message, exc_info = logging.ERROR, one_line(error), None
+    else:
+        level, message = logging.ERROR, f"stopped by {type(error).__name__}"
+        exc_info = (type(error), error, error.__traceback__) if isinstance(error, Exception) else None
+    record = logging.getLogger(prog).makeRecord(prog, level, __file__, 0, message, (), exc_info)
     for h in files:
         h.handle(record)
 

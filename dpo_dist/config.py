@@ -158,8 +158,9 @@ class TrainConfig:
     # and summary are written. true keeps them, with one at the last step, to continue training later.
     keep_checkpoints_after_export: bool = False
     # Where the DeepSpeed checkpoints go; empty: <run_dir>/train/checkpoints. A 72B ZeRO-3 checkpoint
-    # is ~1 TB: point this at scratch storage, one directory per run (it is claimed by the run's
-    # settings, and removed after the export unless keep_checkpoints_after_export).
+    # is ~1 TB: point this at scratch storage that every node sees at the same path (rank 0 claims
+    # it, picks the checkpoint to resume and checks its files for all ranks), one directory per run
+    # (claimed by the run's settings, and removed after the export unless keep_checkpoints_after_export).
     checkpoint_dir: str = ""
     # Pairs per prefix-shared row when precomputing reference log-probs. A row's attention grows with
     # the square of its length, so more pairs per row is slower (reference.score_pairs).

@@ -383,24 +383,36 @@ def on_main(decide: Callable[[], T]) -> T:
     on every rank. For decisions about shared files: another node may see them late (NFS attribute
     caching), and one decision is followed by all; and a rank that fails alone would leave the
     others in the next collective until the timeout, where a launcher does not stop them (srun
-    without --kill-on-bad-exit)."""
+    without --kill-on-bad-exit). Whatever stops rank 0 (an exception, SIGINT, SystemExit) reaches
+    the broadcast; the other ranks get the error itself when it survives pickling, else a
+    RuntimeError naming it."""
     if not torch_dist.is_initialized():
         return decide()
     outcome, error = None, None
     if read_env().rank == 0:
         try:
             outcome = (True, decide())
-        except Exception as e:  # noqa: BLE001 -- given to every rank, then raised on each
+            pickle.dumps(outcome)  # fails here, not inside the broadcast with the others waiting
+        except BaseException as e:  # noqa: BLE001 -- given to every rank, then raised on each
             error = e
-            try:
-                pickle.dumps(e)
-                outcome = (False, e)
-            except Exception:  # noqa: BLE001 -- an exception that does not pickle: its text does
-                outcome = (False, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+            outcome = (False, _portable(e))
     ok, value = broadcast_object(outcome)
     if not ok:
         raise error if error is not None else value
     return value
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it comes back from pickling (an exception whose __init__ takes other arguments than
+    it stores does not), else a RuntimeError with its type and text."""
+    try:
+        if isinstance(e, Exception):
+            back = pickle.loads(pickle.dumps(e))
+            if type(back) is type(e) and str(back) == str(e):
+                return e
+    except Exception:  # noqa: BLE001 -- any failure means: send its text
+        pass
+    return RuntimeError(f"rank 0: {type(e).__name__}: {e}")
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:

@@ -16,13 +16,14 @@ generate stage runs in that interpreter as ``python -m dpo_dist.generate`` with 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from dpo_dist import dist, evaluate, generate, judge, reference, rounds, rounds_report, train
+from dpo_dist import cli, dist, evaluate, generate, judge, reference, rounds, rounds_report, train
 from dpo_dist.artifacts import MissingFile, read_json, write_json
 from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import Config, ConfigError, num_rounds
@@ -188,11 +189,8 @@ def _generate(cfg: Config, round_overrides: list[str]):
     if cfg.generation.backend != "vllm" and not cfg.generation.python:
         return generate.run(cfg)
     python = cfg.generation.python or sys.executable
-    # Hydra's file handler ("file" in its job_logging), kept on rank 0 only (cli.stage_main).
-    log_file = next((h.baseFilename for h in logging.getLogger().handlers
-                     if isinstance(h, logging.FileHandler) and h.get_name() == "file"), "")
     overrides = child_overrides(list(HydraConfig.get().overrides.task), str(cfg.run_dir), round_overrides,
-                                cfg.generation.backend, log_file)
+                                cfg.generation.backend, cli.RUN_LOG)
     log.info("generate stage in %s", python)
     run_child([python, "-m", "dpo_dist.generate", *overrides], "the generate stage")
 
@@ -204,11 +202,33 @@ def child_overrides(task: list[str], run_dir: str, round_overrides: list[str], b
     runs Hydra in run mode in ``run_dir``; in a sweep job of one round that is the job's own
     directory, whose ``.hydra/`` records the child must not overwrite (python -m dpo_dist.sweep reads
     them), so it writes none. ``log_file``: the parent's log file, which the child appends to rather
-    than opening one in a round's directory."""
+    than opening one in a round's directory (a path Hydra would not read back as it is: the
+    round's directory after all)."""
     kept = [o for o in task if not o.startswith("generation.backend=")]
-    log = rounds.overrides({"hydra.job_logging.handlers.file.filename": log_file}) if log_file else []
+    log = [f"hydra.job_logging.handlers.file.filename={quoted}"] if (quoted := hydra_quoted_path(log_file)) else []
     return [*kept, f"run_dir={run_dir}", *round_overrides, f"generation.backend={backend}",
             "hydra.output_subdir=null", *log]
+
+
+def hydra_quoted_path(path: str) -> str:
+    """``path`` as a quoted Hydra override value that composes back to ``path`` exactly, or "" when
+    none does (or ``path`` is empty). In quotes Hydra unescapes a backslash only before a quote or
+    at the end; OmegaConf then resolves ``${...}`` unless escaped, and unescapes the backslashes
+    before one."""
+    if not path:
+        return ""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", path)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    body = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", body)  # OmegaConf's escapes, before "${"
+    quoted = f"'{body}'"
+    try:
+        value = OverridesParser.create().parse_override(f"x={quoted}").value()
+        return quoted if OmegaConf.create({"x": value}).x == path else ""
+    except Exception:  # noqa: BLE001 -- not read back: no override
+        return ""
 
 
 main = stage_main(run)

@@ -1,5 +1,6 @@
 """What dist.on_main gives each rank: rank 0's result, or rank 0's error raised on every rank (one
-that does not pickle as a RuntimeError with its text). Prints one JSON line per rank and case.
+that does not survive pickling, a result that does not pickle and a KeyboardInterrupt as a
+RuntimeError with its text). Prints one JSON line per rank and case.
 Launched by tests/test_distributed.py under torchrun for 2 ranks."""
 
 import json
@@ -28,12 +29,31 @@ def unpicklable() -> None:
     raise Unpicklable()
 
 
+class TwoArguments(Exception):
+    """Pickles, but does not unpickle: pickling stores args, the message, not (path, why)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+
+
+def does_not_unpickle() -> None:
+    raise TwoArguments("/runs/x", "broken")
+
+
+def unpicklable_result() -> threading.Lock:
+    return threading.Lock()
+
+
+def stopped() -> None:
+    raise KeyboardInterrupt()
+
+
 if __name__ == "__main__":
     dist.init()
-    for case in (returns_rank, refuses, unpicklable):
+    for case in (returns_rank, refuses, unpicklable, does_not_unpickle, unpicklable_result, stopped):
         try:
             got = {"value": dist.on_main(case)}
-        except Exception as e:  # noqa: BLE001 -- what each rank raised is the result
+        except BaseException as e:  # noqa: BLE001 -- what each rank raised is the result
             got = {"error": type(e).__name__, "message": str(e)}
         # One write per line: print() writes the text and its newline apart, and two ranks share stdout.
         os.write(1, ("ON_MAIN " + json.dumps({"rank": dist.read_env().rank, "case": case.__name__, **got}) + "\n").encode())

@@ -120,6 +120,8 @@ def test_deepspeed_sigusr1_checkpoints_exits_124_and_resumes(tmp_path, pairs_fil
     rc, out = finish(proc)
     assert rc == 124, out[-6000:]
     assert "received SIGUSR1: checkpointing" in out
+    # The run's log says how it stopped: a planned exit (requeue), not an error.
+    assert (run_dir / "dpo_dist.log").read_text().splitlines()[-1].endswith(" WARNING dpo_dist.train: exiting with code 124")
     stopped = [r["step"] for r in metrics(run_dir)][-1]
     assert 1 <= stopped < 4 and (run_dir / "train" / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:07d}"
 

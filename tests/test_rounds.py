@@ -532,8 +532,8 @@ def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, ti
             "generation.max_new_tokens=4"]
     assert child_overrides(task, str(job), [], "hf")[-3:] == [f"run_dir={job}", "generation.backend=hf",
                                                               "hydra.output_subdir=null"]
-    # The parent's log file (a path with a space and a quote, as a user's may have) takes the child's lines.
-    parent_log = tmp_path / "the job's log" / "dpo_dist.log"
+    # The parent's log file (a path with a space, a quote and "${", as a user's may have) takes the child's lines.
+    parent_log = tmp_path / "the job's ${log}" / "dpo_dist.log"
     parent_log.parent.mkdir()
     parent_log.write_text("parent line\n")
     overrides = child_overrides(task, str(job), [], "hf", str(parent_log))
@@ -548,6 +548,24 @@ def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, ti
     assert logged[0] == "parent line" and any("[rank 0] INFO __main__: candidates: 3 prompts" in line
                                               for line in logged[1:]), logged
     assert not (job / "dpo_dist.log").exists()
+
+
+@pytest.mark.parametrize("path", ["/runs/a b/dpo_dist.log", "/runs/it's/x.log", "/runs/a\\b/x.log", "/runs/${HOME}/x",
+                                  "/runs/end\\", "/runs/a,b=c $X {y}/x", "/runs/q\\'x", "/runs/\\${x}"])
+def test_a_path_in_a_child_override_composes_back_to_itself(path):
+    """pipeline.hydra_quoted_path: Hydra unescapes a backslash in quotes only before a quote or at
+    the end, and resolves ${...}; the value a child composes is the path, or no override is made."""
+    from hydra import compose, initialize_config_dir
+
+    from dpo_dist.pipeline import hydra_quoted_path
+
+    quoted = hydra_quoted_path(path)
+    assert quoted, path
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"hydra.job_logging.handlers.file.filename={quoted}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.job_logging.handlers.file.filename == path
+    assert hydra_quoted_path("") == ""
 
 
 def test_general_prompts_can_be_searched_for_leaks_with_more_answers(tmp_path, tiny_llama):
