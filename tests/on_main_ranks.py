@@ -1,6 +1,6 @@
 """What dist.on_main gives each rank: rank 0's result, or rank 0's error raised on every rank (one
-that does not survive pickling, a result that does not pickle and a KeyboardInterrupt as a
-RuntimeError with its text). Prints one JSON line per rank and case.
+that does not survive pickling and a KeyboardInterrupt as a RuntimeError with its text; a result
+that does not pickle as the error pickling it raised). Prints one JSON line per rank and case.
 Launched by tests/test_distributed.py under torchrun for 2 ranks."""
 
 import json

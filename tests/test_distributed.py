@@ -259,8 +259,8 @@ def test_two_rank_generation_covers_the_same_prompts(tmp_path):
 def test_a_decision_on_rank_0_reaches_every_rank_and_so_does_its_error():
     """dist.on_main: every rank gets rank 0's result; rank 0's error is raised on every rank (the
     other ranks must not wait in the next collective for a rank that failed alone), one that does
-    not come back from pickling, a result that does not pickle and a KeyboardInterrupt as a
-    RuntimeError naming it."""
+    not come back from pickling and a KeyboardInterrupt as a RuntimeError naming it; a result that
+    does not pickle as the error pickling it raised."""
     got = tagged_lines(run_script("on_main_ranks.py", [], nproc=2, timeout=300), "ON_MAIN")
     by_case = {(r["rank"], r["case"]): {k: v for k, v in r.items() if k not in ("rank", "case")} for r in got}
     for rank in (0, 1):
@@ -270,9 +270,8 @@ def test_a_decision_on_rank_0_reaches_every_rank_and_so_does_its_error():
     assert by_case[1, "unpicklable"] == {"error": "RuntimeError", "message": "rank 0: Unpicklable: holds a lock"}, got
     assert by_case[0, "does_not_unpickle"] == {"error": "TwoArguments", "message": "/runs/x: broken"}, got
     assert by_case[1, "does_not_unpickle"] == {"error": "RuntimeError", "message": "rank 0: TwoArguments: /runs/x: broken"}, got
-    # A result that does not pickle fails on rank 0 before the broadcast, and reaches rank 1 as an error.
-    assert by_case[0, "unpicklable_result"]["error"] == "TypeError", got
-    assert by_case[1, "unpicklable_result"]["error"] == "RuntimeError", got
-    assert by_case[1, "unpicklable_result"]["message"].startswith("rank 0: TypeError: "), got
+    # A result that does not pickle fails on rank 0 before the broadcast, and that error reaches rank 1.
+    assert by_case[0, "unpicklable_result"]["error"] == "TypeError" and "pickle" in by_case[0, "unpicklable_result"]["message"], got
+    assert by_case[1, "unpicklable_result"] == by_case[0, "unpicklable_result"], got
     assert by_case[0, "stopped"] == {"error": "KeyboardInterrupt", "message": ""}, got
     assert by_case[1, "stopped"] == {"error": "RuntimeError", "message": "rank 0: KeyboardInterrupt: "}, got
