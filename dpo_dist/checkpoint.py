@@ -148,10 +148,7 @@ def latest_step(ckpt_dir: Path) -> int | None:
 def resume_point(ckpt_dir: Path, layout: Layout) -> ResumePoint | None:
     """The newest complete checkpoint (rank 0 decides, every rank gets its answer), naming in a
     warning each newer tag it skips, or None to start at step 0 (an error line when tags exist)."""
-    point = None
-    if dist.is_main():
-        point = _choose(Path(ckpt_dir), layout)
-    return dist.broadcast_object(point)
+    return dist.on_main(lambda: _choose(Path(ckpt_dir), layout))
 
 
 def _choose(ckpt_dir: Path, layout: Layout) -> ResumePoint | None:

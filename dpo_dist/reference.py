@@ -122,11 +122,11 @@ def run(cfg: Config) -> Path:
     out_dir = reference_dir(cfg)
     merged, manifest = out_dir / "logps.safetensors", out_dir / "manifest.json"
     # Rank 0 judges the cache and every rank follows: a damaged file is reported (and rebuilt) once.
-    verdict = None
-    if denv.is_main:
+    def judge_cache() -> tuple[str, bool]:
         fp = cache_fingerprint(cfg)
-        verdict = fp, _reusable(manifest, merged, fp)
-    fp, reuse = dist.broadcast_object(verdict)
+        return fp, _reusable(manifest, merged, fp)
+
+    fp, reuse = dist.on_main(judge_cache)
     if reuse:
         log.info("reference log-probs: reusing %s (fingerprint %s)", merged, fp)
         return merged
