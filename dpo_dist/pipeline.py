@@ -16,7 +16,6 @@ generate stage runs in that interpreter as ``python -m dpo_dist.generate`` with 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -212,18 +211,13 @@ def child_overrides(task: list[str], run_dir: str, round_overrides: list[str], b
 
 def hydra_quoted_path(path: str) -> str:
     """``path`` as a quoted Hydra override value that composes back to ``path`` exactly, or "" when
-    none does (or ``path`` is empty). In quotes Hydra unescapes a backslash only before a quote or
-    at the end; OmegaConf then resolves ``${...}`` unless escaped, and unescapes the backslashes
-    before one."""
+    none does (or ``path`` is empty): rounds.hydra_quoted, checked by composing it."""
     if not path:
         return ""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", path)
-    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
-    body = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", body)  # OmegaConf's escapes, before "${"
-    quoted = f"'{body}'"
+    quoted = rounds.hydra_quoted(path, interpolations=False)
     try:
         value = OverridesParser.create().parse_override(f"x={quoted}").value()
         return quoted if OmegaConf.create({"x": value}).x == path else ""

@@ -24,6 +24,7 @@ agree.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -205,12 +206,18 @@ def apply(cfg: Config, settings: dict[str, object]) -> Config:
 def overrides(settings: dict[str, object]) -> list[str]:
     """``settings`` as Hydra command-line overrides; a later override of the same key wins, so these
     go after the user's."""
-    def quoted(v: object) -> str:
-        if isinstance(v, str):
-            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        return str(v)
+    return [f"{k}={hydra_quoted(v) if isinstance(v, str) else v}" for k, v in settings.items()]
 
-    return [f"{k}={quoted(v)}" for k, v in settings.items()]
+
+def hydra_quoted(text: str, interpolations: bool = True) -> str:
+    """``text`` as a quoted Hydra override value. In quotes Hydra unescapes a backslash only before a
+    quote or at the end, so only those are doubled; with ``interpolations=False`` a ``${`` is
+    escaped (and the backslashes before it doubled) so that OmegaConf keeps it as text."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    if not interpolations:
+        body = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", body)
+    return f"'{body}'"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -554,17 +554,24 @@ def test_the_generate_child_leaves_a_sweep_jobs_hydra_records_alone(tmp_path, ti
                                   "/runs/end\\", "/runs/a,b=c $X {y}/x", "/runs/q\\'x", "/runs/\\${x}"])
 def test_a_path_in_a_child_override_composes_back_to_itself(path):
     """pipeline.hydra_quoted_path: Hydra unescapes a backslash in quotes only before a quote or at
-    the end, and resolves ${...}; the value a child composes is the path, or no override is made."""
+    the end, and resolves ${...}; the value a child composes is the path, or no override is made.
+    rounds.overrides quotes a round's settings by the same rule (a backslash inside once came back doubled)."""
     from hydra import compose, initialize_config_dir
 
     from dpo_dist.pipeline import hydra_quoted_path
+
+    from dpo_dist.rounds import overrides
 
     quoted = hydra_quoted_path(path)
     assert quoted, path
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"hydra.job_logging.handlers.file.filename={quoted}"],
                       return_hydra_config=True)
+        # A round's settings (rounds.overrides) quote alike, ${...} left to resolve.
+        round_cfg = compose("config", overrides=overrides({"run_dir": path}))
     assert cfg.hydra.job_logging.handlers.file.filename == path
+    if "${" not in path:
+        assert round_cfg.run_dir == path
     assert hydra_quoted_path("") == ""
 
 
