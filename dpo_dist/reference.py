@@ -117,6 +117,12 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
 
 def run(cfg: Config) -> Path:
     """Compute (or reuse) the reference cache; returns the merged safetensors path."""
+    return ensure(cfg)[0]
+
+
+def ensure(cfg: Config) -> tuple[Path, str]:
+    """``run``, also returning the cache's fingerprint (training keys its own on it): hashing the
+    pairs and a later round's reference weights once, not again in training."""
     denv = dist.init()
     check_pairs_source(cfg.data)  # on every rank: a missing file fails each alike, not rank 0 alone in the broadcast
     out_dir = reference_dir(cfg)
@@ -129,7 +135,7 @@ def run(cfg: Config) -> Path:
     fp, reuse = dist.on_main(judge_cache)
     if reuse:
         log.info("reference log-probs: reusing %s (fingerprint %s)", merged, fp)
-        return merged
+        return merged, fp
 
     tokenizer = load_tokenizer(cfg.model)
     records = load_pairs(cfg.data)
@@ -157,7 +163,7 @@ def run(cfg: Config) -> Path:
         _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0, resident,
                cfg.model_for("reference").path)
     dist.barrier()
-    return merged
+    return merged, fp
 
 
 def _reusable(manifest: Path, merged: Path, fp: str) -> bool:
@@ -237,7 +243,22 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
 
 def load(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached reference log-probs for these pairs, refusing a stale or mismatched cache. ``fp``
-    is the fingerprint rank 0 computed and broadcast, so every rank judges the cache alike."""
+    is the fingerprint rank 0 computed and broadcast.
+
+    Rank 0 reads and checks the cache and gives every rank the tensors (8 bytes a pair): a rank on
+    a node that sees the shared run directory late (NFS attribute caching) would read no manifest,
+    or the one before, and fail alone while the others wait in DeepSpeed's first collective. The
+    ranks first compare the pair ids each of them read, so one that read another version of the
+    pairs file fails every rank, naming it, instead of training on log-probs of other pairs."""
+    digests = dist.all_gather_object(fingerprint(pair_ids))
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise StaleReference(f"{cfg.data.pairs}: rank(s) {differ} read other training pairs than rank 0 "
+                             f"(a shared filesystem showing another version of the file to their node?)")
+    return dist.on_main(lambda: _read(cfg, pair_ids, fp))
+
+
+def _read(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch.Tensor]:
     out_dir = reference_dir(cfg)
     manifest = out_dir / "manifest.json"
     if not manifest_matches(manifest, fp):

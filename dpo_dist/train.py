@@ -153,9 +153,8 @@ def _run(cfg: Config) -> dict:
     final_dir, summary_path = out_dir / "final", out_dir / "summary.json"
     accum = cfg.train.accumulation_steps(denv.world_size)
 
-    reference.run(cfg)  # compute or reuse; the reference model is gone when this returns
+    _, ref_fp = reference.ensure(cfg)  # compute or reuse; the reference model is gone when this returns
     phases = memory.PhasePeaks()  # the training peak is its own, not the reference pass's
-    ref_fp = dist.on_main(lambda: reference.cache_fingerprint(cfg))
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
 

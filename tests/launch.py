@@ -40,12 +40,13 @@ def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: float 
     return proc
 
 
-def run_script(script: str, args: list[str], nproc: int = 1, timeout: float = 900) -> str:
+def run_script(script: str, args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None) -> str:
     """Run ``tests/<script>`` as ranks (a stage called in-process, as the pipeline calls it) and return
     its output. A script's own directory leads sys.path, not the working directory: PYTHONPATH names
     this checkout."""
     proc = subprocess.run([*launcher(nproc), str(REPO / "tests" / script), *args], cwd=REPO,
-                          env=dict(stage_env(nproc), PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
+                          env=dict(stage_env(nproc), PYTHONPATH=str(REPO)) | (env or {}), capture_output=True, text=True,
+                          timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output

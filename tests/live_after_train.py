@@ -3,7 +3,9 @@ samples, and print (one JSON line per rank) how many bytes of tensors are still 
 to the model's own size, its exit code if it stopped (``--signal-during-export``: SIGUSR1 to rank 0
 as the export begins), whether the signal handlers are the ones before training, and the metrics
 training returned (``--summary-unseen-by-rank-1``: rank 1 does not see ``train/summary.json``, as a
-node whose NFS attribute cache lags would not). Launched by tests/test_release.py, under torchrun for
+node whose NFS attribute cache lags would not; ``--reference-unseen-by-rank-1``: the same for
+``reference/manifest.json``; ``--pairs-differ-on-rank-1``: rank 1 reads the pairs file without its
+last record, as if it saw another version of it). Launched by tests/test_release.py, under torchrun for
 2 ranks."""
 
 import gc
@@ -48,38 +50,49 @@ def signal_during_export() -> None:
     checkpoint.export_hf = signalled
 
 
-def summary_unseen_by_rank_1() -> None:
-    """On rank 1, ``train/summary.json`` does not exist as far as Path.is_file can tell."""
+def unseen_by_rank_1(folder: str, name: str) -> None:
+    """On rank 1, ``<folder>/<name>`` does not exist as far as Path.is_file can tell."""
     if dist.read_env().rank != 1:
         return
     is_file = pathlib.Path.is_file
 
     def lagging(self, *args, **kwargs):
-        return False if self.name == "summary.json" and self.parent.name == "train" else is_file(self, *args, **kwargs)
+        return False if self.name == name and self.parent.name == folder else is_file(self, *args, **kwargs)
 
     pathlib.Path.is_file = lagging
 
 
+def pairs_differ_on_rank_1() -> None:
+    if dist.read_env().rank != 1:
+        return
+    load_pairs = train.load_pairs
+    train.load_pairs = lambda *a, **k: load_pairs(*a, **k)[:-1]
+
+
+FLAGS = {"--signal-during-export": lambda: signal_during_export(),
+         "--summary-unseen-by-rank-1": lambda: unseen_by_rank_1("train", "summary.json"),
+         "--reference-unseen-by-rank-1": lambda: unseen_by_rank_1("reference", "manifest.json"),
+         "--pairs-differ-on-rank-1": pairs_differ_on_rank_1}
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args and args[0] == "--signal-during-export":
-        signal_during_export()
-        args = args[1:]
-    if args and args[0] == "--summary-unseen-by-rank-1":
-        summary_unseen_by_rank_1()
-        args = args[1:]
+    while args and args[0] in FLAGS:
+        FLAGS[args.pop(0)]()
     cfg = compose(args)
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
     before = live_tensor_bytes()
+    metrics, exit_code, error = None, None, None
     try:
         metrics = train.run(cfg)
-        exit_code = None
     except SystemExit as e:  # train.Preempted
-        metrics, exit_code = None, e.code
+        exit_code = e.code
+    except Exception as e:  # noqa: BLE001 -- reported per rank: the tests compare the ranks' errors
+        error = f"{type(e).__name__}: {e}"
     after = live_tensor_bytes()
     restored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
     # One write per line: print() writes the text and its newline apart, and two ranks share stdout.
     os.write(1, ("LIVE " + json.dumps({"rank": dist.read_env().rank, "before": before, "after": after,
-                                       "exit": exit_code, "signals_restored": restored,
+                                       "exit": exit_code, "error": error, "signals_restored": restored,
                                        "metrics": metrics}) + "\n").encode())
     dist.shutdown()

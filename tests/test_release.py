@@ -5,6 +5,8 @@ optimizer states and DeepSpeed's flat partitions must all be gone, at every ZeRO
 the same objects hold host memory: every tensor still reachable from Python is counted after
 train.run returns (tests/live_after_train.py) and must be a small fraction of the model."""
 
+import shutil
+
 import pytest
 
 from launch import run_script, tagged_lines, write_identity_pairs
@@ -17,13 +19,17 @@ TRAIN = ["loss=dpo", "train.global_batch_size=4", "train.micro_batch_size=2", "t
          "wandb.mode=disabled", "data.max_length=96", "data.max_prompt_length=64"]
 
 
-def train_in_process(tmp_path, nproc: int, deepspeed: str, *flags: str) -> list[dict]:
-    """tests/live_after_train.py's line for each rank."""
+def train_in_process(tmp_path, nproc: int, deepspeed: str, *flags: str, errors: bool = False) -> list[dict]:
+    """tests/live_after_train.py's line for each rank; an error on any rank fails the test unless
+    ``errors``. With ``errors`` a rank left alone in a collective times out after 2 minutes (the
+    failure those tests are about), not 30."""
     pairs = write_identity_pairs(tmp_path / "pairs.jsonl")
     out = run_script("live_after_train.py", [*flags, f"run_dir={tmp_path / 'run'}", f"data.pairs={pairs}",
-                                             f"deepspeed={deepspeed}", *TRAIN], nproc=nproc)
+                                             f"deepspeed={deepspeed}", *TRAIN], nproc=nproc,
+                     env={"DPO_DIST_TIMEOUT_MIN": "2"} if errors else None)
     ranks = tagged_lines(out, "LIVE")
     assert sorted(r["rank"] for r in ranks) == list(range(nproc)), out[-3000:]
+    assert errors or not any(r["error"] for r in ranks), out[-6000:]
     return ranks
 
 
@@ -61,3 +67,24 @@ def test_a_finished_training_is_reused_on_every_rank_when_one_rank_cannot_see_it
     assert [r["metrics"] for r in again] == [written_metrics] * 2 and written_metrics, (first, again)
     assert all(r["exit"] is None for r in again), again
     assert export.stat().st_mtime_ns == written  # reused, not trained and exported again
+
+
+def test_the_reference_log_probs_reach_every_rank_when_one_rank_cannot_see_their_manifest(tmp_path):
+    """Rank 0 reads the reference cache and gives every rank its log-probs: a rank whose view of the
+    shared run directory lags (no reference/manifest.json yet) must not fail alone with a stale-cache
+    error while the others wait in DeepSpeed's first collective."""
+    train_in_process(tmp_path, 2, "zero2")
+    shutil.rmtree(tmp_path / "run" / "train")  # train again on the cached reference log-probs
+    again = train_in_process(tmp_path, 2, "zero2", "--reference-unseen-by-rank-1", errors=True)
+    assert [r["error"] for r in again] == [None, None], again
+    assert all(r["metrics"] for r in again), again
+
+
+def test_a_rank_that_read_other_pairs_stops_every_rank_naming_the_file(tmp_path):
+    """Every rank tokenizes the pairs file itself; one that read another version of it (its node sees
+    the shared file late) would train on log-probs of other pairs, or fail alone. Every rank stops,
+    naming the file."""
+    ranks = train_in_process(tmp_path, 2, "zero2", "--pairs-differ-on-rank-1", errors=True)
+    pairs = str(tmp_path / "pairs.jsonl")
+    assert all(r["error"] and r["error"].startswith(f"StaleReference: {pairs}: rank(s) [1] read other training pairs")
+               for r in ranks), ranks
