@@ -46,6 +46,7 @@ from dpo_dist import dist, generate, sampling
 from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, intact, manifest_matches, read_json,
                                 read_jsonl, shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl,
                                 write_text)
+from dpo_dist import cli
 from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import CONDITIONS, Config, ModelConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
@@ -102,7 +103,9 @@ def vllm_answers(mcfg: ModelConfig, tokenizer, prompts: list[dict], cfg: Config,
     """Greedy answers from generate.VLLMBackend, in a process of its own (``generation.python``, or
     this interpreter), as pipeline._generate runs generation: vLLM sets up its own process group and
     device placement and must not leave them, or its memory, behind in this process. Its engine
-    settings are generation's (tensor parallelism, memory, dtype); the decoding is greedy."""
+    settings are generation's (tensor parallelism, memory, dtype); the decoding is greedy. Rank 0's
+    child appends its lines to the run's log (``cli.RUN_LOG``), as the generate child does: one
+    writer, the rank that owns the log."""
     ids = [render_prompt(tokenizer, p["messages"]) for p in prompts]
     gen = replace(cfg.generation, backend="vllm", temperature=0.0, top_p=1.0, num_candidates=1,
                   max_new_tokens=cfg.eval.max_new_tokens)
@@ -111,7 +114,8 @@ def vllm_answers(mcfg: ModelConfig, tokenizer, prompts: list[dict], cfg: Config,
     with tempfile.TemporaryDirectory(prefix="dpo-dist-eval-vllm-") as tmp:
         request, out = Path(tmp) / "request.json", Path(tmp) / "answers.jsonl"
         write_json(request, {"model": asdict(mcfg), "generation": asdict(gen), "placement": asdict(where),
-                             "prompt_ids": ids, "ids": [p["id"] for p in prompts], "out": str(out)})
+                             "prompt_ids": ids, "ids": [p["id"] for p in prompts], "out": str(out),
+                             "log_file": cli.RUN_LOG if dist.read_env().rank == 0 else ""})
         run_child([python, "-m", "dpo_dist.evaluate", VLLM_ANSWERS, str(request)], "the vLLM answers process")
         rows = read_jsonl(out)
     # Decoded as the hf decoder decodes (sampling.generate), so both backends' texts compare.
@@ -127,6 +131,12 @@ def vllm_answers_main(request_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.read_env().rank}] %(levelname)s %(name)s: %(message)s")
     dist.init(process_group=False)
     req = read_json(request_path)
+    if req.get("log_file"):
+        root = logging.getLogger()
+        handler = logging.FileHandler(req["log_file"], mode="a", encoding="utf-8")
+        handler.setFormatter(root.handlers[0].formatter)
+        root.addHandler(handler)
+    log.info("vLLM answers: %d prompts from %s", len(req["ids"]), req["model"]["path"])
     where = dist.EnginePlacement(**{**req["placement"], "devices": tuple(req["placement"]["devices"])})
     backend = generate.VLLMBackend(Config(model=ModelConfig(**req["model"]), generation=GenerationConfig(**req["generation"])),
                                    where)

@@ -236,6 +236,8 @@ def test_vllm_answers_equal_hf_answers(tmp_path, monkeypatch):
     proc = run_stage("dpo_dist.evaluate", [f"run_dir={tmp_path / 'vllm'}", "eval.backend=vllm",
                                            f"generation.python={VLLM_PYTHON}", *common])
     assert "answered prompts 0-26 of 27 with vllm" in proc.stdout + proc.stderr
+    # The vLLM child's own lines reach the run's log too, not stderr alone.
+    assert "[rank 0] INFO __main__: vLLM answers: 27 prompts from " in (tmp_path / "vllm" / "dpo_dist.log").read_text()
 
     cached = {c["backend"]: c["answers"] for c in (json.loads(p.read_text()) for p in (cache / "eval").glob("*.json"))}
     assert set(cached) == {"hf", "vllm"} and len(cached["hf"]) == len(cached["vllm"]) == 27
