@@ -575,6 +575,19 @@ def test_a_path_in_a_child_override_composes_back_to_itself(path):
     assert hydra_quoted_path("") == ""
 
 
+@pytest.mark.parametrize("broken", ["'unterminated", "'/runs/other/x.log'"])
+def test_a_path_whose_quoting_would_not_compose_back_gives_no_override(monkeypatch, broken):
+    """The check behind hydra_quoted_path: a quoting that Hydra cannot parse, or that composes to
+    another path, makes no override (the child then logs in its own directory), never a wrong one.
+    No path reaches it with today's quoting, so the quoting is replaced here."""
+    from dpo_dist import pipeline, rounds
+
+    monkeypatch.setattr(rounds, "hydra_quoted", lambda path, interpolations=True: broken)
+    assert pipeline.hydra_quoted_path("/runs/x.log") == ""
+    assert "hydra.job_logging.handlers.file.filename" not in " ".join(
+        pipeline.child_overrides([], "/runs", [], "hf", "/runs/x.log"))
+
+
 def test_general_prompts_can_be_searched_for_leaks_with_more_answers(tmp_path, tiny_llama):
     """generation.leak_search_candidates=2: each general prompt gets two more plain answers, kept apart
     as search_candidates; every prompt's candidates are the samples a run without the setting draws
