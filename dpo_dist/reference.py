@@ -125,6 +125,8 @@ def ensure(cfg: Config) -> tuple[Path, str]:
     pairs and a later round's reference weights once, not again in training."""
     denv = dist.init()
     check_pairs_source(cfg.data)  # on every rank: a missing file fails each alike, not rank 0 alone in the broadcast
+    records = load_pairs(cfg.data)
+    same_pairs_on_every_rank(cfg, records)
     out_dir = reference_dir(cfg)
     merged, manifest = out_dir / "logps.safetensors", out_dir / "manifest.json"
     # Rank 0 judges the cache and every rank follows: a damaged file is reported (and rebuilt) once.
@@ -138,7 +140,6 @@ def ensure(cfg: Config) -> tuple[Path, str]:
         return merged, fp
 
     tokenizer = load_tokenizer(cfg.model)
-    records = load_pairs(cfg.data)
     pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
     shard = dist.shard_range(len(pairs), denv.rank, denv.world_size)
     mine = shard_path(out_dir, fp, denv.rank, denv.world_size, ".safetensors")
@@ -159,11 +160,22 @@ def ensure(cfg: Config) -> tuple[Path, str]:
     resident = dist.all_gather_object(resident)
     dist.barrier()
 
-    if denv.is_main:
-        _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats, time.time() - t0, resident,
-               cfg.model_for("reference").path)
-    dist.barrier()
+    # On rank 0, its error (shards that do not cover every pair) raised on every rank.
+    dist.on_main(lambda: _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats,
+                                time.time() - t0, resident, cfg.model_for("reference").path))
     return merged, fp
+
+
+def same_pairs_on_every_rank(cfg: Config, records: list[dict]) -> None:
+    """Every rank reads the pairs file itself. One that read another version of it (its node sees
+    the shared file late, or the file was rewritten under a running job) would score, cache and
+    train on other pairs under rank 0's fingerprint, or fail alone while the others wait in a
+    collective: the ranks compare what they read, and every rank stops, naming the file."""
+    digests = dist.all_gather_object(fingerprint(records))
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise StaleReference(f"{cfg.data.pairs}: rank(s) {differ} read other training pairs than rank 0 "
+                             f"(a shared filesystem showing another version of the file to their node?)")
 
 
 def _reusable(manifest: Path, merged: Path, fp: str) -> bool:
@@ -243,18 +255,13 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
 
 def load(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached reference log-probs for these pairs, refusing a stale or mismatched cache. ``fp``
-    is the fingerprint rank 0 computed and broadcast.
+    is the fingerprint rank 0 computed and broadcast; the ranks have compared the pairs they read
+    (``same_pairs_on_every_rank``), so rank 0's ids are every rank's.
 
-    Rank 0 reads and checks the cache and gives every rank the tensors (8 bytes a pair): a rank on
-    a node that sees the shared run directory late (NFS attribute caching) would read no manifest,
-    or the one before, and fail alone while the others wait in DeepSpeed's first collective. The
-    ranks first compare the pair ids each of them read, so one that read another version of the
-    pairs file fails every rank, naming it, instead of training on log-probs of other pairs."""
-    digests = dist.all_gather_object(fingerprint(pair_ids))
-    if len(set(digests)) > 1:
-        differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise StaleReference(f"{cfg.data.pairs}: rank(s) {differ} read other training pairs than rank 0 "
-                             f"(a shared filesystem showing another version of the file to their node?)")
+    Rank 0 reads and checks the cache and gives every rank the tensors (8 bytes a pair, CPU float32):
+    a rank on a node that sees the shared run directory late (NFS attribute caching) would read no
+    manifest, or the one before, and fail alone while the others wait in DeepSpeed's first
+    collective."""
     return dist.on_main(lambda: _read(cfg, pair_ids, fp))
 
 

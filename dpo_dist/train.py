@@ -175,7 +175,9 @@ def _run(cfg: Config) -> dict:
     _claim_checkpoints(ckpt_dir, train_fp, "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
 
     tokenizer = load_tokenizer(cfg.model)
-    pairs, stats = tokenize_pairs(load_pairs(cfg.data), tokenizer, cfg.data)
+    records = load_pairs(cfg.data)
+    reference.same_pairs_on_every_rank(cfg, records)  # read again here: what reference.ensure compared may have changed since
+    pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
     ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs], ref_fp)
     steps_per_epoch = len(pairs) // cfg.train.global_batch_size
     if steps_per_epoch == 0:

@@ -4,8 +4,9 @@ to the model's own size, its exit code if it stopped (``--signal-during-export``
 as the export begins), whether the signal handlers are the ones before training, and the metrics
 training returned (``--summary-unseen-by-rank-1``: rank 1 does not see ``train/summary.json``, as a
 node whose NFS attribute cache lags would not; ``--reference-unseen-by-rank-1``: the same for
-``reference/manifest.json``; ``--pairs-differ-on-rank-1``: rank 1 reads the pairs file without its
-last record, as if it saw another version of it). Launched by tests/test_release.py, under torchrun for
+``reference/manifest.json``; ``--pairs-fewer-on-rank-1`` / ``--pairs-text-differs-on-rank-1``: rank 1
+reads the pairs file without its last record, or with that record's rejected answer changed, as if
+it saw another version of the file). Launched by tests/test_release.py, under torchrun for
 2 ranks."""
 
 import gc
@@ -17,7 +18,7 @@ import sys
 
 import torch
 
-from dpo_dist import checkpoint, dist, train
+from dpo_dist import checkpoint, dist, reference, train
 from dpo_dist.config import compose
 
 
@@ -62,17 +63,28 @@ def unseen_by_rank_1(folder: str, name: str) -> None:
     pathlib.Path.is_file = lagging
 
 
-def pairs_differ_on_rank_1() -> None:
+def pairs_differ_on_rank_1(change, modules=(reference, train)) -> None:
+    """Rank 1's reads of the pairs file (the reference pass's and training's, or those of
+    ``modules``) give ``change(records)``."""
     if dist.read_env().rank != 1:
         return
     load_pairs = train.load_pairs
-    train.load_pairs = lambda *a, **k: load_pairs(*a, **k)[:-1]
+    for module in modules:
+        module.load_pairs = lambda *a, **k: change(load_pairs(*a, **k))
+
+
+def other_text(records: list[dict]) -> list[dict]:
+    last = dict(records[-1], rejected=[{"role": "assistant", "content": "Another version of this answer."}])
+    return [*records[:-1], last]
 
 
 FLAGS = {"--signal-during-export": lambda: signal_during_export(),
          "--summary-unseen-by-rank-1": lambda: unseen_by_rank_1("train", "summary.json"),
          "--reference-unseen-by-rank-1": lambda: unseen_by_rank_1("reference", "manifest.json"),
-         "--pairs-differ-on-rank-1": pairs_differ_on_rank_1}
+         "--pairs-fewer-on-rank-1": lambda: pairs_differ_on_rank_1(lambda records: records[:-1]),
+         "--pairs-text-differs-on-rank-1": lambda: pairs_differ_on_rank_1(other_text),
+         # The file changed between the reference pass and training.
+         "--pairs-text-differs-in-training-on-rank-1": lambda: pairs_differ_on_rank_1(other_text, (train,))}
 
 
 if __name__ == "__main__":
