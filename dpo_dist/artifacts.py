@@ -154,6 +154,16 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def records_fingerprint(records: Iterable[Any]) -> str:
+    """``fingerprint(list(records))``, hashed a record at a time: the JSON of a million pairs is
+    never one string in memory."""
+    h = hashlib.sha256(b"[")
+    for i, r in enumerate(records):
+        h.update((", " if i else "").encode() + json.dumps(r, sort_keys=True, default=str).encode())
+    h.update(b"]\x00")
+    return h.hexdigest()[:16]
+
+
 def file_digest(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,10 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from dpo_dist import attention, dist, fused, memory
 from dpo_dist.artifacts import (DataError, UserError, atomic_path, fingerprint, intact, manifest_matches,
-                                outputs_record, read_json, reusable, shard_path, write_json)
-from dpo_dist.cli import stage_main
+                                outputs_record, read_json, records_fingerprint, reusable, shard_path, write_json)
+from dpo_dist.cli import one_line, stage_main
 from dpo_dist.config import Config
-from dpo_dist.data import (TokenizedPair, collate_shared_prompt, mirror_anchors, check_pairs_source, load_pairs,
+from dpo_dist.data import (TokenizedPair, collate_shared_prompt, mirror_anchors, load_pairs,
                            tokenize_pairs)
 from dpo_dist.losses import packed_sequence_logps, sum_by_sequence
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
@@ -45,12 +46,14 @@ class StaleReference(UserError, RuntimeError):
     pass
 
 
-def cache_fingerprint(cfg: Config) -> str:
+def cache_fingerprint(cfg: Config, pairs: str | None = None) -> str:
+    """``pairs``: the records' ``records_fingerprint`` when the caller has read them (the records
+    the cache is computed from, not a later read of the file); read here otherwise."""
     data = {"max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
             "truncation": cfg.data.truncation}
     # The records as loaded, not the file: the same data fingerprints alike from JSONL, Parquet, a
     # save_to_disk directory or the hub, and split, column mapping and skipped rows are in it.
-    pairs = fingerprint(load_pairs(cfg.data))
+    pairs = pairs or records_fingerprint(load_pairs(cfg.data))
     return fingerprint(model_fingerprint(cfg.model_for("reference")), pairs, data)
 
 
@@ -117,27 +120,32 @@ def score_pairs(model, pairs: list[TokenizedPair], batch_size: int, num_batches:
 
 def run(cfg: Config) -> Path:
     """Compute (or reuse) the reference cache; returns the merged safetensors path."""
-    return ensure(cfg)[0]
+    return ensure(cfg).path
 
 
-def ensure(cfg: Config) -> tuple[Path, str]:
-    """``run``, also returning the cache's fingerprint (training keys its own on it): hashing the
-    pairs and a later round's reference weights once, not again in training."""
+@dataclass(frozen=True)
+class Cache:
+    path: Path  # the merged log-probs
+    fingerprint: str  # training keys its own on it
+    pairs: str  # records_fingerprint of the records it was computed from (training checks it read them)
+
+
+def ensure(cfg: Config) -> Cache:
+    """``run``, also returning what training needs to know of the cache: the pairs and a later
+    round's reference weights are hashed once, not again in training."""
     denv = dist.init()
-    check_pairs_source(cfg.data)  # on every rank: a missing file fails each alike, not rank 0 alone in the broadcast
-    records = load_pairs(cfg.data)
-    same_pairs_on_every_rank(cfg, records)
+    records, pairs_fp = read_pairs_on_every_rank(cfg)
     out_dir = reference_dir(cfg)
     merged, manifest = out_dir / "logps.safetensors", out_dir / "manifest.json"
     # Rank 0 judges the cache and every rank follows: a damaged file is reported (and rebuilt) once.
     def judge_cache() -> tuple[str, bool]:
-        fp = cache_fingerprint(cfg)
+        fp = cache_fingerprint(cfg, pairs_fp)
         return fp, _reusable(manifest, merged, fp)
 
     fp, reuse = dist.on_main(judge_cache)
     if reuse:
         log.info("reference log-probs: reusing %s (fingerprint %s)", merged, fp)
-        return merged, fp
+        return Cache(merged, fp, pairs_fp)
 
     tokenizer = load_tokenizer(cfg.model)
     pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
@@ -163,19 +171,35 @@ def ensure(cfg: Config) -> tuple[Path, str]:
     # On rank 0, its error (shards that do not cover every pair) raised on every rank.
     dist.on_main(lambda: _merge(out_dir, fp, [p.id for p in pairs], denv.world_size, merged, manifest, stats,
                                 time.time() - t0, resident, cfg.model_for("reference").path))
-    return merged, fp
+    return Cache(merged, fp, pairs_fp)
 
 
-def same_pairs_on_every_rank(cfg: Config, records: list[dict]) -> None:
-    """Every rank reads the pairs file itself. One that read another version of it (its node sees
+def read_pairs_on_every_rank(cfg: Config) -> tuple[list[dict], str]:
+    """The pairs file's records as this rank read them, and their ``records_fingerprint``, the same on
+    every rank. Every rank reads the file itself. One that read another version of it (its node sees
     the shared file late, or the file was rewritten under a running job) would score, cache and
-    train on other pairs under rank 0's fingerprint, or fail alone while the others wait in a
-    collective: the ranks compare what they read, and every rank stops, naming the file."""
-    digests = dist.all_gather_object(fingerprint(records))
+    train on other pairs under rank 0's fingerprint; one that cannot read it (a half-written file)
+    would fail alone while the others wait in the next collective. The ranks compare what they
+    read, and every rank stops alike, naming the file."""
+    records, mine = None, None
+    try:
+        records = load_pairs(cfg.data)
+        mine = (True, records_fingerprint(records))
+    except Exception as e:  # noqa: BLE001 -- raised below, on every rank
+        error, mine = e, (False, one_line(e))
+    outcomes = dist.all_gather_object(mine)
+    failed = [(r, text) for r, (ok, text) in enumerate(outcomes) if not ok]
+    if failed:
+        if not mine[0]:
+            raise error
+        rank, text = failed[0]
+        raise StaleReference(f"{cfg.data.pairs}: rank {rank} could not read it: {text}")
+    digests = [d for _, d in outcomes]
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise StaleReference(f"{cfg.data.pairs}: rank(s) {differ} read other training pairs than rank 0 "
                              f"(a shared filesystem showing another version of the file to their node?)")
+    return records, digests[0]
 
 
 def _reusable(manifest: Path, merged: Path, fp: str) -> bool:
@@ -256,7 +280,7 @@ def _merge(out_dir: Path, fp: str, ids: list[str], world_size: int, merged: Path
 def load(cfg: Config, pair_ids: list[str], fp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached reference log-probs for these pairs, refusing a stale or mismatched cache. ``fp``
     is the fingerprint rank 0 computed and broadcast; the ranks have compared the pairs they read
-    (``same_pairs_on_every_rank``), so rank 0's ids are every rank's.
+    (``read_pairs_on_every_rank``), so rank 0's ids are every rank's.
 
     Rank 0 reads and checks the cache and gives every rank the tensors (8 bytes a pair, CPU float32):
     a rank on a node that sees the shared run directory late (NFS attribute caching) would read no

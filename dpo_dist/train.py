@@ -33,7 +33,7 @@ from dpo_dist import attention, checkpoint, dist, fused, memory, reference
 from dpo_dist.artifacts import DataError, fingerprint, read_json, write_json
 from dpo_dist.cli import stage_main
 from dpo_dist.config import Config, ConfigError, OptimConfig
-from dpo_dist.data import collate_shared_prompt, global_batches, load_pairs, micro_batches, tokenize_pairs
+from dpo_dist.data import collate_shared_prompt, global_batches, micro_batches, tokenize_pairs
 from dpo_dist.losses import dpo_loss
 from dpo_dist.models import load_model, load_tokenizer, model_fingerprint, torch_dtype
 from dpo_dist.progress import Progress
@@ -153,7 +153,8 @@ def _run(cfg: Config) -> dict:
     final_dir, summary_path = out_dir / "final", out_dir / "summary.json"
     accum = cfg.train.accumulation_steps(denv.world_size)
 
-    _, ref_fp = reference.ensure(cfg)  # compute or reuse; the reference model is gone when this returns
+    cache = reference.ensure(cfg)  # compute or reuse; the reference model is gone when this returns
+    ref_fp = cache.fingerprint
     phases = memory.PhasePeaks()  # the training peak is its own, not the reference pass's
     dtype = torch_dtype(cfg.model.dtype)
     ds = cfg.deepspeed.for_world(denv.world_size, dtype == torch.float32)
@@ -175,8 +176,10 @@ def _run(cfg: Config) -> dict:
     _claim_checkpoints(ckpt_dir, train_fp, "train.checkpoint_dir" if cfg.train.checkpoint_dir else "run_dir")
 
     tokenizer = load_tokenizer(cfg.model)
-    records = load_pairs(cfg.data)
-    reference.same_pairs_on_every_rank(cfg, records)  # read again here: what reference.ensure compared may have changed since
+    records, read = reference.read_pairs_on_every_rank(cfg)
+    if read != cache.pairs:  # the same on every rank, so every rank raises
+        raise reference.StaleReference(f"{cfg.data.pairs}: changed since its reference log-probs were computed "
+                                       f"(records {cache.pairs}, now {read}); run again to score the new version")
     pairs, stats = tokenize_pairs(records, tokenizer, cfg.data)
     ref_chosen, ref_rejected = reference.load(cfg, [p.id for p in pairs], ref_fp)
     steps_per_epoch = len(pairs) // cfg.train.global_batch_size

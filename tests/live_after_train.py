@@ -6,7 +6,8 @@ training returned (``--summary-unseen-by-rank-1``: rank 1 does not see ``train/s
 node whose NFS attribute cache lags would not; ``--reference-unseen-by-rank-1``: the same for
 ``reference/manifest.json``; ``--pairs-fewer-on-rank-1`` / ``--pairs-text-differs-on-rank-1``: rank 1
 reads the pairs file without its last record, or with that record's rejected answer changed, as if
-it saw another version of the file). Launched by tests/test_release.py, under torchrun for
+it saw another version of the file; ``--pairs-change-before-training``: every rank reads that
+changed version in training, after the reference pass). Launched by tests/test_release.py, under torchrun for
 2 ranks."""
 
 import gc
@@ -19,6 +20,7 @@ import sys
 import torch
 
 from dpo_dist import checkpoint, dist, reference, train
+from dpo_dist.artifacts import DataError
 from dpo_dist.config import compose
 
 
@@ -63,14 +65,29 @@ def unseen_by_rank_1(folder: str, name: str) -> None:
     pathlib.Path.is_file = lagging
 
 
-def pairs_differ_on_rank_1(change, modules=(reference, train)) -> None:
-    """Rank 1's reads of the pairs file (the reference pass's and training's, or those of
-    ``modules``) give ``change(records)``."""
+def pairs_differ_on_rank_1(change) -> None:
+    """Rank 1's reads of the pairs file (the reference pass's and training's) give ``change(records)``."""
     if dist.read_env().rank != 1:
         return
-    load_pairs = train.load_pairs
-    for module in modules:
-        module.load_pairs = lambda *a, **k: change(load_pairs(*a, **k))
+    load_pairs = reference.load_pairs
+    reference.load_pairs = lambda *a, **k: change(load_pairs(*a, **k))
+
+
+def pairs_change_before_training() -> None:
+    """Every rank's second read of the pairs file (training's, after the reference pass) gives
+    ``other_text``: the file rewritten in between."""
+    load_pairs, reads = reference.load_pairs, []
+
+    def read(*a, **k):
+        reads.append(1)
+        records = load_pairs(*a, **k)
+        return other_text(records) if len(reads) > 1 else records
+
+    reference.load_pairs = read
+
+
+def half_written(records: list[dict]) -> list[dict]:
+    raise DataError("pairs.jsonl:12: invalid JSON: Unterminated string (as a half-written file reads)")
 
 
 def other_text(records: list[dict]) -> list[dict]:
@@ -83,8 +100,8 @@ FLAGS = {"--signal-during-export": lambda: signal_during_export(),
          "--reference-unseen-by-rank-1": lambda: unseen_by_rank_1("reference", "manifest.json"),
          "--pairs-fewer-on-rank-1": lambda: pairs_differ_on_rank_1(lambda records: records[:-1]),
          "--pairs-text-differs-on-rank-1": lambda: pairs_differ_on_rank_1(other_text),
-         # The file changed between the reference pass and training.
-         "--pairs-text-differs-in-training-on-rank-1": lambda: pairs_differ_on_rank_1(other_text, (train,))}
+         "--pairs-change-before-training": pairs_change_before_training,
+         "--pairs-unreadable-on-rank-1": lambda: pairs_differ_on_rank_1(half_written)}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def _fp(path, **kw):
 
 # ---------------------------------------------------------------- fingerprint: file content
 
+@pytest.mark.parametrize("records", [[], [{"id": "a"}], [{"id": "é", "n": 1.5, "x": [1, {"b": None}]}, {"id": "b", "p": Path("/x")}]])
+def test_records_hashed_one_at_a_time_fingerprint_as_the_whole_list(records):
+    """reference caches made before are reused: the streamed digest is the list's fingerprint."""
+    assert artifacts.records_fingerprint(iter(records)) == artifacts.fingerprint(records)
+    assert artifacts.records_fingerprint(records[:-1]) != artifacts.fingerprint(records) or not records
+
+
 def test_content_is_hashed_once_per_file_version_and_the_fingerprint_follows_content(tmp_path, cache):
     model = _model_dir(tmp_path / "model")
     first = _fp(model)

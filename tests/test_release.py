@@ -80,17 +80,37 @@ def test_the_reference_log_probs_reach_every_rank_when_one_rank_cannot_see_their
     assert all(r["metrics"] for r in again), again
 
 
-@pytest.mark.parametrize("flag", ["--pairs-fewer-on-rank-1", "--pairs-text-differs-on-rank-1",
-                                  "--pairs-text-differs-in-training-on-rank-1"])
+@pytest.mark.parametrize("flag", ["--pairs-fewer-on-rank-1", "--pairs-text-differs-on-rank-1"])
 def test_a_rank_that_read_other_pairs_stops_every_rank_naming_the_file(tmp_path, flag):
     """Every rank reads the pairs file itself; one that read another version of it (its node sees the
     shared file late) would score and cache other pairs under rank 0's fingerprint, where a later run
     reuses them (the same ids with another text), or fail alone (a pair fewer). Every rank stops
     before the reference pass, naming the file, and no cache is written."""
     ranks = train_in_process(tmp_path, 2, "zero2", flag, errors=True)
-    # Read alike by the reference pass in the last case: its cache is rank 0's pairs, rightly.
-    assert (tmp_path / "run" / "reference" / "logps.safetensors").exists() == ("in-training" in flag)
+    assert not (tmp_path / "run" / "reference" / "logps.safetensors").exists()
     assert not (tmp_path / "run" / "train" / "final").exists()
     pairs = str(tmp_path / "pairs.jsonl")
     assert all(r["error"] and r["error"].startswith(f"StaleReference: {pairs}: rank(s) [1] read other training pairs")
                for r in ranks), ranks
+
+
+def test_pairs_rewritten_between_the_reference_pass_and_training_stop_every_rank(tmp_path):
+    """The reference log-probs are of the records the reference pass read; training reads the file
+    again, and a version written in between (the same ids, another text) would train on log-probs of
+    other answers. Every rank stops, naming the file, before training."""
+    ranks = train_in_process(tmp_path, 2, "zero2", "--pairs-change-before-training", errors=True)
+    assert (tmp_path / "run" / "reference" / "logps.safetensors").exists()
+    assert not (tmp_path / "run" / "train" / "final").exists()
+    pairs = str(tmp_path / "pairs.jsonl")
+    assert all(r["error"] and r["error"].startswith(f"StaleReference: {pairs}: changed since its reference log-probs")
+               for r in ranks), ranks
+
+
+def test_a_rank_that_cannot_read_the_pairs_stops_every_rank(tmp_path):
+    """A rank whose read of the pairs file fails (a half-written file on its node) stops with its
+    own error, and the others with one naming that rank, instead of waiting in a collective."""
+    ranks = sorted(train_in_process(tmp_path, 2, "zero2", "--pairs-unreadable-on-rank-1", errors=True),
+                   key=lambda r: r["rank"])
+    pairs = str(tmp_path / "pairs.jsonl")
+    assert ranks[0]["error"].startswith(f"StaleReference: {pairs}: rank 1 could not read it: "), ranks
+    assert ranks[1]["error"].startswith("DataError: "), ranks
