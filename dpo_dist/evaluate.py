@@ -42,11 +42,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from dpo_dist import dist, generate, sampling
+from dpo_dist import cli, dist, generate, sampling
 from dpo_dist.artifacts import (file_barrier, fingerprint, gather_jsonl_shards, intact, manifest_matches, read_json,
                                 read_jsonl, shard_path, wait_for_files, wait_for_manifest, write_json, write_jsonl,
                                 write_text)
-from dpo_dist import cli
 from dpo_dist.cli import run_child, stage_main
 from dpo_dist.config import CONDITIONS, Config, ModelConfig, PromptsConfig
 from dpo_dist.data import build_messages, load_prompt_set, render_prompt, split_general
