@@ -95,7 +95,7 @@ def other_text(records: list[dict]) -> list[dict]:
     return [*records[:-1], last]
 
 
-FLAGS = {"--signal-during-export": lambda: signal_during_export(),
+FLAGS = {"--signal-during-export": signal_during_export,
          "--summary-unseen-by-rank-1": lambda: unseen_by_rank_1("train", "summary.json"),
          "--reference-unseen-by-rank-1": lambda: unseen_by_rank_1("reference", "manifest.json"),
          "--pairs-fewer-on-rank-1": lambda: pairs_differ_on_rank_1(lambda records: records[:-1]),
