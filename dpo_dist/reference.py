@@ -181,7 +181,6 @@ def read_pairs_on_every_rank(cfg: Config) -> tuple[list[dict], str]:
     train on other pairs under rank 0's fingerprint; one that cannot read it (a half-written file)
     would fail alone while the others wait in the next collective. The ranks compare what they
     read, and every rank stops alike, naming the file."""
-    records = None
     try:
         records = load_pairs(cfg.data)
         mine = (True, records_fingerprint(records))
