@@ -74,8 +74,13 @@ def parse_tasks_per_node(spec: str) -> list[int]:
 def _slurm_step_layout(environ: Mapping[str, str]) -> list[int]:
     """Tasks per node of the srun step this rank is a task of; [] where the ranks do not come from
     Slurm (torchrun or DeepSpeed's launcher set RANK, also inside a step) or outside a step (a batch
-    script or salloc shell, whose job layout says nothing of how another launcher placed ranks)."""
-    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ):
+    script or salloc shell, whose job layout says nothing of how another launcher placed ranks).
+    RANK and WORLD_SIZE that are the task's own Slurm numbers are the ones _rendezvous_from_slurm
+    exported for DeepSpeed: still Slurm's ranks, in this process and its children (round 2's vLLM
+    process, the sbatch script's evaluate step), so the step's layout still counts."""
+    slurms = (environ.get("RANK"), environ.get("WORLD_SIZE")) == (environ.get("SLURM_PROCID"),
+                                                                  environ.get("SLURM_STEP_NUM_TASKS"))
+    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ and not slurms):
         return []
     if "SLURM_PROCID" not in environ or "SLURM_STEP_TASKS_PER_NODE" not in environ:
         return []
@@ -263,11 +268,47 @@ def place_engine(visible: Sequence[str], rank: int, world_size: int, local_rank:
                            tuple(visible[start:start + tp]))
 
 
+# What torchrun (and DeepSpeed's launcher) export for their own process group.
+_LAUNCHER_RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                       "MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME")
+
+
+def engine_environment(environ: Mapping[str, str], devices: Sequence[str]) -> dict[str, str | None]:
+    """The changes to a vLLM engine's process environment (None: remove), made before anything in
+    that process touches CUDA, which reads CUDA_VISIBLE_DEVICES once, when it starts:
+    - the engine's GPUs only (``devices``, from place_engine; none on the CPU), as cuda:0..tp-1;
+    - spawned workers, which start clean whatever this process has touched (vLLM forks by default,
+      and a fork after CUDA started fails in the child);
+    - none of the launcher's rank variables, so vLLM sets up its own process group; and none of
+      torchrun's TORCHELASTIC_*: with TORCHELASTIC_USE_AGENT_STORE=True, torch makes every rank of a
+      tcp:// rendezvous a client of a store that torchrun's agent serves on the trainer's port, so
+      vLLM's tensor-parallel workers would wait on a store nobody serves for their group."""
+    changes: dict[str, str | None] = {k: None for k in environ
+                                      if k in _LAUNCHER_RANK_KEYS or k.startswith("TORCHELASTIC_")}
+    if devices:
+        changes["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if "VLLM_WORKER_MULTIPROC_METHOD" not in environ:
+        changes["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    return changes
+
+
+def apply_environment(changes: Mapping[str, str | None]) -> None:
+    """Set this process's environment variables as ``changes`` says (None: remove)."""
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def local_devices() -> tuple[list[str], bool]:
     """This process's visible GPUs and whether they are its own (see the functions above). Counts
     GPUs through NVML where it can (torch.cuda.device_count), so CUDA itself is not initialised: a
     process that later starts vLLM may still fork."""
-    visible = visible_devices(os.environ, torch.cuda.device_count())
+    # Where CUDA_VISIBLE_DEVICES is set (always under Slurm) the count is not needed: without NVML
+    # (MIG devices, no driver library) torch counts by starting CUDA.
+    count = 0 if "CUDA_VISIBLE_DEVICES" in os.environ else torch.cuda.device_count()
+    visible = visible_devices(os.environ, count)
     return visible, tasks_own_devices(os.environ, len(visible))
 
 

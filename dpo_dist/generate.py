@@ -140,18 +140,11 @@ class VLLMBackend:
 
     def __init__(self, cfg: Config, placement: dist.EnginePlacement):
         self.gen = cfg.generation
-        e = dist.read_env()
+        e = dist.env()  # as dist.init read it, before the launcher's variables go
         cuda = bool(placement.devices)
-        if cuda:
-            # The engine sees its group's GPUs only, as cuda:0..tp-1, whatever Slurm or torchrun exported.
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(placement.devices)
-        # vLLM forks its engine process by default; fork after CUDA is initialised fails in the child.
-        # Spawn starts it clean whatever this process has touched (entry points are __main__-guarded).
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        # Hide torchrun's variables so vLLM sets up its own process group.
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
-            os.environ.pop(key, None)
+        # The engine's GPUs, spawned workers, no launcher variables. Nothing in this process may start
+        # CUDA before this (generate.run applies it first; the CUDA check in tests/test_placement.py).
+        dist.apply_environment(dist.engine_environment(os.environ, placement.devices))
         if not cuda:
             # Without this the CPU backend sizes its cache from a fraction of free memory, which
             # fluctuates, and fails at start-up when the fraction is not free.
@@ -299,6 +292,18 @@ def generation_fingerprint(cfg: Config, records: list[dict], model_fp: dict) -> 
 def run(cfg: Config) -> Path:
     e = dist.init(process_group=False)
     cfg = resolve_backend(cfg)
+    # Prompts are split over engines, not ranks: under tensor parallelism a group's other ranks
+    # generate nothing (their GPUs serve the group's engine). Rank 0 always leads an engine. A layout
+    # that cannot place engines is raised only if there is something to generate: finished
+    # candidates are reused whatever the layout (it is not part of their fingerprint).
+    try:
+        where, unplaceable = placement(cfg, e), None
+    except RuntimeError as err:
+        where, unplaceable = None, err
+    if where is not None and where.devices:
+        # Before anything here starts CUDA (the model fingerprint's dtype asks torch.cuda.is_available):
+        # CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, and the engine must see only its GPUs.
+        dist.apply_environment(dist.engine_environment(os.environ, where.devices))
     out_dir = Path(cfg.run_dir) / "generate"
     merged, manifest = out_dir / "candidates.jsonl", out_dir / "manifest.json"
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
@@ -307,10 +312,9 @@ def run(cfg: Config) -> Path:
     if reusable(manifest, fp, [merged], quiet=not e.is_main):
         log.info("candidates: reusing %s (fingerprint %s)", merged, fp)
         return merged
+    if unplaceable is not None:
+        raise unplaceable
 
-    # Prompts are split over engines, not ranks: under tensor parallelism a group's other ranks
-    # generate nothing (their GPUs serve the group's engine). Rank 0 always leads an engine.
-    where = placement(cfg, e)
     t0 = time.time()
     if where.engine is not None:
         mine = shard_path(out_dir, fp, where.engine, where.num_engines)

@@ -1,5 +1,8 @@
 """Rank discovery from torchrun and Slurm environments, nodelist parsing, and shard ranges."""
 
+import os
+from unittest import mock
+
 import pytest
 
 from dpo_dist import dist
@@ -84,6 +87,12 @@ def test_shards_cover_everything_once_in_order(n, world):
     # Uneven tasks per node in the step: named with Slurm's own spec and the ways out.
     ({"SLURM_PROCID": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "4,2"},
      "SLURM_STEP_TASKS_PER_NODE=4,2): start the same number on every node"),
+    # The same step after this process's own rendezvous exported RANK / WORLD_SIZE for DeepSpeed (round
+    # 2's generation, the sbatch script's evaluate step): still Slurm's ranks, still uneven.
+    ({"SLURM_PROCID": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "4,2",
+      "SLURM_STEP_NUM_TASKS": "6", "RANK": "4", "WORLD_SIZE": "6"}, "SLURM_STEP_TASKS_PER_NODE=4,2)"),
+    # DeepSpeed's launcher inside a one-task step: its ranks, not Slurm's.
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1", "RANK": "0", "WORLD_SIZE": "8"}, ""),
 ])
 def test_pooling_problem_from_the_slurm_step_layout(environ, problem):
     found = dist.pooling_problem(environ)
@@ -105,6 +114,26 @@ def test_cyclic_slurm_ranks_pool_into_engines_numbered_node_by_node():
     assert placed[0].engine == 0 and placed[0].devices == ("0", "1")
     # torchrun: the rank is its place.
     assert dist.node_major_position({"TORCHELASTIC_RUN_ID": "x", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, 5, 1) == 5
+
+
+def test_a_cyclic_steps_engines_stay_numbered_node_by_node_after_the_rendezvous():
+    """The rendezvous of srun without torchrun exports RANK and WORLD_SIZE (DeepSpeed needs them); the
+    vLLM engines placed after it (round 2, the evaluate step) must still be numbered by the step's
+    layout: under -m cyclic, rank 1 is node 1's first task and leads engine 1, not rank // 2 = 0."""
+    before = dict(os.environ)
+    # The rendezvous writes os.environ itself: cleared for the test (as if in no launcher), all put back.
+    with mock.patch.dict(os.environ, clear=True):
+        os.environ.update({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+                           "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_TASKS": "4",
+                           "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"})
+        e = dist.read_env()
+        assert dist.node_major_position(os.environ, e.rank, e.local_rank) == 2
+        dist._rendezvous_from_slurm(e)
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("1", "4", "gpu001")
+        assert dist.node_major_position(os.environ, e.rank, e.local_rank) == 2
+        assert dist.place_engine(["0", "1"], 1, 4, 0, 2, 2, False, dist.pooling_problem(os.environ),
+                                 dist.node_major_position(os.environ, 1, 0)).engine == 1
+    assert dict(os.environ) == before
 
 
 def test_pooling_raises_on_uneven_nodes_and_leading_alone_does_not():

