@@ -247,13 +247,15 @@ def typed_config(raw: DictConfig) -> Config:
 def one_line_user_errors(prog: str) -> Iterator[None]:
     """A user error raised in the block prints one line on stderr and exits with EXIT_USER_ERROR
     (other ranks than 0 after USER_ERROR_GRACE, see the module docstring); with DPO_DIST_TRACEBACK=1
-    it propagates with its traceback. For any entry point: ``with one_line_user_errors("dpo_dist.plan"): ...``."""
+    it propagates with its traceback. For any entry point: ``with one_line_user_errors("dpo_dist.plan"): ...``.
+    The rank is the one the block started as: a vLLM process drops the launcher's variables before its
+    engine starts (dist.engine_environment), and its errors must still name their rank and wait."""
+    env = dist.read_env()
     try:
         yield
     except USER_ERRORS as e:
         if os.environ.get("DPO_DIST_TRACEBACK") == "1":
             raise
-        env = dist.read_env()
         if env.rank != 0:
             # The launcher's SIGTERM must end the wait (training installs a handler that only sets a flag).
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

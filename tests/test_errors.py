@@ -2,12 +2,14 @@
 file (and the line of a bad byte) and exits 2, without a Python traceback; bugs keep theirs, and
 DPO_DIST_TRACEBACK=1 shows it for user errors too. Under torchrun one rank reports, not every one."""
 
+import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
-from dpo_dist import cli
+from dpo_dist import cli, dist
 from dpo_dist.artifacts import DataError, read_json, read_jsonl
 from dpo_dist.config import ConfigError
 from launch import REPO, stage_command, stage_env
@@ -102,6 +104,20 @@ def test_other_ranks_hold_their_line_for_rank_0_and_print_it_if_still_running(mo
             raise ConfigError("loss.beta: must be > 0")
         assert e.value.code == 2 and slept == waits
         assert capsys.readouterr().err == f"dpo_dist.train (rank {rank}): error: loss.beta: must be > 0\n"
+
+
+def test_a_vllm_process_names_the_rank_it_started_as(monkeypatch, capsys):
+    """A vLLM process drops torchrun's RANK and WORLD_SIZE before its engine starts; an error raised
+    after that (the engine's GPU without room) is still rank 1's: it waits, then names its rank."""
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}.items():
+        monkeypatch.setenv(key, value)
+    with mock.patch.dict(os.environ), pytest.raises(SystemExit), cli.one_line_user_errors("dpo_dist.generate"):
+        dist.apply_environment(dist.engine_environment(os.environ, ["1"]))
+        raise ConfigError("generation.gpu_memory_utilization=0.85: vLLM needs 68.0 GiB free on GPU 0")
+    assert slept == [cli.USER_ERROR_GRACE]
+    assert capsys.readouterr().err.startswith("dpo_dist.generate (rank 1): error: generation.gpu_memory_utilization")
 
 
 @pytest.mark.multiproc
