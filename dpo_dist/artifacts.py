@@ -335,10 +335,13 @@ def wait_for_manifest(manifest_path: Path, fp: str, timeout: float | None = None
                 lambda t: f"{manifest_path}: not written with fingerprint {fp} after {t:.0f}s")
 
 
-def file_barrier(directory: Path, name: str, rank: int, world_size: int) -> None:
+def file_barrier(directory: Path, name: str, rank: int, world_size: int, attempt: str = "") -> None:
     """Every rank reaches this point before any goes on, through marker files in ``directory``: a
-    barrier for stages that keep no process group (evaluation, with vLLM engines in between)."""
-    marker = lambda r: Path(directory) / f"{name}-rank{r}-of-{world_size}"
+    barrier for stages that keep no process group (evaluation, with vLLM engines in between).
+    ``attempt`` (dist.launch_id) keeps an earlier, failed launch's markers from letting this one
+    through at once."""
+    tag = f"-{attempt}" if attempt else ""
+    marker = lambda r: Path(directory) / f"{name}{tag}-rank{r}-of-{world_size}"
     write_text(marker(rank), "")
     wait_for_files([marker(r) for r in range(world_size)])
 

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import pickle
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -109,6 +110,15 @@ def node_major_position(environ: Mapping[str, str], rank: int, local_rank: int) 
     if not counts or not 0 <= node < len(counts):
         return rank
     return sum(counts[:node]) + local_rank
+
+
+def launch_id(environ: Mapping[str, str]) -> str:
+    """What every rank of one launch of a job shares and a later launch of the same command does not,
+    from the launcher's variables ("" where none says): torchrun's run id (a fresh uuid with
+    --standalone; launch/torchrun.sh passes the Slurm job id on several nodes) and restart count,
+    Slurm's job, step and requeue count. File barriers are named with it (artifacts.file_barrier)."""
+    keys = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")
+    return ".".join(re.sub(r"[^A-Za-z0-9_-]", "_", environ[k]) for k in keys if environ.get(k))
 
 
 _ENV: DistEnv | None = None

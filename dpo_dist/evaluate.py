@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -528,7 +529,7 @@ def run(cfg: Config) -> dict:
     if backend == "vllm" and e.world_size > 1:
         # A tensor-parallel engine takes its group's other GPUs: no rank may still hold the base model
         # when the trained model's engine starts.
-        file_barrier(out_dir / "barriers", f"{fp}-base-released", e.rank, e.world_size)
+        file_barrier(out_dir / "barriers", f"{fp}-base-released", e.rank, e.world_size, dist.launch_id(os.environ))
     with on_device(trained_cfg) as trained:
         # With vLLM every rank waits for the merged answers too: under tensor parallelism a group's
         # engine uses its other ranks' GPUs, which must not hold a model until the engine is gone.

@@ -317,6 +317,36 @@ def test_file_barrier_holds_every_rank_until_the_last_arrives(tmp_path):
     assert min(passed.values()) >= arrived[1]
 
 
+def test_file_barrier_is_not_passed_by_an_earlier_launchs_markers(tmp_path, monkeypatch):
+    """A launch that failed after its barrier leaves every rank's marker behind. The next launch of
+    the same command (the same fingerprint) must wait for its own ranks, not pass at once, or a
+    tensor-parallel engine starts while a peer still holds the base model."""
+    from dpo_dist.artifacts import file_barrier
+
+    monkeypatch.setenv("DPO_DIST_SHARD_TIMEOUT", "2")
+    earlier, now = "3f2a.0", "3f2a.1"  # torchrun's run id, restart count 0 then 1
+    for r in range(2):
+        (tmp_path / f"fp-base-released-{earlier}-rank{r}-of-2").write_text("")
+    with pytest.raises(TimeoutError, match=f"fp-base-released-{now}-rank1-of-2"):
+        file_barrier(tmp_path, "fp-base-released", 0, 2, now)
+    (tmp_path / f"fp-base-released-{now}-rank1-of-2").write_text("")
+    file_barrier(tmp_path, "fp-base-released", 0, 2, now)
+
+
+@pytest.mark.parametrize("environ,launch", [
+    ({}, ""),                                                                   # one process, no launcher
+    ({"TORCHELASTIC_RUN_ID": "1b4e-77", "TORCHELASTIC_RESTART_COUNT": "0"}, "1b4e-77.0"),  # --standalone
+    ({"TORCHELASTIC_RUN_ID": "1b4e-77", "TORCHELASTIC_RESTART_COUNT": "2"}, "1b4e-77.2"),  # after 2 restarts
+    # launch/torchrun.sh on several nodes in a Slurm step: the job id as run id, the step, a requeue.
+    ({"TORCHELASTIC_RUN_ID": "4411", "TORCHELASTIC_RESTART_COUNT": "0", "SLURM_JOB_ID": "4411", "SLURM_STEP_ID": "3",
+      "SLURM_RESTART_COUNT": "1"}, "4411.0.4411.3.1"),
+    ({"SLURM_JOB_ID": "4411", "SLURM_STEP_ID": "5"}, "4411.5"),                 # srun without torchrun
+    ({"TORCHELASTIC_RUN_ID": "a/b c"}, "a_b_c"),                                # kept to a file name
+])
+def test_launch_id(environ, launch):
+    assert dist.launch_id(environ) == launch
+
+
 # ---------------------------------------------------------------- verdict
 
 CONDS = ("default", "neutral", "none")
