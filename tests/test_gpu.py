@@ -7,7 +7,8 @@ instead. Every run uses the Qwen-shaped test model (`model=qwen-test`: Qwen2.5's
 template, 2 small layers, random weights), built offline, and up to 2 GPUs:
 - hf generation with one rank per GPU;
 - vLLM generation with one engine per GPU (two engines on one GPU fail vLLM's free-memory check),
-  and with tensor parallelism 2: one engine on both GPUs, the second rank idle;
+  and with tensor parallelism 2: one engine on both GPUs, the second rank idle; rank 1's generate
+  process starting CUDA on the second GPU only (vLLM itself replaced where it would load);
 - 2-step bf16 training with gradient checkpointing under ZeRO-2 and ZeRO-3, every step's loss finite
   and the first at ln 2; the peak GPU memory per rank written next to the planner's estimate;
 - SIGUSR1 mid-training: checkpoint, exit 124, and the same command resumes to the loss of an
@@ -83,6 +84,40 @@ def test_generation_one_rank_or_engine_per_gpu(tmp_path, gpus, backend, request)
     assert all(len(r["candidates"]) == 2 for r in rows)
     record(f"generate_{backend}", {"ranks": gpus, "seconds_rank0": manifest["rank0_seconds"],
                                    "tokens": manifest["generated_tokens"]})
+
+
+ENGINE_GPU = """
+import sys, types, torch
+from dpo_dist import generate
+from dpo_dist.config import compose
+
+def llm(**kwargs):  # where vLLM would load: which GPU this process's CUDA is on, and how many it sees
+    print("ENGINE_GPU", torch.cuda.get_device_properties(0).uuid, torch.cuda.device_count(), flush=True)
+    raise SystemExit(0)
+
+sys.modules["vllm"] = types.SimpleNamespace(LLM=llm)
+sys.modules["dpo_dist.vllm_nucleus"] = types.SimpleNamespace(FQCN="unused")
+generate.run(compose(sys.argv[1:]))
+"""
+
+
+def test_a_vllm_process_starts_cuda_on_its_engines_gpu(tmp_path, gpus):
+    """Rank 1 of a torchrun node with 2 GPUs: its generate process's CUDA (the free-memory check, the
+    engine's context) is on the node's second GPU, and it sees that one only. Until 2026-12-05 the
+    model fingerprint started CUDA before the engine's GPUs were set, which put every rank on GPU 0
+    (tests/test_placement.py checks the order with faked GPUs; this is the real thing). vLLM itself
+    is replaced where it would load, so no vLLM is needed."""
+    if gpus < 2:
+        pytest.skip("needs 2 GPUs")
+    from dpo_dist import dist
+
+    visible = dist.local_devices()[0][:2]
+    expected = str(torch.cuda.get_device_properties(1).uuid)
+    env = {**stage_env(), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RUN_ID": "gpu-test", "CUDA_VISIBLE_DEVICES": ",".join(visible)}
+    proc = subprocess.run([sys.executable, "-c", ENGINE_GPU, f"run_dir={tmp_path}", "generation=vllm", *GENERATE],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert f"ENGINE_GPU {expected} 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_vllm_tensor_parallel_engine_spans_a_ranks_group(tmp_path, gpus, vllm_installed):
