@@ -115,7 +115,11 @@ def test_a_vllm_process_starts_cuda_on_its_engines_gpu(tmp_path, gpus):
     expected = str(torch.cuda.get_device_properties(1).uuid)
     env = {**stage_env(), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
            "TORCHELASTIC_RUN_ID": "gpu-test", "CUDA_VISIBLE_DEVICES": ",".join(visible)}
-    proc = subprocess.run([sys.executable, "-c", ENGINE_GPU, f"run_dir={tmp_path}", "generation=vllm", *GENERATE],
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # with it, is_available() would not start CUDA at all
+    # dtype auto: the fingerprint's torch.cuda.is_available() is the call that started CUDA too early
+    # (QWEN sets bfloat16, which never asks); a small engine share, so a shared node's GPU passes the check.
+    proc = subprocess.run([sys.executable, "-c", ENGINE_GPU, f"run_dir={tmp_path}", "generation=vllm", *GENERATE,
+                           "model.dtype=auto", "generation.gpu_memory_utilization=0.1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert f"ENGINE_GPU {expected} 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
