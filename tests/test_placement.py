@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -295,7 +296,6 @@ def test_the_vllm_process_starts_cuda_only_on_its_engines_gpus(tmp_path, tiny_ll
     with both GPUs visible, and every rank's engine and free-memory check would land on GPU 0. The
     GPUs are faked: NVML counts what CUDA_VISIBLE_DEVICES names, each call that starts CUDA records
     what the variable said then, and a fake vllm stops the stage where the engine would load."""
-    saved = dict(os.environ)
     _no_launcher_env(monkeypatch)
     for key, value in TORCHRUN_RANK_1.items():
         monkeypatch.setenv(key, value)
@@ -328,12 +328,8 @@ def test_the_vllm_process_starts_cuda_only_on_its_engines_gpus(tmp_path, tiny_ll
     monkeypatch.setitem(sys.modules, "dpo_dist.vllm_nucleus", types.SimpleNamespace(FQCN="unused"))
     cfg = compose([f"run_dir={tmp_path}", f"model.path={tiny_llama}", "generation=vllm", "prompts.num_train=4",
                    "prompts.num_train_general=0", "prompts.num_train_leak=0"])
-    try:
-        with pytest.raises(EngineLoads):
-            generate.run(cfg)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with mock.patch.dict(os.environ), pytest.raises(EngineLoads):  # the stage rewrites os.environ: all put back
+        generate.run(cfg)
     # Every call that starts CUDA sees the engine's GPU only: the dtype's check, then the memory check.
     assert [name for name, _ in started] == ["is_available", "mem_get_info"] and {v for _, v in started} == {"1"}, started
     assert engine["environ"]["CUDA_VISIBLE_DEVICES"] == "1" and engine["kwargs"]["dtype"] == "bfloat16"
